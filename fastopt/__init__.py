@@ -1,0 +1,17 @@
+"""fastopt: fused optimizer steps for PyTorch, one pass over memory, drop-in for torch.optim."""
+
+from . import _ext, reference
+from .backends import BackendUnavailable, available_backends
+from .optim import Adagrad, Adam, AdamW, RMSprop
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "BackendUnavailable",
+    "RMSprop",
+    "available_backends",
+    "reference",
+]

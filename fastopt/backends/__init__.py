@@ -1,0 +1,61 @@
+"""Backend registry and ``backend="auto"`` resolution (see DESIGN.md, Layers)."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from .cpu import CpuBackend
+from .reference import GradTransform, ReferenceBackend
+
+NAMES = ("auto", "reference", "cpu", "triton", "cuda")
+
+# Preference order of backend="auto", per device type.
+_AUTO = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+# Backends whose kernels are not in this build yet: the reason they are unavailable.
+_NOT_YET = {
+    "triton": "the triton backend has no kernels in this build yet",
+    "cuda": "the cuda backend has no kernels in this build yet",
+}
+
+_BACKENDS = {b.name: b for b in (ReferenceBackend(), CpuBackend())}
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when a named backend cannot run on the requested device."""
+
+
+def _device_type(device: Union[str, torch.device]) -> str:
+    return torch.device(device).type
+
+
+def why_unavailable(name: str, device: Union[str, torch.device]) -> Union[str, None]:
+    """None when ``name`` can run on ``device``, else the reason it cannot."""
+    if name not in NAMES or name == "auto":
+        return f"unknown backend {name!r}; expected one of {NAMES}"
+    if name in _NOT_YET:
+        return _NOT_YET[name]
+    return _BACKENDS[name].unavailable_reason(_device_type(device))
+
+
+def available_backends(device: Union[str, torch.device]) -> list[str]:
+    """The backend names usable for tensors on ``device`` (``"cpu"`` or ``"cuda"``)."""
+    return [n for n in NAMES[1:] if why_unavailable(n, device) is None]
+
+
+def resolve(name: str, device: Union[str, torch.device]):
+    """The backend object for ``name`` on ``device``; ``"auto"`` picks the fastest available."""
+    device_type = _device_type(device)
+    if name == "auto":
+        for candidate in _AUTO.get(device_type, ("reference",)):
+            if why_unavailable(candidate, device) is None:
+                return _BACKENDS[candidate]
+    reason = why_unavailable(name, device)
+    if reason is not None:
+        raise BackendUnavailable(f"backend={name!r} cannot run on {device_type} tensors: {reason}")
+    return _BACKENDS[name]
+
+
+__all__ = ["BackendUnavailable", "GradTransform", "available_backends", "resolve", "why_unavailable"]

@@ -1,0 +1,91 @@
+"""The ``reference`` backend: runs the specification rules of ``fastopt.reference`` over a plan.
+
+It is correct on any device torch supports and always available; it is not fast (torch foreach
+ops, several passes over memory). Every compiled backend is tested against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from .._plan import Bucket, Segment
+
+
+@dataclass
+class GradTransform:
+    """What is done to the gradients before the update, as 0-dim tensors on the bucket's device."""
+
+    inv_scale: Optional[Tensor] = None  # AMP: 1 / grad_scale
+    clip_value: Optional[float] = None
+    clip_coef: Optional[Tensor] = None  # global-norm clipping: min(max_norm / (norm + 1e-6), 1)
+    found_inf: Optional[Tensor] = None  # AMP: non-zero skips the step entirely
+
+
+Rule = Callable[[list, list, dict, list, dict], None]
+
+# How each rule's state keys map onto the specification functions' arguments.
+RULES: dict[str, Rule] = {
+    "adam": lambda p, g, s, t, hp: ref.adam(
+        p, g, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq", []), t, **hp
+    ),
+    "adagrad": lambda p, g, s, t, hp: ref.adagrad(p, g, s["sum"], t, **hp),
+    "rmsprop": lambda p, g, s, t, hp: ref.rmsprop(
+        p, g, s["square_avg"], s.get("grad_avg", []), s.get("momentum_buffer", []), **hp
+    ),
+}
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def unavailable_reason(self, device_type: str) -> Optional[str]:
+        return None
+
+    def grad_norm(self, bucket: Bucket, norm_type: float, xform: GradTransform) -> Tensor:
+        """The norm of the bucket's unscaled, value-clipped gradients."""
+        grads = ref.prepare_grads(bucket.grads, inv_scale=xform.inv_scale, clip_value=xform.clip_value)
+        return ref.grad_norm(grads, norm_type)
+
+    def step(self, rule: str, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
+        for segment, hp in zip(bucket.segments, hparams):
+            _step_segment(RULES[rule], segment, hp, xform)
+
+
+@torch.no_grad()
+def _step_segment(rule: Rule, seg: Segment, hp: dict, xform: GradTransform) -> None:
+    """Run one rule on work copies in the compute dtype, then store them back.
+
+    Note [reference AMP skip]: working on copies makes the found_inf skip a select at store time,
+    with no host sync: ``dst = where(found_inf, dst, work)``, and the step count is decremented
+    back. Low-precision storage is rounded exactly once, at the store.
+    """
+    grads = ref.prepare_grads(
+        seg.grads, inv_scale=xform.inv_scale, clip_value=xform.clip_value, clip_coef=xform.clip_coef
+    )
+    if not grads:
+        return
+    dtype = grads[0].dtype
+    work = [t.to(dtype, copy=True) for t in seg.targets]
+    states = {k: [t.to(dtype, copy=True) for t in v] for k, v in seg.states.items()}
+    torch._foreach_add_(seg.steps, 1)
+
+    rule(work, grads, states, seg.steps, hp)
+
+    pairs = list(zip(seg.targets, work))
+    for key, tensors in seg.states.items():
+        pairs += zip(tensors, states[key])
+    if seg.masters is not None:
+        pairs += zip(seg.params, work)
+    if xform.found_inf is None:
+        for dst, src in pairs:
+            dst.copy_(src)
+    else:
+        skip = xform.found_inf != 0
+        for dst, src in pairs:
+            dst.copy_(torch.where(skip, dst, src.to(dst.dtype)))
+        torch._foreach_sub_(seg.steps, skip.to(seg.steps[0].dtype))

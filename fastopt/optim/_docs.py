@@ -1,0 +1,24 @@
+"""Docstring fragments shared by the optimizer classes (torch.optim's style)."""
+
+EXTRAS_DOC = r"""
+    fastopt extras (keyword-only, the same for every fastopt optimizer):
+        max_grad_norm (float, optional): clip the global gradient norm over all parameters of
+            the optimizer (every param group) to this value before the update: the same result
+            as ``torch.nn.utils.clip_grad_norm_(all_params, max_grad_norm, norm_type)`` followed
+            by the step, without writing ``param.grad``. The pre-clip norm is kept, as a device
+            tensor, in ``optimizer.last_grad_norm``. (default: None, no clipping)
+        norm_type (float, optional): 2.0 or ``inf`` (default: 2.0)
+        clip_value (float, optional): clamp every gradient element to ``[-clip_value,
+            clip_value]`` first, as ``clip_grad_value_`` would (default: None)
+        master_weights (bool, optional): keep an fp32 copy of every fp16/bf16 parameter in
+            ``state['master_param']`` and fp32 optimizer state; the update runs on the copy and
+            the parameter becomes the copy rounded to its dtype (default: False)
+        backend (str, optional): ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or
+            ``"cuda"``; see ``fastopt.available_backends`` (default: ``"auto"``)
+        foreach, fused, capturable: torch.optim's flags, accepted so that code written for
+            torch.optim runs unchanged; fastopt always runs its own fused step and never syncs
+            with the host. ``differentiable=True`` raises NotImplementedError.
+
+    Under ``torch.amp.GradScaler`` the step unscales the gradients itself and, when the scaler
+    found inf/NaN, changes nothing (parameters, state and step count), without a host sync.
+"""

@@ -1,0 +1,272 @@
+"""The base class of fastopt's optimizers: state, the plan, clipping, AMP and backend dispatch.
+
+A subclass says which rule it runs (``_rule``), which state tensors a param group needs
+(``_state_keys``) and which hyperparameters the rule reads (``_hparams``); everything else —
+lazy state, the (device, dtype) plan, gradient clipping, GradScaler's unscale and inf skip, master
+weights and the state-dict format — lives here, once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import backends
+from .. import reference as ref
+from .._plan import Bucket, Plan, Segment, real_view
+from ._options import FusedOptions
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    return None if t is None else t.to(device, non_blocking=True)
+
+
+class FusedOptimizer(Optimizer):
+    _rule: str = ""
+    _supports_sparse = False
+
+    def __init__(self, params: Any, defaults: dict, options: FusedOptions) -> None:
+        self._options = options
+        self._plan: Optional[Plan] = None
+        self.last_grad_norm: Optional[Tensor] = None
+        super().__init__(params, defaults)
+        # GradScaler hands us grad_scale and found_inf instead of unscaling (see step()).
+        self._step_supports_amp_scaling = True
+
+    # -- what a subclass provides ------------------------------------------------------------
+
+    def _state_keys(self, group: dict) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _hparams(self, group: dict) -> dict:
+        raise NotImplementedError
+
+    def _initial_value(self, key: str, group: dict) -> float:
+        return 0.0
+
+    def _sparse_step(self, param: Tensor, group: dict) -> None:
+        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+
+    # -- param groups and state ----------------------------------------------------------------
+
+    @property
+    def options(self) -> FusedOptions:
+        """The fastopt extras this optimizer was built with (max_grad_norm, master_weights, ...)."""
+        return self._options
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else params
+        if not isinstance(params, set):  # torch raises its own TypeError for sets
+            params = list(params)
+            if len({id(p) for p in params}) != len(params):
+                raise ValueError(
+                    "a parameter group lists the same parameter more than once; each parameter "
+                    "must appear once (it would be updated twice per step)"
+                )
+        super().add_param_group({**param_group, "params": params})
+        for p in self.param_groups[-1]["params"]:
+            backends.resolve(self._options.backend, p.device)  # a clear error now, not at step()
+        self._plan = None
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._plan = None
+
+    def _uses_master(self, p: Tensor) -> bool:
+        return self._options.master_weights and p.dtype in LOW_PRECISION
+
+    def _ensure_state(self, p: Tensor, group: dict) -> dict:
+        """Create whatever state ``p`` lacks (lazily, as torch does); returns ``self.state[p]``."""
+        state = self.state[p]
+        master = self._uses_master(p)
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for key in self._state_keys(group):
+            if key not in state:
+                value = self._initial_value(key, group)
+                state[key] = torch.full_like(
+                    p,
+                    complex(value, value) if p.is_complex() else value,
+                    dtype=torch.float32 if master else p.dtype,
+                    memory_format=torch.preserve_format,
+                )
+        if master and "master_param" not in state:
+            state["master_param"] = p.detach().to(
+                torch.float32, memory_format=torch.preserve_format, copy=True
+            )
+        return state
+
+    # -- the plan ------------------------------------------------------------------------------
+
+    def _plan_key(self) -> tuple:
+        has_grad = tuple(
+            0 if p.grad is None else 2 if p.grad.is_sparse else 1
+            for g in self.param_groups
+            for p in g["params"]
+        )
+        return has_grad + tuple(self._state_keys(g) for g in self.param_groups)
+
+    def _get_plan(self) -> Plan:
+        key = self._plan_key()
+        if self._plan is None or self._plan.key != key:  # Note [the plan cache]
+            self._plan = self._build_plan(key)
+        return self._plan
+
+    def _build_plan(self, key: tuple) -> Plan:
+        buckets: dict[tuple, Bucket] = {}
+        sparse: list[tuple[Tensor, dict]] = []
+        for group in self.param_groups:
+            keys = self._state_keys(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._ensure_state(p, group)
+                if p.grad.is_sparse:
+                    if not self._supports_sparse:
+                        self._sparse_step(p, group)  # raises
+                    sparse.append((p, group))
+                    continue
+                if p.grad.shape != p.shape:
+                    raise RuntimeError(
+                        f"gradient of shape {tuple(p.grad.shape)} for a parameter of shape {tuple(p.shape)}"
+                    )
+                view = real_view(p)
+                bucket = buckets.get((p.device, view.dtype))
+                if bucket is None:
+                    bucket = Bucket(p.device, view.dtype, backends.resolve(self._options.backend, p.device))
+                    buckets[(p.device, view.dtype)] = bucket
+                if not bucket.segments or bucket.segments[-1].group is not group:
+                    bucket.segments.append(
+                        Segment(
+                            group,
+                            masters=[] if self._uses_master(p) else None,
+                            states={k: [] for k in keys},
+                        )
+                    )
+                seg = bucket.segments[-1]
+                seg.owners.append(p)
+                seg.params.append(view)
+                seg.steps.append(state["step"])
+                for k in keys:
+                    seg.states[k].append(real_view(state[k]))
+                if seg.masters is not None:
+                    seg.masters.append(state["master_param"])
+        return Plan(key, list(buckets.values()), sparse)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _amp_tensors(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """``grad_scale`` and ``found_inf`` as torch.amp.GradScaler sets them on the optimizer."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        return (
+            grad_scale if isinstance(grad_scale, Tensor) else None,
+            found_inf if isinstance(found_inf, Tensor) else None,
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        opts = self._options
+        plan = self._get_plan()
+        for bucket in plan.buckets:
+            for seg in bucket.segments:
+                seg.refresh_grads()
+        grad_scale, found_inf = self._amp_tensors()
+        if plan.sparse and (grad_scale is not None or found_inf is not None or opts.clips_norm
+                            or opts.clip_value is not None):
+            raise NotImplementedError(
+                f"{type(self).__name__}: sparse gradients cannot be combined with gradient clipping "
+                "or GradScaler in fastopt"
+            )
+        # GradScaler.unscale_ computes 1/scale the same way.
+        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+
+        clip_coef = None
+        if opts.clips_norm:
+            norms = [
+                b.backend.grad_norm(
+                    b,
+                    opts.norm_type,
+                    backends.GradTransform(inv_scale=_on(inv_scale, b.device), clip_value=opts.clip_value),
+                )
+                for b in plan.buckets
+            ]
+            self.last_grad_norm = ref.norm_of_norms(norms, opts.norm_type)
+            clip_coef = ref.clip_coefficient(self.last_grad_norm, opts.max_grad_norm)
+
+        for b in plan.buckets:
+            xform = backends.GradTransform(
+                inv_scale=_on(inv_scale, b.device),
+                clip_value=opts.clip_value,
+                clip_coef=_on(clip_coef, b.device),
+                found_inf=_on(found_inf, b.device),
+            )
+            b.backend.step(self._rule, b, [self._hparams(s.group) for s in b.segments], xform)
+        for p, group in plan.sparse:
+            self._sparse_step(p, group)
+        return loss
+
+    # -- state dict ----------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict saved by this class or by the torch.optim class of the same name.
+
+        On top of torch's loading: a state tensor whose shape does not match its parameter is
+        refused; ``step`` lives on the parameter's device as float32 (no host sync in step());
+        with master weights, moments and ``master_param`` of fp16/bf16 params stay float32.
+        """
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(groups) == len(saved_groups) and all(
+            len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)
+        ):
+            id_map = {
+                saved_id: p
+                for g, s in zip(groups, saved_groups)
+                for saved_id, p in zip(s["params"], g["params"])
+            }
+            for saved_id, saved_state in state_dict["state"].items():
+                p = id_map.get(saved_id)
+                if p is None:
+                    continue
+                for key, value in saved_state.items():
+                    if key != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                        raise ValueError(
+                            f"loaded state dict does not match this optimizer's parameters: state "
+                            f"{key!r} of parameter {saved_id} has shape {tuple(value.shape)}, the "
+                            f"parameter has shape {tuple(p.shape)}"
+                        )
+        else:
+            id_map = {}
+        super().load_state_dict(state_dict)  # torch's own checks of group and parameter counts
+
+        for saved_id, p in id_map.items():
+            state = self.state.get(p)
+            if not state:
+                continue
+            state["step"] = torch.as_tensor(state["step"]).to(dtype=torch.float32, device=p.device)
+            if self._uses_master(p):
+                for key, value in state_dict["state"].get(saved_id, {}).items():
+                    if key != "step" and isinstance(value, Tensor):
+                        state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+            else:
+                state.pop("master_param", None)
+        self._plan = None
