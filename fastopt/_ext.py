@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import torch  # noqa: F401  (loads libc10 and libtorch before the extension)
+
 _C = None
 load_error: Optional[str] = None
 

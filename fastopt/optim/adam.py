@@ -13,7 +13,8 @@ from .optimizer import FusedOptimizer
 
 def _scalar(x: Union[float, Tensor]) -> float:
     # Note [tensor betas]: a 1-element tensor beta is read once per step as a Python float
-    # (torch's fused Adam does the same); lr may stay a tensor.
+    # (torch's fused Adam does the same), so the bias corrections are computed in float64; torch's
+    # single-tensor path computes them in the betas' dtype. lr may stay a tensor.
     return float(x) if isinstance(x, Tensor) else x
 
 

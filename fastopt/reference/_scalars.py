@@ -16,10 +16,11 @@ from torch import Tensor
 Scalar = Union[float, Tensor]
 
 
-def as_f64(value: Scalar, device: torch.device) -> Tensor:
-    """A 0-dim float64 tensor on ``device`` holding ``value`` (a float or a 1-element tensor)."""
+def as_scalar(value: Scalar, device: torch.device) -> Tensor:
+    """A 0-dim tensor on ``device`` holding ``value``: float64 for a Python float; a tensor keeps
+    its own dtype, because torch.optim computes ``lr / bias_correction`` in the lr tensor's dtype."""
     if isinstance(value, Tensor):
-        return value.detach().reshape(()).to(device=device, dtype=torch.float64, non_blocking=True)
+        return value.detach().reshape(()).to(device=device, non_blocking=True)
     # torch.full launches a fill kernel: no host-to-device copy, no sync.
     return torch.full((), float(value), dtype=torch.float64, device=device)
 

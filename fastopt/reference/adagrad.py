@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._scalars import Scalar, as_f64, per_tensor, stacked_steps
+from ._scalars import Scalar, as_scalar, per_tensor, stacked_steps
 
 
 @torch.no_grad()
@@ -35,7 +35,8 @@ def adagrad(
     if weight_decay != 0:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     t = stacked_steps(steps)
-    neg_clr = per_tensor(-as_f64(lr, device) / (1 + (t - 1) * lr_decay), dtype)
+    lr_t = as_scalar(lr, device)
+    neg_clr = per_tensor(-lr_t / (1 + (t - 1) * lr_decay).to(lr_t.dtype), dtype)
 
     torch._foreach_addcmul_(state_sums, grads, grads, value=1)
     std = torch._foreach_sqrt(state_sums)
@@ -55,7 +56,8 @@ def sparse_adagrad(
     grad = (-grad if maximize else grad).coalesce()  # the update is non-linear: indices must be unique
     indices, values = grad._indices(), grad._values()
     t = step.to(torch.float64)
-    clr = as_f64(lr, param.device) / (1 + (t - 1) * lr_decay)
+    lr_t = as_scalar(lr, param.device)
+    clr = lr_t / (1 + (t - 1) * lr_decay).to(lr_t.dtype)
     state_sum.add_(torch.sparse_coo_tensor(indices, values.pow(2), grad.size()))
     std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
     delta = torch.sparse_coo_tensor(indices, values / std_values, grad.size())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._scalars import Scalar, as_f64, per_tensor, stacked_steps
+from ._scalars import Scalar, as_scalar, per_tensor, stacked_steps
 
 
 @torch.no_grad()
@@ -43,10 +43,10 @@ def adam(
     device, dtype = params[0].device, params[0].dtype
     if maximize:
         grads = torch._foreach_neg(grads)
-    lr64 = as_f64(lr, device)
+    lr_t = as_scalar(lr, device)
     if weight_decay != 0:
         if decoupled_weight_decay:
-            torch._foreach_mul_(params, (1 - lr64 * weight_decay).to(dtype))
+            torch._foreach_mul_(params, (1 - lr_t * weight_decay).to(dtype))
         else:
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
 
@@ -57,7 +57,7 @@ def adam(
     t = stacked_steps(steps)
     bias_correction1 = 1 - torch.pow(beta1, t)
     bias_correction2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
-    neg_step_size = per_tensor(-lr64 / bias_correction1, dtype)
+    neg_step_size = per_tensor(-lr_t / bias_correction1.to(lr_t.dtype), dtype)
 
     if amsgrad:
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)

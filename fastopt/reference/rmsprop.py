@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._scalars import Scalar, as_f64
+from ._scalars import Scalar, as_scalar
 
 
 @torch.no_grad()
@@ -39,7 +39,7 @@ def rmsprop(
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    neg_lr = (-as_f64(lr, device)).to(dtype)
+    neg_lr = (-as_scalar(lr, device)).to(dtype)
 
     torch._foreach_mul_(square_avgs, alpha)
     torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)

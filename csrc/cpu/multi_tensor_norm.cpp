@@ -1,0 +1,114 @@
+// fastopt::multi_tensor_norm on CPU: the norm (2 or inf) of all elements of a list of tensors,
+// after the AMP unscale and the value clip, in one read of the data. Used by global-norm clipping.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "fastopt/grad_math.h"
+#include "multi_tensor.h"
+
+namespace fastopt {
+namespace cpu {
+namespace {
+
+constexpr int kLanes = 8;  // independent accumulators so the compiler can vectorize the loop
+
+struct Partial {
+  double value = 0.0;   // sum of squares (L2) or max |g| (inf)
+  int64_t nans = 0;     // NaN count, so that the inf-norm propagates NaN as torch does
+};
+
+template <typename scalar_t>
+Partial reduce_chunk(const scalar_t* x, int64_t n, bool l2, double inv_scale, bool has_clip,
+                     double clip) {
+  double acc[kLanes] = {0};
+  int64_t nans[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const double g = prepare_grad<double>(static_cast<double>(x[i + j]), inv_scale, has_clip, clip);
+      if (l2) {
+        acc[j] += g * g;
+      } else {
+        const double a = std::abs(g);
+        acc[j] = a > acc[j] ? a : acc[j];
+        nans[j] += (g != g);
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    const double g = prepare_grad<double>(static_cast<double>(x[i]), inv_scale, has_clip, clip);
+    if (l2) {
+      acc[0] += g * g;
+    } else {
+      const double a = std::abs(g);
+      acc[0] = a > acc[0] ? a : acc[0];
+      nans[0] += (g != g);
+    }
+  }
+  Partial p;
+  for (int j = 0; j < kLanes; ++j) {
+    p.value = l2 ? p.value + acc[j] : (acc[j] > p.value ? acc[j] : p.value);
+    p.nans += nans[j];
+  }
+  return p;
+}
+
+at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type,
+                                 const c10::optional<at::Tensor>& inv_scale,
+                                 c10::optional<double> clip_value) {
+  const bool l2 = norm_type == 2.0;
+  TORCH_CHECK(l2 || std::isinf(norm_type) && norm_type > 0,
+              "multi_tensor_norm: norm_type must be 2.0 or inf, got ", norm_type);
+  const at::ScalarType dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), "multi_tensor_norm (cpu): tensors must be on the CPU, got ",
+                t.device());
+    TORCH_CHECK(t.scalar_type() == dtype, "multi_tensor_norm: all tensors must have one dtype, got ",
+                dtype, " and ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "multi_tensor_norm: tensors must be contiguous");
+  }
+  const at::ScalarType out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  double scale = 1.0;
+  if (inv_scale.has_value()) {
+    TORCH_CHECK(inv_scale->numel() == 1 && inv_scale->device().is_cpu(),
+                "multi_tensor_norm: inv_scale must be a 1-element CPU tensor");
+    scale = inv_scale->item<double>();  // a CPU read: no device sync
+  }
+  const bool has_clip = clip_value.has_value();
+  const double clip = has_clip ? *clip_value : 0.0;
+
+  const std::vector<Chunk> chunks = make_chunks(tensors);
+  std::vector<Partial> partials(chunks.size());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cpu", [&] {
+    for_each_chunk(chunks, [&](int64_t i, const Chunk& c) {
+      const scalar_t* data = tensors[c.tensor].const_data_ptr<scalar_t>();
+      partials[i] = reduce_chunk<scalar_t>(data + c.begin, c.end - c.begin, l2, scale, has_clip, clip);
+    });
+  });
+
+  double total = 0.0;
+  int64_t nans = 0;
+  for (const Partial& p : partials) {
+    total = l2 ? total + p.value : (p.value > total ? p.value : total);
+    nans += p.nans;
+  }
+  if (l2) {
+    total = std::sqrt(total);
+  } else if (nans > 0) {
+    total = std::numeric_limits<double>::quiet_NaN();
+  }
+  return at::scalar_tensor(total, at::TensorOptions().dtype(out_dtype));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastopt

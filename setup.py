@@ -1,0 +1,68 @@
+"""Build of fastopt and its compiled part ``fastopt._C`` (described here once, built with ninja).
+
+* The C++ (CPU) sources always build; the CUDA sources build when torch has CUDA and nvcc exists
+  (architectures from TORCH_CUDA_ARCH_LIST, else the visible GPU's).
+* FASTOPT_NO_EXT=1 skips the compiled part. If it fails to build, the package installs without it
+  and runs on the reference backend, unless FASTOPT_REQUIRE_EXT=1 (set by `make`), which makes
+  the failure an error.
+* Install with `pip install --no-build-isolation -e .`: the build needs the torch you run with.
+"""
+
+import glob
+import os
+import warnings
+
+from setuptools import setup
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+ext_modules, cmdclass = [], {}
+if not _flag("FASTOPT_NO_EXT"):
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    with_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
+    common = dict(
+        include_dirs=[os.path.join(root, "csrc", "include")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+    )
+    if with_cuda:
+        ext = CUDAExtension(
+            "fastopt._C", sources + cuda_sources, define_macros=[("FASTOPT_WITH_CUDA", None)], **common
+        )
+    else:
+        common["extra_compile_args"] = common["extra_compile_args"]["cxx"]
+        ext = CppExtension("fastopt._C", sources, **common)
+    ext_modules = [ext]
+
+    class BuildExt(BuildExtension):
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - any build failure
+                if _flag("FASTOPT_REQUIRE_EXT"):
+                    raise
+                warnings.warn(
+                    f"fastopt._C was not built ({exc}); fastopt will run on the reference backend"
+                )
+
+    cmdclass = {"build_ext": BuildExt.with_options(use_ninja=True)}
+
+setup(
+    packages=[
+        "fastopt",
+        "fastopt.backends",
+        "fastopt.optim",
+        "fastopt.reference",
+        "fastopt.triton_kernels",
+    ],
+    package_dir={"fastopt.triton_kernels": "triton_kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,75 @@
+"""Shared fixtures: seeded RNG, the backend axis and a verbose allclose."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+import fastopt
+from fastopt import backends
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def backend_device(name: str) -> str:
+    """The device a backend's tests run on: CUDA where there is one, else the CPU."""
+    if name == "cuda":
+        return "cuda"
+    if name == "triton":
+        return "cuda" if HAS_CUDA else "cpu"
+    return "cpu"
+
+
+def backend_params() -> list:
+    """The backend axis, with a skip (and its reason) for each backend that cannot run here."""
+    out = []
+    for name in ("reference", "cpu", "triton", "cuda"):
+        reason = backends.why_unavailable(name, backend_device(name))
+        if name == "triton" and not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+            reason = reason or "no GPU and TRITON_INTERPRET is not set"
+        marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
+        if name == "cuda":
+            marks.append(pytest.mark.cuda)
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+@pytest.fixture(params=backend_params())
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def device(backend) -> str:
+    return backend_device(backend)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+def assert_close(actual, expected, *, rtol: float, atol: float, what: str = "") -> None:
+    """torch.testing-style closeness, with a message that lists the count and first indices of
+    mismatches and any NaN/inf disagreement."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    if a.is_complex():
+        a, e = torch.view_as_real(a), torch.view_as_real(e)
+    a64, e64 = a.double(), e.double()
+    finite = torch.isfinite(e64)
+    nonfinite_mismatch = (~finite) & ~((a64 == e64) | (torch.isnan(a64) & torch.isnan(e64)))
+    bad = (finite & ~((a64 - e64).abs() <= atol + rtol * e64.abs())) | nonfinite_mismatch
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        err = (a64 - e64).abs()[finite].max().item() if finite.any() else float("nan")
+        pytest.fail(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements differ (rtol={rtol}, atol={atol}); "
+            f"max abs err {err:.3g}; first at {idx}: actual {[a64[tuple(i)].item() for i in idx]} "
+            f"expected {[e64[tuple(i)].item() for i in idx]}"
+        )

@@ -1,0 +1,59 @@
+"""Lockstep runs of a torch.optim optimizer and its fastopt twin, and their comparison."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from conftest import assert_close
+from specs import TOL, clone_params, make_params, materialize, random_grads
+
+
+def set_grads(params, grads) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+def run_lockstep(spec, config, *, dtype, device, backend, steps=20, extras=None,
+                 before_torch_step: Optional[Callable] = None, params=None):
+    """Run torch.optim (foreach=False) and fastopt on identical params and grads for ``steps``."""
+    params = params if params is not None else make_params(dtype, device)
+    theirs, ours = clone_params(params), clone_params(params)
+    hdtype = dtype if dtype is not None else torch.float32
+    opt_t = spec.torch_cls(theirs, foreach=False, **materialize(spec, config, hdtype))
+    opt_f = spec.fastopt_cls(ours, backend=backend, **materialize(spec, config, hdtype), **(extras or {}))
+    for _ in range(steps):
+        grads = random_grads(params)
+        set_grads(theirs, grads)
+        set_grads(ours, grads)
+        if before_torch_step is not None:
+            before_torch_step(theirs)
+        opt_t.step()
+        opt_f.step()
+    return opt_t, opt_f, theirs, ours
+
+
+def assert_same_state(opt_f, opt_t, *, rtol, atol) -> None:
+    """Every state key of torch's state dict exists in fastopt's with close values."""
+    sf, st = opt_f.state_dict()["state"], opt_t.state_dict()["state"]
+    assert sf.keys() == st.keys(), f"state entries {sorted(sf)} != {sorted(st)}"
+    for pid, tstate in st.items():
+        fstate = {k: v for k, v in sf[pid].items() if k != "master_param"}
+        assert fstate.keys() == tstate.keys(), f"param {pid}: keys {list(fstate)} != {list(tstate)}"
+        for key, expected in tstate.items():
+            actual = fstate[key]
+            if key == "step":
+                assert float(actual) == float(expected), f"param {pid}: step {actual} != {expected}"
+                continue
+            assert_close(actual, expected.to(actual.device), rtol=rtol, atol=atol, what=f"param {pid} {key}")
+
+
+def assert_same_params(ours, theirs, *, rtol, atol) -> None:
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert_close(a, b, rtol=rtol, atol=atol, what=f"param {i}")
+
+
+def assert_matches(opt_f, opt_t, ours, theirs, dtype) -> None:
+    assert_same_params(ours, theirs, **TOL[dtype])
+    assert_same_state(opt_f, opt_t, **TOL[dtype])
