@@ -57,7 +57,9 @@ def norm_of_norms(norms: list[Tensor], norm_type: float) -> Tensor:
 @torch.no_grad()
 def grad_norm(grads: list[Tensor], norm_type: float) -> Tensor:
     """The ``norm_type`` norm of all elements of ``grads`` (torch.nn.utils.clip_grad_norm_'s
-    two-level reduction: per-tensor norms, then the norm of those). NaN and inf propagate."""
+    two-level reduction: per-tensor norms, then the norm of those). NaN and inf propagate.
+    Empty tensors contribute nothing (torch's inf-norm refuses them; fastopt does not)."""
+    grads = [g for g in grads if g.numel() > 0]
     if not grads:
         return torch.zeros(())
     return norm_of_norms(list(torch._foreach_norm(grads, norm_type)), norm_type)

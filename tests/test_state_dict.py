@@ -1,0 +1,143 @@
+"""State dicts: torch's format both ways, resume mid-run, master weights, refusals."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from harness import assert_matches, set_grads
+from specs import SPEC_BY_NAME, clone_params, make_params, materialize, random_grads
+
+FULL_STATE = {  # configs that create every state key of each optimizer
+    "Adam": {"amsgrad": True, "weight_decay": 0.1},
+    "AdamW": {"amsgrad": True},
+    "Adagrad": {"lr_decay": 0.1, "initial_accumulator_value": 0.1},
+    "RMSprop": {"centered": True, "momentum": 0.5},
+}
+
+
+def _steps(opts_and_params, n, params_like):
+    for _ in range(n):
+        grads = random_grads(params_like)
+        for opt, params in opts_and_params:
+            set_grads(params, grads)
+            opt.step()
+
+
+def _roundtrip(state_dict):
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
+@pytest.mark.parametrize("name", list(FULL_STATE))
+def test_state_dict_moves_between_torch_and_fastopt(name, direction, backend, device):
+    spec, config = SPEC_BY_NAME[name], FULL_STATE[name]
+    params = make_params(torch.float32, device)
+    first, second, reference = clone_params(params), clone_params(params), clone_params(params)
+
+    def make(cls_kind, ps):
+        if cls_kind == "torch":
+            return spec.torch_cls(ps, foreach=False, **materialize(spec, config))
+        return spec.fastopt_cls(ps, backend=backend, **materialize(spec, config))
+
+    src_kind, dst_kind = direction.split("->")
+    src, ref_opt = make(src_kind, first), make("torch", reference)
+    _steps([(src, first), (ref_opt, reference)], 10, params)
+    dst = make(dst_kind, second)
+    with torch.no_grad():
+        for p, q in zip(second, first):
+            p.copy_(q)
+    dst.load_state_dict(_roundtrip(src.state_dict()))
+    _steps([(dst, second), (ref_opt, reference)], 10, params)
+    # Whichever class continued from the other's checkpoint ends where uninterrupted torch does.
+    assert_matches(dst, ref_opt, second, reference, torch.float32)
+
+
+@pytest.mark.parametrize("name", list(FULL_STATE))
+def test_resume_mid_run_is_bit_identical(name, backend, device):
+    spec, config = SPEC_BY_NAME[name], FULL_STATE[name]
+    params = make_params(torch.float32, device)
+    straight, resumed = clone_params(params), clone_params(params)
+    opt_a = spec.fastopt_cls(straight, backend=backend, max_grad_norm=1.0, **materialize(spec, config))
+    opt_b = spec.fastopt_cls(resumed, backend=backend, max_grad_norm=1.0, **materialize(spec, config))
+    _steps([(opt_a, straight), (opt_b, resumed)], 10, params)
+    saved = _roundtrip(opt_b.state_dict())
+    opt_b = spec.fastopt_cls(resumed, backend=backend, max_grad_norm=1.0, **materialize(spec, config))
+    opt_b.load_state_dict(saved)
+    _steps([(opt_a, straight), (opt_b, resumed)], 10, params)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    for pid in sa:
+        for key in sa[pid]:
+            assert torch.equal(sa[pid][key], sb[pid][key]), f"{key} of param {pid} differs after resume"
+            assert sa[pid][key].device == sb[pid][key].device
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_master_state_stays_fp32_across_load(dtype, backend, device):
+    spec = SPEC_BY_NAME["Adam"]
+    params = [torch.nn.Parameter(p.detach().to(dtype)) for p in make_params(torch.float32, device)]
+    opt = spec.fastopt_cls(params, master_weights=True, backend=backend)
+    _steps([(opt, params)], 3, params)
+    saved = _roundtrip(opt.state_dict())
+    fresh = spec.fastopt_cls(clone_params(params), master_weights=True, backend=backend)
+    fresh.load_state_dict(saved)
+    for pid, st in fresh.state_dict()["state"].items():
+        for key, value in st.items():
+            assert value.dtype == torch.float32, f"{key} became {value.dtype}"
+            assert torch.equal(value.cpu(), saved["state"][pid][key].cpu())
+
+    # A torch.optim checkpoint (bf16 moments, no master) loads with fp32 moments and a new master.
+    theirs = clone_params(params)
+    topt = torch.optim.Adam(theirs, foreach=False)
+    _steps([(topt, theirs)], 2, params)
+    fresh = spec.fastopt_cls(theirs, master_weights=True, backend=backend)
+    fresh.load_state_dict(_roundtrip(topt.state_dict()))
+    _steps([(fresh, theirs)], 1, params)
+    for st in fresh.state_dict()["state"].values():
+        assert {k: v.dtype for k, v in st.items()} == {
+            "step": torch.float32, "exp_avg": torch.float32, "exp_avg_sq": torch.float32,
+            "master_param": torch.float32,
+        }
+        assert float(st["step"]) == 3
+
+
+def test_state_dict_from_other_params_is_refused(backend, device):
+    spec = SPEC_BY_NAME["Adam"]
+    params = make_params(torch.float32, device)
+    opt = spec.fastopt_cls(params, backend=backend)
+    _steps([(opt, params)], 1, params)
+    saved = opt.state_dict()
+    other = [torch.nn.Parameter(torch.randn(p.numel() + 1, device=device)) for p in params]
+    victim = spec.fastopt_cls(other, backend=backend)
+    with pytest.raises(ValueError, match="does not match this optimizer's parameters"):
+        victim.load_state_dict(saved)
+    assert len(victim.state) == 0  # nothing was loaded
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        spec.fastopt_cls([{"params": params[:2]}, {"params": params[2:]}], backend=backend).load_state_dict(saved)
+
+
+def test_adagrad_state_exists_before_the_first_step(device):
+    params = make_params(torch.float32, device)
+    ours = SPEC_BY_NAME["Adagrad"].fastopt_cls(clone_params(params), initial_accumulator_value=0.3)
+    theirs = torch.optim.Adagrad(clone_params(params), initial_accumulator_value=0.3)
+    so, st = ours.state_dict(), theirs.state_dict()
+    assert so["state"].keys() == st["state"].keys()
+    for pid in st["state"]:
+        assert torch.equal(so["state"][pid]["sum"], st["state"][pid]["sum"])
+
+
+def test_param_groups_have_torchs_keys():
+    for name in FULL_STATE:
+        spec = SPEC_BY_NAME[name]
+        p = [torch.nn.Parameter(torch.zeros(2))]
+        ours = spec.fastopt_cls(p).state_dict()["param_groups"][0]
+        theirs = spec.torch_cls(p).state_dict()["param_groups"][0]
+        assert ours.keys() == theirs.keys()
+        assert ours == theirs
