@@ -20,6 +20,7 @@ def _scalar(x: Union[float, Tensor]) -> float:
 
 class Adam(FusedOptimizer):
     _rule = "adam"
+    _sparse_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(
         self,

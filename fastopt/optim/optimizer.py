@@ -29,6 +29,7 @@ def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
 class FusedOptimizer(Optimizer):
     _rule: str = ""
     _supports_sparse = False
+    _sparse_message = "{name} does not support sparse gradients"  # torch's wording, per class
 
     def __init__(self, params: Any, defaults: dict, options: FusedOptions) -> None:
         self._options = options
@@ -50,7 +51,7 @@ class FusedOptimizer(Optimizer):
         return 0.0
 
     def _sparse_step(self, param: Tensor, group: dict) -> None:
-        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        raise RuntimeError(self._sparse_message.format(name=type(self).__name__))
 
     # -- param groups and state ----------------------------------------------------------------
 
@@ -129,16 +130,12 @@ class FusedOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if p.grad.is_sparse and not self._supports_sparse:
+                    self._sparse_step(p, group)  # raises torch's error, before any state exists
                 state = self._ensure_state(p, group)
                 if p.grad.is_sparse:
-                    if not self._supports_sparse:
-                        self._sparse_step(p, group)  # raises
                     sparse.append((p, group))
                     continue
-                if p.grad.shape != p.shape:
-                    raise RuntimeError(
-                        f"gradient of shape {tuple(p.grad.shape)} for a parameter of shape {tuple(p.shape)}"
-                    )
                 view = real_view(p)
                 bucket = buckets.get((p.device, view.dtype))
                 if bucket is None:

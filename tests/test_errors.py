@@ -1,0 +1,125 @@
+"""Bad input: torch's validation errors, clear errors for what fastopt refuses, no corruption."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastopt
+from specs import SPEC_BY_NAME, clone_params, make_params
+
+# (optimizer, bad kwargs): torch raises for each; fastopt must raise the same type and message.
+TORCH_VALIDATION = [
+    ("Adam", {"lr": -1.0}), ("Adam", {"eps": -1.0}), ("Adam", {"betas": (1.0, 0.9)}),
+    ("Adam", {"betas": (0.9, -0.1)}), ("Adam", {"weight_decay": -1.0}),
+    ("Adam", {"betas": (torch.tensor(0.9), 0.99)}), ("Adam", {"lr": torch.tensor([0.1, 0.2])}),
+    ("AdamW", {"lr": -1.0}), ("AdamW", {"betas": (0.9, 1.5)}),
+    ("Adagrad", {"lr": -1.0}), ("Adagrad", {"lr_decay": -1.0}), ("Adagrad", {"weight_decay": -1.0}),
+    ("Adagrad", {"initial_accumulator_value": -1.0}), ("Adagrad", {"eps": -1.0}),
+    ("RMSprop", {"lr": -1.0}), ("RMSprop", {"eps": -1.0}), ("RMSprop", {"momentum": -1.0}),
+    ("RMSprop", {"weight_decay": -1.0}), ("RMSprop", {"alpha": -1.0}),
+    ("Adam", {"fused": True, "foreach": True}),
+]
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - we compare whatever torch raises
+        return type(exc), str(exc)
+    return None
+
+
+@pytest.mark.parametrize("name,kwargs", TORCH_VALIDATION, ids=lambda v: str(v))
+def test_same_validation_errors_as_torch(name, kwargs):
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    expected = _error(lambda: getattr(torch.optim, name)(p, **kwargs))
+    assert expected is not None, "torch accepted it: the case is wrong"
+    assert _error(lambda: getattr(fastopt, name)(p, **kwargs)) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"differentiable": True}, NotImplementedError, "differentiable=True"),
+        ({"max_grad_norm": -1.0}, ValueError, "max_grad_norm"),
+        ({"max_grad_norm": math.inf}, ValueError, "max_grad_norm"),
+        ({"norm_type": 1.0}, ValueError, "norm_type"),
+        ({"clip_value": -0.5}, ValueError, "clip_value"),
+        ({"master_weights": "yes"}, TypeError, "master_weights"),
+        ({"backend": "fast"}, ValueError, "backend"),
+        ({"no_such_option": 1}, TypeError, "unexpected keyword argument 'no_such_option'"),
+    ],
+)
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_fastopt_extras_are_validated(name, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        getattr(fastopt, name)([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+def test_unavailable_backend_says_why():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(fastopt.BackendUnavailable, match="backend='cuda' cannot run on cpu tensors"):
+        fastopt.Adam(p, backend="cuda")
+
+
+def test_duplicate_params_are_refused():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="more than once"):
+        fastopt.Adam([p, p])
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        fastopt.Adam([{"params": [p]}, {"params": [p]}])
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
+def test_sparse_grads_are_refused_like_torch(name):
+    def run(module):
+        emb = torch.nn.Embedding(10, 3, sparse=True)
+        opt = getattr(module, name)(emb.parameters())
+        emb(torch.tensor([1, 2])).sum().backward()
+        before = emb.weight.detach().clone()
+        err = _error(opt.step)
+        assert torch.equal(emb.weight.detach(), before)
+        assert len(opt.state) == 0  # refused before any state was created
+        return err
+
+    theirs, ours = run(torch.optim), run(fastopt)
+    assert theirs is not None and ours == theirs
+
+
+def test_sparse_adagrad_matches_torch():
+    torch.manual_seed(0)
+    emb_t = torch.nn.Embedding(10, 3, sparse=True)
+    emb_f = torch.nn.Embedding(10, 3, sparse=True)
+    emb_f.load_state_dict(emb_t.state_dict())
+    opt_t = torch.optim.Adagrad(emb_t.parameters(), lr=0.1, lr_decay=0.01)
+    opt_f = fastopt.Adagrad(emb_f.parameters(), lr=0.1, lr_decay=0.01)
+    for _ in range(5):
+        idx = torch.randint(0, 10, (6,))
+        for emb, opt in ((emb_t, opt_t), (emb_f, opt_f)):
+            opt.zero_grad()
+            emb(idx).pow(2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(emb_f.weight, emb_t.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt_f.state[emb_f.weight]["sum"], opt_t.state[emb_t.weight]["sum"])
+    with pytest.raises(NotImplementedError, match="sparse gradients cannot be combined"):
+        opt = fastopt.Adagrad(emb_f.parameters(), max_grad_norm=1.0)
+        emb_f(torch.tensor([1])).sum().backward()
+        opt.step()
+
+
+def test_non_leaf_param_is_refused_like_torch():
+    x = torch.randn(3, requires_grad=True) * 2
+    with pytest.raises(ValueError, match="can't optimize a non-leaf Tensor"):
+        fastopt.Adam([x])
+
+
+def test_step_without_grads_is_a_no_op():
+    params = clone_params(make_params(torch.float32, "cpu"))
+    opt = fastopt.Adam(params, max_grad_norm=1.0)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert len(opt.state) == 0
