@@ -15,17 +15,53 @@ at::Tensor multi_tensor_norm_meta(at::TensorList tensors, double /*norm_type*/,
   return at::empty({}, at::TensorOptions().dtype(fp64 ? at::kDouble : at::kFloat).device(device));
 }
 
+// The update ops mutate their lists in place and return nothing: on Meta there is nothing to do.
+void adam_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+               at::TensorList, at::TensorList, const at::Tensor&, double, double, double, double, bool,
+               bool, bool, const c10::optional<at::Tensor>&, c10::optional<double>,
+               const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&) {}
+void adagrad_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                  const at::Tensor&, double, double, double, bool, const c10::optional<at::Tensor>&,
+                  c10::optional<double>, const c10::optional<at::Tensor>&,
+                  const c10::optional<at::Tensor>&) {}
+void rmsprop_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                  at::TensorList, at::TensorList, const at::Tensor&, double, double, double, double,
+                  bool, bool, const c10::optional<at::Tensor>&, c10::optional<double>,
+                  const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&) {}
+
 }  // namespace
+
+// Shared tail of every update op: what is done to the gradients first (see fastopt/grad_math.h)
+// and GradScaler's skip flag.
+#define FASTOPT_GRAD_ARGS \
+  "Tensor? inv_scale, float? clip_value, Tensor? clip_coef, Tensor? found_inf"
 
 TORCH_LIBRARY(fastopt, m) {
   // The norm (2.0 or inf) of every element of `tensors` after `g * inv_scale` and the clamp to
   // [-clip_value, clip_value]; float32 (float64 for float64 input), NaN/inf propagate.
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type, Tensor? inv_scale, float? clip_value)"
         " -> Tensor");
+  // One step for every tensor of a (device, dtype) group, in place. `params` are the tensors the
+  // math runs on (the fp32 masters with master weights, whose rounded values go to `params_out`;
+  // otherwise `params_out` is empty). `steps` are incremented (not when found_inf is set).
+  m.def("adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs,"
+        " Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor(f!)[] params_out, Tensor lr,"
+        " float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize,"
+        " bool decoupled_weight_decay, " FASTOPT_GRAD_ARGS ") -> ()");
+  m.def("adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor(c!)[] steps,"
+        " Tensor(d!)[] params_out, Tensor lr, float lr_decay, float weight_decay, float eps,"
+        " bool maximize, " FASTOPT_GRAD_ARGS ") -> ()");
+  m.def("rmsprop_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs,"
+        " Tensor(c!)[] grad_avgs, Tensor(d!)[] momentum_buffers, Tensor(e!)[] steps,"
+        " Tensor(f!)[] params_out, Tensor lr, float alpha, float eps, float weight_decay,"
+        " float momentum, bool centered, bool maximize, " FASTOPT_GRAD_ARGS ") -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastopt, Meta, m) {
   m.impl("multi_tensor_norm", &multi_tensor_norm_meta);
+  m.impl("adam_", &adam_meta);
+  m.impl("adagrad_", &adagrad_meta);
+  m.impl("rmsprop_", &rmsprop_meta);
 }
 
 }  // namespace fastopt

@@ -1,0 +1,47 @@
+// Turning runtime flags and dtypes into template parameters for the CPU update kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <type_traits>
+
+namespace fastopt {
+namespace cpu {
+
+// fn(std::integral_constant<bool, b>) so that `decltype(flag)::value` is a compile-time constant.
+template <typename Fn>
+void with_bool(bool b, Fn&& fn) {
+  if (b) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+template <typename S>
+constexpr bool is_low_precision() {
+  return std::is_same_v<S, at::BFloat16> || std::is_same_v<S, at::Half>;
+}
+
+// Checks the dtypes of an update op and calls fn(S{}, master) with S the gradient storage type:
+// without master weights, params and state are S too; with them (fp16/bf16 grads and a non-empty
+// `params_out`), params (the masters) and state are float32 and params_out is S.
+template <typename Fn>
+void dispatch_storage(const char* op, at::ScalarType grad_dtype, at::ScalarType param_dtype,
+                      bool master, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_dtype, "fastopt_update", [&] {
+    if constexpr (is_low_precision<scalar_t>()) {
+      TORCH_CHECK(param_dtype == (master ? at::kFloat : grad_dtype), op, ": params are ", param_dtype,
+                  " for ", grad_dtype, " grads", master ? " (master weights must be float32)" : "");
+      with_bool(master, [&](auto kMaster) { fn(scalar_t{}, kMaster); });
+    } else {
+      TORCH_CHECK(!master, op, ": master weights are only for float16/bfloat16 params");
+      TORCH_CHECK(param_dtype == grad_dtype, op, ": params are ", param_dtype, ", grads ", grad_dtype);
+      fn(scalar_t{}, std::false_type{});
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace fastopt

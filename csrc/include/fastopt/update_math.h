@@ -1,0 +1,128 @@
+// Per-element update math of every optimizer, shared by the C++ (CPU) and CUDA kernels so that
+// they cannot drift apart. Each function follows torch.optim's order of operations (foreach=False
+// path), written out per element; `T` is the compute type (float, or double for float64 params).
+#pragma once
+
+#include <cmath>
+
+#include "fastopt/grad_math.h"
+#include "fastopt/macros.h"
+
+namespace fastopt {
+
+template <typename T>
+FASTOPT_HD T sqrt_(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
+// torch.lerp: weight < 0.5 ? self + weight * (end - self) : end - (end - self) * (1 - weight).
+template <typename T>
+FASTOPT_HD T lerp(T self, T end, T weight) {
+  const T diff = end - self;
+  return weight < T(0.5) ? self + weight * diff : end - diff * (T(1) - weight);
+}
+
+// torch.maximum: NaN in either argument gives NaN.
+template <typename T>
+FASTOPT_HD T nan_max(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// What is done to a gradient before the update: AMP unscale, value clip, norm-clip coefficient,
+// maximize. Absent parts are neutral values (1, +inf, 1, +1), which change no bit of g.
+template <typename T>
+struct GradPrep {
+  T inv_scale;
+  T clip;  // +inf when value clipping is off
+  T coef;
+  T sign;  // -1 for maximize
+};
+
+template <typename T>
+FASTOPT_HD T prep(T g, const GradPrep<T>& gp) {
+  return prepare_grad<T>(g, gp.inv_scale, true, gp.clip) * gp.coef * gp.sign;
+}
+
+// ---- Adam / AdamW ---------------------------------------------------------------------------
+
+template <typename T>
+struct AdamScalars {  // per tensor: the bias corrections depend on its step count
+  T lerp_weight;      // 1 - beta1
+  T beta2;
+  T one_minus_beta2;
+  T eps;
+  T weight_decay;     // L2 (coupled) decay, used when kL2
+  T decay;            // decoupled: 1 - lr * weight_decay (1 when off)
+  T neg_step_size;    // -lr / (1 - beta1^t)
+  T bc2_sqrt;         // sqrt(1 - beta2^t)
+};
+
+// Returns the new param; updates m, v and (kAmsgrad) vmax in place.
+template <typename T, bool kL2, bool kAmsgrad>
+FASTOPT_HD T adam_element(T p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& s) {
+  if (kL2) g = g + s.weight_decay * p;
+  p = p * s.decay;
+  m = lerp(m, g, s.lerp_weight);
+  v = v * s.beta2 + s.one_minus_beta2 * g * g;
+  T vv = v;
+  if (kAmsgrad) {
+    vmax = nan_max(vmax, v);
+    vv = vmax;
+  }
+  const T denom = sqrt_(vv) / s.bc2_sqrt + s.eps;
+  return p + s.neg_step_size * m / denom;
+}
+
+// ---- Adagrad --------------------------------------------------------------------------------
+
+template <typename T>
+struct AdagradScalars {
+  T weight_decay;
+  T eps;
+  T neg_clr;  // -lr / (1 + (t - 1) * lr_decay)
+};
+
+template <typename T, bool kL2>
+FASTOPT_HD T adagrad_element(T p, T g, T& sum, const AdagradScalars<T>& s) {
+  if (kL2) g = g + s.weight_decay * p;
+  sum = sum + g * g;
+  const T std_ = sqrt_(sum) + s.eps;
+  return p + s.neg_clr * g / std_;
+}
+
+// ---- RMSprop --------------------------------------------------------------------------------
+
+template <typename T>
+struct RMSpropScalars {
+  T alpha;
+  T one_minus_alpha;
+  T eps;
+  T weight_decay;
+  T momentum;
+  T neg_lr;
+};
+
+template <typename T, bool kL2, bool kCentered, bool kMomentum>
+FASTOPT_HD T rmsprop_element(T p, T g, T& v, T& grad_avg, T& buf, const RMSpropScalars<T>& s) {
+  if (kL2) g = g + s.weight_decay * p;
+  v = v * s.alpha + s.one_minus_alpha * g * g;
+  T avg;
+  if (kCentered) {
+    grad_avg = lerp(grad_avg, g, s.one_minus_alpha);
+    avg = sqrt_(v + T(-1) * grad_avg * grad_avg);
+  } else {
+    avg = sqrt_(v);
+  }
+  avg = avg + s.eps;
+  if (kMomentum) {
+    buf = buf * s.momentum + g / avg;
+    return p + s.neg_lr * buf;
+  }
+  return p + s.neg_lr * g / avg;
+}
+
+}  // namespace fastopt
