@@ -5,6 +5,9 @@
 * FASTOPT_NO_EXT=1 skips the compiled part. If it fails to build, the package installs without it
   and runs on the reference backend, unless FASTOPT_REQUIRE_EXT=1 (set by `make`), which makes
   the failure an error.
+* The C++ kernels are compiled for the building machine's CPU (-march=native; the extension is
+  built where it runs). FASTOPT_MARCH=x86-64-v3 (say) picks another target, for a build that
+  has to run on other machines.
 * Install with `pip install --no-build-isolation -e .`: the build needs the torch you run with.
 """
 
@@ -30,7 +33,11 @@ if not _flag("FASTOPT_NO_EXT"):
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     common = dict(
         include_dirs=[os.path.join(root, "csrc", "include")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+        # -fno-math-errno: sqrt must not set errno, or the update loops cannot be vectorized.
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17", "-fno-math-errno", f"-march={os.environ.get('FASTOPT_MARCH', 'native')}"],
+            "nvcc": ["-O3", "-std=c++17"],
+        },
     )
     if with_cuda:
         ext = CUDAExtension(

@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/ops.h"
+
 namespace fastopt {
 namespace {
 
@@ -66,6 +68,26 @@ TORCH_LIBRARY_IMPL(fastopt, Meta, m) {
 
 }  // namespace fastopt
 
+namespace {
+namespace py = pybind11;
+using fastopt::cpu::GradArgs;
+using fastopt::cpu::Lr;
+using fastopt::cpu::Slots;
+using Tensors = std::vector<at::Tensor>;
+using OptTensor = c10::optional<at::Tensor>;
+
+// Rebinds this step's grads into a cached plan and runs `apply`; false when the plan cannot take
+// these grads (a layout it cannot walk linearly): the caller then uses the list op.
+template <typename Apply>
+bool planned_step(Slots& plan, const Tensors& grads, const GradArgs& ga, Apply&& apply) {
+  if (ga.skip()) return true;
+  py::gil_scoped_release no_gil;
+  if (!plan.rebind(fastopt::cpu::kGradSlot, grads)) return false;
+  apply();
+  return true;
+}
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastopt compiled ops; they register themselves as torch.ops.fastopt.*";
 #ifdef FASTOPT_WITH_CUDA
@@ -73,4 +95,46 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.def("built_with_cuda", [] { return false; });
 #endif
+  // Note [the plan cache], CPU side: a plan holds one param group's tensors, data pointers and
+  // chunk table; an eager step passes only the gradients. The same kernels as the ops above.
+  py::class_<Slots, std::shared_ptr<Slots>>(m, "CpuPlan");
+  m.def("cpu_adam_plan", [](const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
+                            const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs, const Tensors& steps,
+                            const Tensors& params_out) {
+    return fastopt::cpu::adam_slots(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, params_out);
+  });
+  m.def("cpu_adam_step", [](Slots& plan, const Tensors& grads, const at::Tensor& lr, double beta1, double beta2,
+                            double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                            OptTensor inv_scale, c10::optional<double> clip, OptTensor coef, OptTensor found_inf) {
+    const GradArgs ga{inv_scale, clip, coef, found_inf};
+    return planned_step(plan, grads, ga, [&] {
+      fastopt::cpu::adam_apply(plan, Lr(lr), {beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled}, ga);
+    });
+  });
+  m.def("cpu_adagrad_plan", [](const Tensors& params, const Tensors& grads, const Tensors& sums,
+                               const Tensors& steps, const Tensors& params_out) {
+    return fastopt::cpu::adagrad_slots(params, grads, sums, steps, params_out);
+  });
+  m.def("cpu_adagrad_step", [](Slots& plan, const Tensors& grads, const at::Tensor& lr, double lr_decay,
+                               double weight_decay, double eps, bool maximize, OptTensor inv_scale,
+                               c10::optional<double> clip, OptTensor coef, OptTensor found_inf) {
+    const GradArgs ga{inv_scale, clip, coef, found_inf};
+    return planned_step(plan, grads, ga, [&] {
+      fastopt::cpu::adagrad_apply(plan, Lr(lr), {lr_decay, weight_decay, eps, maximize}, ga);
+    });
+  });
+  m.def("cpu_rmsprop_plan", [](const Tensors& params, const Tensors& grads, const Tensors& square_avgs,
+                               const Tensors& grad_avgs, const Tensors& momentum_buffers, const Tensors& steps,
+                               const Tensors& params_out) {
+    return fastopt::cpu::rmsprop_slots(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, params_out);
+  });
+  m.def("cpu_rmsprop_step", [](Slots& plan, const Tensors& grads, const at::Tensor& lr, double alpha, double eps,
+                               double weight_decay, double momentum, bool centered, bool maximize,
+                               OptTensor inv_scale, c10::optional<double> clip, OptTensor coef,
+                               OptTensor found_inf) {
+    const GradArgs ga{inv_scale, clip, coef, found_inf};
+    return planned_step(plan, grads, ga, [&] {
+      fastopt::cpu::rmsprop_apply(plan, Lr(lr), {alpha, eps, weight_decay, momentum, centered, maximize}, ga);
+    });
+  });
 }

@@ -3,13 +3,12 @@
 #include <torch/library.h>
 
 #include "dispatch.h"
-#include "multi_tensor.h"
-#include "step_scalars.h"
+#include "ops.h"
 
 namespace fastopt {
 namespace cpu {
-namespace {
 
+namespace {
 enum Slot { kParam, kGrad, kSum, kParamOut };
 
 template <typename S, bool kMaster, bool kL2, typename T>
@@ -29,42 +28,52 @@ void adagrad_chunk(const Slots& sl, const Chunk& c, const AdagradScalars<T>& sc,
     if constexpr (kMaster) out[i] = static_cast<S>(pi);
   }
 }
+}  // namespace
 
-void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                 at::TensorList steps, at::TensorList params_out, const at::Tensor& lr, double lr_decay,
-                 double weight_decay, double eps, bool maximize, const c10::optional<at::Tensor>& inv_scale,
-                 c10::optional<double> clip_value, const c10::optional<at::Tensor>& clip_coef,
-                 const c10::optional<at::Tensor>& found_inf) {
-  if (params.empty() || skip_step(found_inf)) return;
-  TORCH_CHECK(steps.size() == params.size(), "adagrad_: one step count per param");
-  const bool master = !params_out.empty();
-  Slots sl({{"params", params}, {"grads", grads}, {"state_sums", state_sums}, {"params_out", params_out}},
-           {true, false, true, true});
-  const std::vector<double> t = increment_steps(steps);
-  const Lr lr_(lr);
-  dispatch_storage("adagrad_", grads[0].scalar_type(), params[0].scalar_type(), master, [&](auto s, auto kMaster) {
+std::shared_ptr<Slots> adagrad_slots(at::TensorList params, at::TensorList grads, at::TensorList sums,
+                                     at::TensorList steps, at::TensorList params_out) {
+  return std::make_shared<Slots>(
+      std::vector<std::pair<const char*, at::TensorList>>{
+          {"params", params}, {"grads", grads}, {"state_sums", sums}, {"params_out", params_out}},
+      std::vector<bool>{true, false, true, true}, steps);
+}
+
+void adagrad_apply(const Slots& sl, const Lr& lr, const AdagradArgs& a, const GradArgs& ga) {
+  if (sl.size() == 0 || ga.skip()) return;
+  const std::vector<double> t = sl.increment_steps();
+  dispatch_storage("adagrad_", sl.dtype(kGrad), sl.dtype(kParam), sl.present(kParamOut), [&](auto s, auto kMaster) {
     using S = decltype(s);
     using T = typename ComputeType<S>::type;
-    const GradPrep<T> gp = read_grad_prep<T>(inv_scale, clip_value, clip_coef, maximize);
-    std::vector<AdagradScalars<T>> sc(t.size());
-    for (size_t i = 0; i < t.size(); ++i) {
-      sc[i] = {static_cast<T>(weight_decay), static_cast<T>(eps),
-               static_cast<T>(-lr_.div(1.0 + (t[i] - 1.0) * lr_decay))};
-    }
-    const auto chunks = make_chunks(sl.numels());
-    with_bool(weight_decay != 0, [&](auto kL2) {
-      for_each_chunk(chunks, [&](int64_t, const Chunk& c) {
+    const GradPrep<T> gp = ga.prep<T>(a.maximize);
+    const auto sc = per_step_scalars<AdagradScalars<T>>(t, [&](double step) {
+      return AdagradScalars<T>{static_cast<T>(a.weight_decay), static_cast<T>(a.eps),
+                               static_cast<T>(-lr.div(1.0 + (step - 1.0) * a.lr_decay))};
+    });
+    with_bool(a.weight_decay != 0, [&](auto kL2) {
+      for_each_chunk(sl.chunks(), [&](const Chunk& c) {
         adagrad_chunk<S, decltype(kMaster)::value, decltype(kL2)::value>(sl, c, sc[c.tensor], gp);
       });
     });
   });
-  sl.finish();
 }
 
+namespace {
+void adagrad_op(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                at::TensorList steps, at::TensorList params_out, const at::Tensor& lr, double lr_decay,
+                double weight_decay, double eps, bool maximize, const c10::optional<at::Tensor>& inv_scale,
+                c10::optional<double> clip_value, const c10::optional<at::Tensor>& clip_coef,
+                const c10::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  const GradArgs ga{inv_scale, clip_value, clip_coef, found_inf};
+  if (ga.skip()) return;
+  auto sl = adagrad_slots(params, grads, state_sums, steps, params_out);
+  adagrad_apply(*sl, Lr(lr), {lr_decay, weight_decay, eps, maximize}, ga);
+  sl->finish();
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
-  m.impl("adagrad_", &adagrad_cpu);
+  m.impl("adagrad_", &adagrad_op);
 }
 
 }  // namespace cpu

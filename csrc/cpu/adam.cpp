@@ -6,13 +6,12 @@
 #include <cmath>
 
 #include "dispatch.h"
-#include "multi_tensor.h"
-#include "step_scalars.h"
+#include "ops.h"
 
 namespace fastopt {
 namespace cpu {
-namespace {
 
+namespace {
 enum Slot { kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kParamOut };
 
 template <typename S, bool kMaster, bool kL2, bool kAmsgrad, typename T>
@@ -38,55 +37,67 @@ void adam_chunk(const Slots& sl, const Chunk& c, const AdamScalars<T>& sc, const
     if constexpr (kMaster) out[i] = static_cast<S>(pi);
   }
 }
+}  // namespace
 
-void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-              at::TensorList params_out, const at::Tensor& lr, double beta1, double beta2, double eps,
-              double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-              const c10::optional<at::Tensor>& inv_scale, c10::optional<double> clip_value,
-              const c10::optional<at::Tensor>& clip_coef, const c10::optional<at::Tensor>& found_inf) {
-  if (params.empty() || skip_step(found_inf)) return;
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
-              "adam_: amsgrad needs one max_exp_avg_sq per param");
-  TORCH_CHECK(steps.size() == params.size(), "adam_: one step count per param");
-  const bool master = !params_out.empty();
-  Slots sl({{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
-            {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()}, {"params_out", params_out}},
-           {true, false, true, true, true, true});
-  const std::vector<double> t = increment_steps(steps);
-  const Lr lr_(lr);
-  const bool l2 = weight_decay != 0 && !decoupled_weight_decay;
-  const double decay = weight_decay != 0 && decoupled_weight_decay ? lr_.decay(weight_decay) : 1.0;
+std::shared_ptr<Slots> adam_slots(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                                  at::TensorList steps, at::TensorList params_out) {
+  return std::make_shared<Slots>(
+      std::vector<std::pair<const char*, at::TensorList>>{
+          {"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+          {"max_exp_avg_sqs", max_exp_avg_sqs}, {"params_out", params_out}},
+      std::vector<bool>{true, false, true, true, true, true}, steps);
+}
 
-  dispatch_storage("adam_", grads[0].scalar_type(), params[0].scalar_type(), master, [&](auto s, auto kMaster) {
+void adam_apply(const Slots& sl, const Lr& lr, const AdamArgs& a, const GradArgs& ga) {
+  if (sl.size() == 0 || ga.skip()) return;
+  TORCH_CHECK(!a.amsgrad || sl.present(kMaxExpAvgSq), "adam_: amsgrad needs one max_exp_avg_sq per param");
+  const std::vector<double> t = sl.increment_steps();
+  const bool l2 = a.weight_decay != 0 && !a.decoupled_weight_decay;
+  const double decay = a.weight_decay != 0 && a.decoupled_weight_decay ? lr.decay(a.weight_decay) : 1.0;
+  dispatch_storage("adam_", sl.dtype(kGrad), sl.dtype(kParam), sl.present(kParamOut), [&](auto s, auto kMaster) {
     using S = decltype(s);
     using T = typename ComputeType<S>::type;
-    const GradPrep<T> gp = read_grad_prep<T>(inv_scale, clip_value, clip_coef, maximize);
-    std::vector<AdamScalars<T>> sc(t.size());
-    for (size_t i = 0; i < t.size(); ++i) {  // Note [scalars in float64]: torch's Python-float math
-      const double bc1 = 1.0 - std::pow(beta1, t[i]);
-      const double bc2 = 1.0 - std::pow(beta2, t[i]);
-      sc[i] = {static_cast<T>(1.0 - beta1), static_cast<T>(beta2), static_cast<T>(1.0 - beta2),
-               static_cast<T>(eps), static_cast<T>(weight_decay), static_cast<T>(decay),
-               static_cast<T>(-lr_.div(bc1)), static_cast<T>(std::sqrt(bc2))};
-    }
-    const auto chunks = make_chunks(sl.numels());
+    const GradPrep<T> gp = ga.prep<T>(a.maximize);
+    // Note [scalars in float64]: torch's Python-float arithmetic, rounded once to T.
+    const auto sc = per_step_scalars<AdamScalars<T>>(t, [&](double step) {
+      const double bc1 = 1.0 - std::pow(a.beta1, step);
+      const double bc2 = 1.0 - std::pow(a.beta2, step);
+      return AdamScalars<T>{static_cast<T>(1.0 - a.beta1), static_cast<T>(a.beta2),
+                            static_cast<T>(1.0 - a.beta2), static_cast<T>(a.eps),
+                            static_cast<T>(a.weight_decay), static_cast<T>(decay),
+                            static_cast<T>(-lr.div(bc1)), static_cast<T>(std::sqrt(bc2))};
+    });
     with_bool(l2, [&](auto kL2) {
-      with_bool(amsgrad, [&](auto kAms) {
-        for_each_chunk(chunks, [&](int64_t, const Chunk& c) {
+      with_bool(a.amsgrad, [&](auto kAms) {
+        for_each_chunk(sl.chunks(), [&](const Chunk& c) {
           adam_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kAms)::value>(
               sl, c, sc[c.tensor], gp);
         });
       });
     });
   });
-  sl.finish();
 }
 
+namespace {
+void adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+             at::TensorList params_out, const at::Tensor& lr, double beta1, double beta2, double eps,
+             double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
+             const c10::optional<at::Tensor>& inv_scale, c10::optional<double> clip_value,
+             const c10::optional<at::Tensor>& clip_coef, const c10::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  const GradArgs ga{inv_scale, clip_value, clip_coef, found_inf};
+  if (ga.skip()) return;
+  auto sl = adam_slots(params, grads, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(),
+                       steps, params_out);
+  adam_apply(*sl, Lr(lr), {beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay}, ga);
+  sl->finish();
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
-  m.impl("adam_", &adam_cpu);
+  m.impl("adam_", &adam_op);
 }
 
 }  // namespace cpu

@@ -7,7 +7,6 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -41,27 +40,34 @@ inline std::vector<Chunk> make_chunks(at::TensorList tensors, int64_t chunk = kC
   return make_chunks(numels, chunk);
 }
 
-// Runs fn(chunk_index, chunk) for every chunk, in parallel over at::get_num_threads() threads.
+// Runs fn(chunk) for every chunk, in parallel over at::get_num_threads() threads.
 template <typename Fn>
 void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) fn(i, chunks[i]);
+    for (int64_t i = lo; i < hi; ++i) fn(chunks[i]);
   });
 }
 
-// The tensor lists of one update op ("slots": params, grads, exp_avgs, ...), aligned by index.
+// Whether `t` can be walked linearly alongside `ref` (see Note [dense tensors, any layout]).
+inline bool walks_with(const at::Tensor& t, const at::Tensor& ref) {
+  return t.layout() == at::kStrided && t.is_non_overlapping_and_dense() && t.strides() == ref.strides();
+}
+
+// The tensor lists of one update op ("slots": params, grads, exp_avgs, ...), aligned by index,
+// with their data pointers, the element counts and the chunk table.
 //
 // Note [dense tensors, any layout]: an elementwise update may walk raw memory linearly when every
 // tensor of an index is non-overlapping and dense with the same strides (a transposed param and
-// its state, say). Otherwise that index works on contiguous copies, written back at the end: a
+// its state, say). Otherwise that index works on contiguous copies, written back by finish(): a
 // correct path for any layout, never a wrong result.
 class Slots {
  public:
-  Slots(std::vector<std::pair<const char*, at::TensorList>> lists, std::vector<bool> written)
-      : names_(), work_(lists.size()), written_(std::move(written)) {
+  Slots(const std::vector<std::pair<const char*, at::TensorList>>& lists, std::vector<bool> written,
+        at::TensorList steps)
+      : work_(lists.size()), ptrs_(lists.size()), written_(std::move(written)) {
     const int64_t n = static_cast<int64_t>(lists.front().second.size());
+    TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, "fastopt: one step count per param");
     for (size_t s = 0; s < lists.size(); ++s) {
-      names_.push_back(lists[s].first);
       const auto& list = lists[s].second;
       TORCH_CHECK(list.empty() || static_cast<int64_t>(list.size()) == n, "fastopt: `",
                   lists[s].first, "` has ", list.size(), " tensors, `", lists[0].first, "` has ", n);
@@ -70,15 +76,17 @@ class Slots {
     numels_.resize(n);
     for (int64_t i = 0; i < n; ++i) {
       const at::Tensor& ref = work_[0][i];
-      bool linear = ref.is_non_overlapping_and_dense();
+      bool linear = true;
       for (size_t s = 0; s < work_.size(); ++s) {
         if (work_[s].empty()) continue;
         const at::Tensor& t = work_[s][i];
-        TORCH_CHECK(t.device().is_cpu(), "fastopt (cpu): `", names_[s], "` tensor ", i, " is on ",
+        TORCH_CHECK(t.device().is_cpu(), "fastopt (cpu): `", lists[s].first, "` tensor ", i, " is on ",
                     t.device());
-        TORCH_CHECK(t.numel() == ref.numel(), "fastopt: `", names_[s], "` tensor ", i, " has ",
-                    t.numel(), " elements, `", names_[0], "` tensor ", i, " has ", ref.numel());
-        linear = linear && t.is_non_overlapping_and_dense() && t.strides() == ref.strides();
+        TORCH_CHECK(t.layout() == at::kStrided, "fastopt (cpu): `", lists[s].first, "` tensor ", i,
+                    " is not a dense tensor");
+        TORCH_CHECK(t.numel() == ref.numel(), "fastopt: `", lists[s].first, "` tensor ", i, " has ",
+                    t.numel(), " elements, `", lists[0].first, "` tensor ", i, " has ", ref.numel());
+        linear = linear && walks_with(t, ref);
       }
       if (!linear) {
         for (size_t s = 0; s < work_.size(); ++s) {
@@ -90,15 +98,51 @@ class Slots {
       }
       numels_[i] = ref.numel();
     }
+    for (size_t s = 0; s < work_.size(); ++s) {
+      for (const auto& t : work_[s]) ptrs_[s].push_back(t.data_ptr());
+    }
+    for (const auto& st : steps) {
+      TORCH_CHECK(st.numel() == 1 && st.scalar_type() == at::kFloat && st.device().is_cpu(),
+                  "fastopt: step counts must be 1-element float32 CPU tensors");
+      steps_.push_back(st);
+      step_ptrs_.push_back(st.data_ptr<float>());
+    }
+    chunks_ = make_chunks(numels_);
   }
 
-  const at::Tensor& at(size_t slot, int64_t i) const { return work_[slot][i]; }
+  // Points `slot` at new tensors (the gradients of this step) without rebuilding anything else.
+  // Returns false, changing nothing, when a tensor cannot be walked linearly with its param or
+  // when an index already needed copies: the caller then builds fresh Slots.
+  bool rebind(size_t slot, at::TensorList tensors) {
+    if (!copy_back_.empty() || tensors.size() != work_[0].size()) return false;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (!tensors[i].device().is_cpu() || !walks_with(tensors[i], work_[0][i]) ||
+          tensors[i].numel() != numels_[i] || tensors[i].scalar_type() != work_[slot][i].scalar_type()) {
+        return false;
+      }
+    }
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      work_[slot][i] = tensors[i];
+      ptrs_[slot][i] = tensors[i].data_ptr();
+    }
+    return true;
+  }
+
+  // Increments every step count and returns the new values.
+  std::vector<double> increment_steps() const {
+    std::vector<double> out(step_ptrs_.size());
+    for (size_t i = 0; i < step_ptrs_.size(); ++i) out[i] = (*step_ptrs_[i] += 1.0f);
+    return out;
+  }
+
+  at::ScalarType dtype(size_t slot) const { return work_[slot].front().scalar_type(); }
   bool present(size_t slot) const { return !work_[slot].empty(); }
-  const std::vector<int64_t>& numels() const { return numels_; }
+  int64_t size() const { return static_cast<int64_t>(numels_.size()); }
+  const std::vector<Chunk>& chunks() const { return chunks_; }
 
   template <typename scalar_t>
   scalar_t* ptr(size_t slot, int64_t i) const {
-    return work_[slot].empty() ? nullptr : static_cast<scalar_t*>(work_[slot][i].data_ptr());
+    return ptrs_[slot].empty() ? nullptr : static_cast<scalar_t*>(ptrs_[slot][i]);
   }
 
   // Copies the results of the non-linear indices back into the caller's tensors.
@@ -107,10 +151,13 @@ class Slots {
   }
 
  private:
-  std::vector<const char*> names_;
   std::vector<std::vector<at::Tensor>> work_;
+  std::vector<std::vector<void*>> ptrs_;
   std::vector<bool> written_;
   std::vector<int64_t> numels_;
+  std::vector<Chunk> chunks_;
+  std::vector<at::Tensor> steps_;
+  std::vector<float*> step_ptrs_;
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back_;
 };
 

@@ -3,13 +3,12 @@
 #include <torch/library.h>
 
 #include "dispatch.h"
-#include "multi_tensor.h"
-#include "step_scalars.h"
+#include "ops.h"
 
 namespace fastopt {
 namespace cpu {
-namespace {
 
+namespace {
 enum Slot { kParam, kGrad, kSquareAvg, kGradAvg, kMomentumBuffer, kParamOut };
 
 template <typename S, bool kMaster, bool kL2, bool kCentered, bool kMomentum, typename T>
@@ -35,38 +34,34 @@ void rmsprop_chunk(const Slots& sl, const Chunk& c, const RMSpropScalars<T>& sc,
     if constexpr (kMaster) out[i] = static_cast<S>(pi);
   }
 }
+}  // namespace
 
-void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-                 at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
-                 at::TensorList params_out, const at::Tensor& lr, double alpha, double eps,
-                 double weight_decay, double momentum, bool centered, bool maximize,
-                 const c10::optional<at::Tensor>& inv_scale, c10::optional<double> clip_value,
-                 const c10::optional<at::Tensor>& clip_coef, const c10::optional<at::Tensor>& found_inf) {
-  if (params.empty() || skip_step(found_inf)) return;
-  TORCH_CHECK(steps.size() == params.size(), "rmsprop_: one step count per param");
-  TORCH_CHECK(!centered || grad_avgs.size() == params.size(), "rmsprop_: centered needs grad_avgs");
-  TORCH_CHECK(momentum <= 0 || momentum_buffers.size() == params.size(),
-              "rmsprop_: momentum needs momentum_buffers");
-  const bool master = !params_out.empty();
-  Slots sl({{"params", params}, {"grads", grads}, {"square_avgs", square_avgs},
-            {"grad_avgs", centered ? grad_avgs : at::TensorList()},
-            {"momentum_buffers", momentum > 0 ? momentum_buffers : at::TensorList()},
-            {"params_out", params_out}},
-           {true, false, true, true, true, true});
-  increment_steps(steps);  // RMSprop keeps the count (torch does) but does not use it
-  const Lr lr_(lr);
-  dispatch_storage("rmsprop_", grads[0].scalar_type(), params[0].scalar_type(), master, [&](auto s, auto kMaster) {
+std::shared_ptr<Slots> rmsprop_slots(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                                     at::TensorList grad_avgs, at::TensorList momentum_buffers,
+                                     at::TensorList steps, at::TensorList params_out) {
+  return std::make_shared<Slots>(
+      std::vector<std::pair<const char*, at::TensorList>>{
+          {"params", params}, {"grads", grads}, {"square_avgs", square_avgs}, {"grad_avgs", grad_avgs},
+          {"momentum_buffers", momentum_buffers}, {"params_out", params_out}},
+      std::vector<bool>{true, false, true, true, true, true}, steps);
+}
+
+void rmsprop_apply(const Slots& sl, const Lr& lr, const RMSpropArgs& a, const GradArgs& ga) {
+  if (sl.size() == 0 || ga.skip()) return;
+  TORCH_CHECK(!a.centered || sl.present(kGradAvg), "rmsprop_: centered needs grad_avgs");
+  TORCH_CHECK(a.momentum <= 0 || sl.present(kMomentumBuffer), "rmsprop_: momentum needs momentum_buffers");
+  sl.increment_steps();  // RMSprop keeps the count (torch does) but does not use it
+  dispatch_storage("rmsprop_", sl.dtype(kGrad), sl.dtype(kParam), sl.present(kParamOut), [&](auto s, auto kMaster) {
     using S = decltype(s);
     using T = typename ComputeType<S>::type;
-    const GradPrep<T> gp = read_grad_prep<T>(inv_scale, clip_value, clip_coef, maximize);
-    const RMSpropScalars<T> sc{static_cast<T>(alpha), static_cast<T>(1.0 - alpha), static_cast<T>(eps),
-                               static_cast<T>(weight_decay), static_cast<T>(momentum),
-                               static_cast<T>(-lr_.value)};
-    const auto chunks = make_chunks(sl.numels());
-    with_bool(weight_decay != 0, [&](auto kL2) {
-      with_bool(centered, [&](auto kCentered) {
-        with_bool(momentum > 0, [&](auto kMomentum) {
-          for_each_chunk(chunks, [&](int64_t, const Chunk& c) {
+    const GradPrep<T> gp = ga.prep<T>(a.maximize);
+    const RMSpropScalars<T> sc{static_cast<T>(a.alpha), static_cast<T>(1.0 - a.alpha), static_cast<T>(a.eps),
+                               static_cast<T>(a.weight_decay), static_cast<T>(a.momentum),
+                               static_cast<T>(-lr.value)};
+    with_bool(a.weight_decay != 0, [&](auto kL2) {
+      with_bool(a.centered, [&](auto kCentered) {
+        with_bool(a.momentum > 0, [&](auto kMomentum) {
+          for_each_chunk(sl.chunks(), [&](const Chunk& c) {
             rmsprop_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kCentered)::value,
                           decltype(kMomentum)::value>(sl, c, sc, gp);
           });
@@ -74,13 +69,27 @@ void rmsprop_cpu(at::TensorList params, at::TensorList grads, at::TensorList squ
       });
     });
   });
-  sl.finish();
 }
 
+namespace {
+void rmsprop_op(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList steps,
+                at::TensorList params_out, const at::Tensor& lr, double alpha, double eps,
+                double weight_decay, double momentum, bool centered, bool maximize,
+                const c10::optional<at::Tensor>& inv_scale, c10::optional<double> clip_value,
+                const c10::optional<at::Tensor>& clip_coef, const c10::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  const GradArgs ga{inv_scale, clip_value, clip_coef, found_inf};
+  if (ga.skip()) return;
+  auto sl = rmsprop_slots(params, grads, square_avgs, centered ? grad_avgs : at::TensorList(),
+                          momentum > 0 ? momentum_buffers : at::TensorList(), steps, params_out);
+  rmsprop_apply(*sl, Lr(lr), {alpha, eps, weight_decay, momentum, centered, maximize}, ga);
+  sl->finish();
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
-  m.impl("rmsprop_", &rmsprop_cpu);
+  m.impl("rmsprop_", &rmsprop_op);
 }
 
 }  // namespace cpu

@@ -1,0 +1,48 @@
+// The CPU update entry points: the dispatcher ops (lists in, as torch.compile traces them) and
+// the planned variants for eager steps, which reuse a cached Slots (pointers, chunk table) and
+// only rebind the gradients (Note [the plan cache]).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <vector>
+
+#include "multi_tensor.h"
+#include "step_scalars.h"
+
+namespace fastopt {
+namespace cpu {
+
+struct AdamArgs {
+  double beta1, beta2, eps, weight_decay;
+  bool amsgrad, maximize, decoupled_weight_decay;
+};
+struct AdagradArgs {
+  double lr_decay, weight_decay, eps;
+  bool maximize;
+};
+struct RMSpropArgs {
+  double alpha, eps, weight_decay, momentum;
+  bool centered, maximize;
+};
+
+// Run one step over prepared slots (grads bound); they increment the step counts.
+void adam_apply(const Slots& sl, const Lr& lr, const AdamArgs& a, const GradArgs& g);
+void adagrad_apply(const Slots& sl, const Lr& lr, const AdagradArgs& a, const GradArgs& g);
+void rmsprop_apply(const Slots& sl, const Lr& lr, const RMSpropArgs& a, const GradArgs& g);
+
+// Slot builders, in each op's slot order.
+std::shared_ptr<Slots> adam_slots(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                                  at::TensorList steps, at::TensorList params_out);
+std::shared_ptr<Slots> adagrad_slots(at::TensorList params, at::TensorList grads, at::TensorList sums,
+                                     at::TensorList steps, at::TensorList params_out);
+std::shared_ptr<Slots> rmsprop_slots(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                                     at::TensorList grad_avgs, at::TensorList momentum_buffers,
+                                     at::TensorList steps, at::TensorList params_out);
+
+constexpr size_t kGradSlot = 1;  // every op lists the grads second
+
+}  // namespace cpu
+}  // namespace fastopt
