@@ -34,10 +34,14 @@ if not _flag("FASTOPT_NO_EXT"):
     common = dict(
         include_dirs=[os.path.join(root, "csrc", "include")],
         # -fno-math-errno: sqrt must not set errno, or the update loops cannot be vectorized.
+        # -fopenmp: at::parallel_for is an inline OpenMP loop in torch's headers; without the flag
+        # the pragma is dropped and every op runs on one thread. libgomp resolves to torch's own.
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17", "-fno-math-errno", f"-march={os.environ.get('FASTOPT_MARCH', 'native')}"],
+            "cxx": ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp", "-mprefer-vector-width=512",
+                    f"-march={os.environ.get('FASTOPT_MARCH', 'native')}"],
             "nvcc": ["-O3", "-std=c++17"],
         },
+        extra_link_args=["-fopenmp"],
     )
     if with_cuda:
         ext = CUDAExtension(

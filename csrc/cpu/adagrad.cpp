@@ -11,8 +11,8 @@ namespace cpu {
 namespace {
 enum Slot { kParam, kGrad, kSum, kParamOut };
 
-template <typename S, bool kMaster, bool kL2, typename T>
-void adagrad_chunk(const Slots& sl, const Chunk& c, const AdagradScalars<T>& sc, const GradPrep<T>& gp) {
+template <typename S, bool kMaster, bool kL2, bool kPrep, typename T>
+void adagrad_chunk(const Slots& sl, const Chunk& c, const AdagradScalars<T> sc, const GradPrep<T> gp) {
   using P = std::conditional_t<kMaster, float, S>;
   P* __restrict__ p = sl.ptr<P>(kParam, c.tensor) + c.begin;
   const S* __restrict__ g = sl.ptr<S>(kGrad, c.tensor) + c.begin;
@@ -21,7 +21,7 @@ void adagrad_chunk(const Slots& sl, const Chunk& c, const AdagradScalars<T>& sc,
   const int64_t n = c.end - c.begin;
   for (int64_t i = 0; i < n; ++i) {
     T si = static_cast<T>(sum[i]);
-    const T gi = prep<T>(static_cast<T>(g[i]), gp);
+    const T gi = prep<kPrep, T>(static_cast<T>(g[i]), gp);
     const T pi = adagrad_element<T, kL2>(static_cast<T>(p[i]), gi, si, sc);
     p[i] = static_cast<P>(pi);
     sum[i] = static_cast<P>(si);
@@ -49,11 +49,14 @@ void adagrad_apply(const Slots& sl, const Lr& lr, const AdagradArgs& a, const Gr
       return AdagradScalars<T>{static_cast<T>(a.weight_decay), static_cast<T>(a.eps),
                                static_cast<T>(-lr.div(1.0 + (step - 1.0) * a.lr_decay))};
     });
-    with_bool(a.weight_decay != 0, [&](auto kL2) {
-      for_each_chunk(sl.chunks(), [&](const Chunk& c) {
-        adagrad_chunk<S, decltype(kMaster)::value, decltype(kL2)::value>(sl, c, sc[c.tensor], gp);
-      });
-    });
+    with_bools(
+        [&](auto kL2, auto kPrep) {
+          for_each_chunk(sl.chunks(), [&](const Chunk& c) {
+            adagrad_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kPrep)::value>(
+                sl, c, sc[c.tensor], gp);
+          });
+        },
+        a.weight_decay != 0, gp.active());
   });
 }
 

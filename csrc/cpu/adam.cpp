@@ -14,8 +14,8 @@ namespace cpu {
 namespace {
 enum Slot { kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kParamOut };
 
-template <typename S, bool kMaster, bool kL2, bool kAmsgrad, typename T>
-void adam_chunk(const Slots& sl, const Chunk& c, const AdamScalars<T>& sc, const GradPrep<T>& gp) {
+template <typename S, bool kMaster, bool kL2, bool kAmsgrad, bool kPrep, typename T>
+void adam_chunk(const Slots& sl, const Chunk& c, const AdamScalars<T> sc, const GradPrep<T> gp) {
   using P = std::conditional_t<kMaster, float, S>;  // storage of params (masters) and state
   P* __restrict__ p = sl.ptr<P>(kParam, c.tensor) + c.begin;
   const S* __restrict__ g = sl.ptr<S>(kGrad, c.tensor) + c.begin;
@@ -28,7 +28,7 @@ void adam_chunk(const Slots& sl, const Chunk& c, const AdamScalars<T>& sc, const
     T mi = static_cast<T>(m[i]);
     T vi = static_cast<T>(v[i]);
     T vmaxi = kAmsgrad ? static_cast<T>(vmax[i]) : T(0);
-    const T gi = prep<T>(static_cast<T>(g[i]), gp);
+    const T gi = prep<kPrep, T>(static_cast<T>(g[i]), gp);
     const T pi = adam_element<T, kL2, kAmsgrad>(static_cast<T>(p[i]), gi, mi, vi, vmaxi, sc);
     p[i] = static_cast<P>(pi);
     m[i] = static_cast<P>(mi);
@@ -68,14 +68,14 @@ void adam_apply(const Slots& sl, const Lr& lr, const AdamArgs& a, const GradArgs
                             static_cast<T>(a.weight_decay), static_cast<T>(decay),
                             static_cast<T>(-lr.div(bc1)), static_cast<T>(std::sqrt(bc2))};
     });
-    with_bool(l2, [&](auto kL2) {
-      with_bool(a.amsgrad, [&](auto kAms) {
-        for_each_chunk(sl.chunks(), [&](const Chunk& c) {
-          adam_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kAms)::value>(
-              sl, c, sc[c.tensor], gp);
-        });
-      });
-    });
+    with_bools(
+        [&](auto kL2, auto kAms, auto kPrep) {
+          for_each_chunk(sl.chunks(), [&](const Chunk& c) {
+            adam_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kAms)::value,
+                       decltype(kPrep)::value>(sl, c, sc[c.tensor], gp);
+          });
+        },
+        l2, a.amsgrad, gp.active());
   });
 }
 

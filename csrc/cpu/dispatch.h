@@ -19,6 +19,17 @@ void with_bool(bool b, Fn&& fn) {
   }
 }
 
+// with_bools(fn, b1, b2, ...) calls fn(integral_constant<bool, b1>{}, integral_constant<bool, b2>{}, ...):
+// one instantiation per combination of runtime flags.
+template <typename Fn>
+void with_bools(Fn&& fn) {
+  fn();
+}
+template <typename Fn, typename... Bools>
+void with_bools(Fn&& fn, bool b, Bools... rest) {
+  with_bool(b, [&](auto k) { with_bools([&](auto... ks) { fn(k, ks...); }, rest...); });
+}
+
 template <typename S>
 constexpr bool is_low_precision() {
   return std::is_same_v<S, at::BFloat16> || std::is_same_v<S, at::Half>;

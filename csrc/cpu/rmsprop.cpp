@@ -11,8 +11,8 @@ namespace cpu {
 namespace {
 enum Slot { kParam, kGrad, kSquareAvg, kGradAvg, kMomentumBuffer, kParamOut };
 
-template <typename S, bool kMaster, bool kL2, bool kCentered, bool kMomentum, typename T>
-void rmsprop_chunk(const Slots& sl, const Chunk& c, const RMSpropScalars<T>& sc, const GradPrep<T>& gp) {
+template <typename S, bool kMaster, bool kL2, bool kCentered, bool kMomentum, bool kPrep, typename T>
+void rmsprop_chunk(const Slots& sl, const Chunk& c, const RMSpropScalars<T> sc, const GradPrep<T> gp) {
   using P = std::conditional_t<kMaster, float, S>;
   P* __restrict__ p = sl.ptr<P>(kParam, c.tensor) + c.begin;
   const S* __restrict__ g = sl.ptr<S>(kGrad, c.tensor) + c.begin;
@@ -25,7 +25,7 @@ void rmsprop_chunk(const Slots& sl, const Chunk& c, const RMSpropScalars<T>& sc,
     T vi = static_cast<T>(v[i]);
     T gai = kCentered ? static_cast<T>(ga[i]) : T(0);
     T bufi = kMomentum ? static_cast<T>(buf[i]) : T(0);
-    const T gi = prep<T>(static_cast<T>(g[i]), gp);
+    const T gi = prep<kPrep, T>(static_cast<T>(g[i]), gp);
     const T pi = rmsprop_element<T, kL2, kCentered, kMomentum>(static_cast<T>(p[i]), gi, vi, gai, bufi, sc);
     p[i] = static_cast<P>(pi);
     v[i] = static_cast<P>(vi);
@@ -58,16 +58,14 @@ void rmsprop_apply(const Slots& sl, const Lr& lr, const RMSpropArgs& a, const Gr
     const RMSpropScalars<T> sc{static_cast<T>(a.alpha), static_cast<T>(1.0 - a.alpha), static_cast<T>(a.eps),
                                static_cast<T>(a.weight_decay), static_cast<T>(a.momentum),
                                static_cast<T>(-lr.value)};
-    with_bool(a.weight_decay != 0, [&](auto kL2) {
-      with_bool(a.centered, [&](auto kCentered) {
-        with_bool(a.momentum > 0, [&](auto kMomentum) {
+    with_bools(
+        [&](auto kL2, auto kCentered, auto kMomentum, auto kPrep) {
           for_each_chunk(sl.chunks(), [&](const Chunk& c) {
             rmsprop_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kCentered)::value,
-                          decltype(kMomentum)::value>(sl, c, sc, gp);
+                          decltype(kMomentum)::value, decltype(kPrep)::value>(sl, c, sc, gp);
           });
-        });
-      });
-    });
+        },
+        a.weight_decay != 0, a.centered, a.momentum > 0, gp.active());
   });
 }
 
