@@ -76,15 +76,13 @@ using fastopt::cpu::Slots;
 using Tensors = std::vector<at::Tensor>;
 using OptTensor = c10::optional<at::Tensor>;
 
-// Rebinds this step's grads into a cached plan and runs `apply`; false when the plan cannot take
-// these grads (a layout it cannot walk linearly): the caller then uses the list op.
+// Runs `apply` on a plan whose grads were bound this step (bind_grads / rebind_grads), without
+// the GIL: the kernels use OpenMP threads and take no Python objects.
 template <typename Apply>
-bool planned_step(Slots& plan, const Tensors& grads, const GradArgs& ga, Apply&& apply) {
-  if (ga.skip()) return true;
+void planned_step(const GradArgs& ga, Apply&& apply) {
+  if (ga.skip()) return;
   py::gil_scoped_release no_gil;
-  if (!plan.rebind(fastopt::cpu::kGradSlot, grads)) return false;
   apply();
-  return true;
 }
 }  // namespace
 
@@ -96,44 +94,54 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_cuda", [] { return false; });
 #endif
   // Note [the plan cache], CPU side: a plan holds one param group's tensors, data pointers and
-  // chunk table; an eager step passes only the gradients. The same kernels as the ops above.
-  py::class_<Slots, std::shared_ptr<Slots>>(m, "CpuPlan");
+  // chunk table; an eager step binds the gradients (Note [binding grads in C++]) and runs the
+  // same kernels as the ops above.
+  using fastopt::cpu::kGradSlot;
+  py::class_<Slots, std::shared_ptr<Slots>>(m, "CpuPlan")
+      .def("set_owners", &Slots::set_owners)
+      .def("bind_grads", [](Slots& sl) { return sl.bind_grads(kGradSlot); })
+      .def("rebind_grads", [](Slots& sl, const Tensors& grads) { return sl.rebind(kGradSlot, grads); })
+      .def("grad_norm", [](const Slots& sl, double norm_type, OptTensor inv_scale, c10::optional<double> clip) {
+        py::gil_scoped_release no_gil;
+        return fastopt::cpu::grad_norm(sl, kGradSlot, norm_type, inv_scale, clip);
+      });
+  // Plan builders, in each op's slot order (the grads slot takes this step's grads).
   m.def("cpu_adam_plan", [](const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
                             const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs, const Tensors& steps,
                             const Tensors& params_out) {
     return fastopt::cpu::adam_slots(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, params_out);
   });
-  m.def("cpu_adam_step", [](Slots& plan, const Tensors& grads, const at::Tensor& lr, double beta1, double beta2,
-                            double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
-                            OptTensor inv_scale, c10::optional<double> clip, OptTensor coef, OptTensor found_inf) {
-    const GradArgs ga{inv_scale, clip, coef, found_inf};
-    return planned_step(plan, grads, ga, [&] {
-      fastopt::cpu::adam_apply(plan, Lr(lr), {beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled}, ga);
-    });
-  });
   m.def("cpu_adagrad_plan", [](const Tensors& params, const Tensors& grads, const Tensors& sums,
                                const Tensors& steps, const Tensors& params_out) {
     return fastopt::cpu::adagrad_slots(params, grads, sums, steps, params_out);
-  });
-  m.def("cpu_adagrad_step", [](Slots& plan, const Tensors& grads, const at::Tensor& lr, double lr_decay,
-                               double weight_decay, double eps, bool maximize, OptTensor inv_scale,
-                               c10::optional<double> clip, OptTensor coef, OptTensor found_inf) {
-    const GradArgs ga{inv_scale, clip, coef, found_inf};
-    return planned_step(plan, grads, ga, [&] {
-      fastopt::cpu::adagrad_apply(plan, Lr(lr), {lr_decay, weight_decay, eps, maximize}, ga);
-    });
   });
   m.def("cpu_rmsprop_plan", [](const Tensors& params, const Tensors& grads, const Tensors& square_avgs,
                                const Tensors& grad_avgs, const Tensors& momentum_buffers, const Tensors& steps,
                                const Tensors& params_out) {
     return fastopt::cpu::rmsprop_slots(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, params_out);
   });
-  m.def("cpu_rmsprop_step", [](Slots& plan, const Tensors& grads, const at::Tensor& lr, double alpha, double eps,
+  m.def("cpu_adam_step", [](const Slots& plan, const at::Tensor& lr, double beta1, double beta2, double eps,
+                            double weight_decay, bool amsgrad, bool maximize, bool decoupled, OptTensor inv_scale,
+                            c10::optional<double> clip, OptTensor coef, OptTensor found_inf) {
+    const GradArgs ga{inv_scale, clip, coef, found_inf};
+    planned_step(ga, [&] {
+      fastopt::cpu::adam_apply(plan, Lr(lr), {beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled}, ga);
+    });
+  });
+  m.def("cpu_adagrad_step", [](const Slots& plan, const at::Tensor& lr, double lr_decay, double weight_decay,
+                               double eps, bool maximize, OptTensor inv_scale, c10::optional<double> clip,
+                               OptTensor coef, OptTensor found_inf) {
+    const GradArgs ga{inv_scale, clip, coef, found_inf};
+    planned_step(ga, [&] {
+      fastopt::cpu::adagrad_apply(plan, Lr(lr), {lr_decay, weight_decay, eps, maximize}, ga);
+    });
+  });
+  m.def("cpu_rmsprop_step", [](const Slots& plan, const at::Tensor& lr, double alpha, double eps,
                                double weight_decay, double momentum, bool centered, bool maximize,
                                OptTensor inv_scale, c10::optional<double> clip, OptTensor coef,
                                OptTensor found_inf) {
     const GradArgs ga{inv_scale, clip, coef, found_inf};
-    return planned_step(plan, grads, ga, [&] {
+    planned_step(ga, [&] {
       fastopt::cpu::rmsprop_apply(plan, Lr(lr), {alpha, eps, weight_decay, momentum, centered, maximize}, ga);
     });
   });

@@ -3,8 +3,10 @@
 Note [the plan cache]: building the per-bucket tensor lists (and, in the compiled backends, the
 chunk and pointer tables) costs host time proportional to the number of tensors. It is built when
 the set of parameters with gradients changes (or after ``add_param_group`` / ``load_state_dict``)
-and reused otherwise; each step only refreshes the gradient list, because
-``zero_grad(set_to_none=True)`` reallocates gradients.
+and reused otherwise; each step only binds the gradients (``backend.bind``), because
+``zero_grad(set_to_none=True)`` reallocates them. Checking that the plan still holds is O(1) in
+the common case: a planned param that lost its grad fails the bind, a param left out of the plan
+for want of a grad is in ``Plan.absent``, and the state keys of every group are compared.
 """
 
 from __future__ import annotations
@@ -32,9 +34,16 @@ class Segment:
     states: dict[str, list[Tensor]] = field(default_factory=dict)  # per state key, aligned with params
     steps: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)  # refreshed every step
+    is_complex: bool = False
 
-    def refresh_grads(self) -> None:
-        self.grads = [real_view(p.grad) for p in self.owners]
+    def refresh_grads(self) -> bool:
+        """Collect this step's grads; False when one is missing or sparse (the plan is stale)."""
+        grads = [p.grad for p in self.owners]
+        for g in grads:
+            if g is None or g.is_sparse:
+                return False
+        self.grads = [real_view(g) for g in grads] if self.is_complex else grads
+        return True
 
     @property
     def targets(self) -> list[Tensor]:
@@ -49,6 +58,7 @@ class Bucket:
     device: torch.device
     dtype: torch.dtype
     backend: Any
+    rule: str  # the update rule ("adam", "adagrad", "rmsprop")
     segments: list[Segment] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # backend-private data (pointer tables, ...)
 
@@ -59,6 +69,16 @@ class Bucket:
 
 @dataclass
 class Plan:
-    key: tuple
     buckets: list[Bucket]
     sparse: list[tuple[Tensor, dict]]  # (param, group) with a sparse grad (Adagrad only)
+    absent: list[Tensor]  # params that had no grad when the plan was built
+    state_keys: tuple  # the state keys of every param group (they follow the group's flags)
+
+    def still_holds(self, state_keys: tuple) -> bool:
+        """The cheap part of the staleness check (the grads of planned params are checked by the
+        backends' bind)."""
+        return (
+            state_keys == self.state_keys
+            and all(p.grad is None for p in self.absent)
+            and all(p.grad is not None and p.grad.is_sparse for p, _ in self.sparse)
+        )

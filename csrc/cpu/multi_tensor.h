@@ -114,16 +114,36 @@ class Slots {
   // Returns false, changing nothing, when a tensor cannot be walked linearly with its param or
   // when an index already needed copies: the caller then builds fresh Slots.
   bool rebind(size_t slot, at::TensorList tensors) {
-    if (!copy_back_.empty() || tensors.size() != work_[0].size()) return false;
+    if (!copy_back_.empty() || tensors.size() != work_[0].size() || !storage_unchanged(slot)) return false;
     for (size_t i = 0; i < tensors.size(); ++i) {
-      if (!tensors[i].device().is_cpu() || !walks_with(tensors[i], work_[0][i]) ||
-          tensors[i].numel() != numels_[i] || tensors[i].scalar_type() != work_[slot][i].scalar_type()) {
-        return false;
-      }
+      if (!bindable(tensors[i], slot, i)) return false;
     }
     for (size_t i = 0; i < tensors.size(); ++i) {
       work_[slot][i] = tensors[i];
       ptrs_[slot][i] = tensors[i].data_ptr();
+    }
+    return true;
+  }
+
+  // The owners (the user's parameters, whose .grad() each step reads), for bind_grads().
+  void set_owners(std::vector<at::Tensor> owners) {
+    TORCH_CHECK(owners.size() == numels_.size(), "fastopt: one owner per param");
+    owners_ = std::move(owners);
+  }
+
+  // Note [binding grads in C++]: an eager step reads every owner's .grad() here instead of
+  // building a Python list: a few ns per tensor. Returns false, changing nothing, when a grad is
+  // missing, sparse or laid out differently from its param, or when a param or state tensor no
+  // longer has the storage it had when the plan was built (`p.data = ...`): the caller then falls
+  // back to the list op, which takes any layout, and rebuilds its plan.
+  bool bind_grads(size_t slot) {
+    if (owners_.empty() || !copy_back_.empty() || !storage_unchanged(slot)) return false;
+    for (size_t i = 0; i < owners_.size(); ++i) {
+      if (!bindable(owners_[i].grad(), slot, i)) return false;
+    }
+    for (size_t i = 0; i < owners_.size(); ++i) {
+      work_[slot][i] = owners_[i].grad();
+      ptrs_[slot][i] = work_[slot][i].data_ptr();
     }
     return true;
   }
@@ -140,6 +160,8 @@ class Slots {
   int64_t size() const { return static_cast<int64_t>(numels_.size()); }
   const std::vector<Chunk>& chunks() const { return chunks_; }
 
+  const std::vector<void*>& ptrs(size_t slot) const { return ptrs_[slot]; }
+
   template <typename scalar_t>
   scalar_t* ptr(size_t slot, int64_t i) const {
     return ptrs_[slot].empty() ? nullptr : static_cast<scalar_t*>(ptrs_[slot][i]);
@@ -151,6 +173,26 @@ class Slots {
   }
 
  private:
+  bool bindable(const at::Tensor& t, size_t slot, size_t i) const {
+    return t.defined() && t.device().is_cpu() && walks_with(t, work_[0][i]) && t.numel() == numels_[i] &&
+           t.scalar_type() == work_[slot][i].scalar_type();
+  }
+
+  // Every slot but `except` still points at the storage the plan was built with.
+  bool storage_unchanged(size_t except) const {
+    for (size_t s = 0; s < work_.size(); ++s) {
+      if (s == except) continue;
+      for (size_t i = 0; i < work_[s].size(); ++i) {
+        if (work_[s][i].data_ptr() != ptrs_[s][i]) return false;
+      }
+    }
+    for (size_t i = 0; i < steps_.size(); ++i) {
+      if (steps_[i].data_ptr() != step_ptrs_[i]) return false;
+    }
+    return true;
+  }
+
+  std::vector<at::Tensor> owners_;
   std::vector<std::vector<at::Tensor>> work_;
   std::vector<std::vector<void*>> ptrs_;
   std::vector<bool> written_;

@@ -8,7 +8,7 @@
 #include <limits>
 
 #include "fastopt/grad_math.h"
-#include "multi_tensor.h"
+#include "ops.h"
 
 namespace fastopt {
 namespace cpu {
@@ -57,20 +57,13 @@ Partial reduce_chunk(const scalar_t* __restrict__ x, int64_t n, double inv_scale
   return p;
 }
 
-at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type,
-                                 const c10::optional<at::Tensor>& inv_scale,
-                                 c10::optional<double> clip_value) {
+// The norm over chunks of raw data of one dtype (no checks: the callers checked).
+at::Tensor norm_of_chunks(at::ScalarType dtype, const std::vector<void*>& ptrs, const std::vector<Chunk>& chunks,
+                          double norm_type, const c10::optional<at::Tensor>& inv_scale,
+                          c10::optional<double> clip_value) {
   const bool l2 = norm_type == 2.0;
   TORCH_CHECK(l2 || (std::isinf(norm_type) && norm_type > 0),
               "multi_tensor_norm: norm_type must be 2.0 or inf, got ", norm_type);
-  const at::ScalarType dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
-  for (const auto& t : tensors) {
-    TORCH_CHECK(t.device().is_cpu(), "multi_tensor_norm (cpu): tensors must be on the CPU, got ",
-                t.device());
-    TORCH_CHECK(t.scalar_type() == dtype, "multi_tensor_norm: all tensors must have one dtype, got ",
-                dtype, " and ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), "multi_tensor_norm: tensors must be contiguous");
-  }
   const at::ScalarType out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   double scale = 1.0;
   if (inv_scale.has_value()) {
@@ -81,13 +74,14 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type,
   // Clamping to +-inf changes nothing, NaN included: one loop serves both cases.
   const double clip = clip_value.has_value() ? *clip_value : std::numeric_limits<double>::infinity();
 
-  const std::vector<Chunk> chunks = make_chunks(tensors);
+  // Note [deterministic norm]: one partial per chunk, combined in chunk order, so the result does
+  // not depend on the number of threads.
   std::vector<Partial> partials(chunks.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cpu", [&] {
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const Chunk& c = chunks[i];
-        const scalar_t* data = tensors[c.tensor].const_data_ptr<scalar_t>() + c.begin;
+        const scalar_t* data = static_cast<const scalar_t*>(ptrs[c.tensor]) + c.begin;
         partials[i] = l2 ? reduce_chunk<true>(data, c.end - c.begin, scale, clip)
                          : reduce_chunk<false>(data, c.end - c.begin, scale, clip);
       }
@@ -108,7 +102,30 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type,
   return at::scalar_tensor(total, at::TensorOptions().dtype(out_dtype));
 }
 
+at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type,
+                                 const c10::optional<at::Tensor>& inv_scale,
+                                 c10::optional<double> clip_value) {
+  const at::ScalarType dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
+  std::vector<void*> ptrs;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), "multi_tensor_norm (cpu): tensors must be on the CPU, got ",
+                t.device());
+    TORCH_CHECK(t.scalar_type() == dtype, "multi_tensor_norm: all tensors must have one dtype, got ",
+                dtype, " and ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "multi_tensor_norm: tensors must be contiguous");
+    ptrs.push_back(t.data_ptr());
+  }
+  return norm_of_chunks(dtype, ptrs, make_chunks(tensors), norm_type, inv_scale, clip_value);
+}
+
 }  // namespace
+
+// The norm of a plan's bound gradients (any dense layout: a norm does not care about order).
+at::Tensor grad_norm(const Slots& sl, size_t slot, double norm_type, const c10::optional<at::Tensor>& inv_scale,
+                     c10::optional<double> clip_value) {
+  const at::ScalarType dtype = sl.size() == 0 ? at::kFloat : sl.dtype(slot);
+  return norm_of_chunks(dtype, sl.ptrs(slot), sl.chunks(), norm_type, inv_scale, clip_value);
+}
 
 TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);

@@ -46,6 +46,11 @@ class ReferenceBackend:
     def unavailable_reason(self, device_type: str) -> Optional[str]:
         return None
 
+    def bind(self, bucket: Bucket) -> bool:
+        """Take this step's gradients; False when a planned param has no dense grad any more
+        (the plan is stale and gets rebuilt)."""
+        return all([seg.refresh_grads() for seg in bucket.segments])
+
     def grad_norm(self, bucket: Bucket, norm_type: float, xform: GradTransform) -> Tensor:
         """The norm of the bucket's unscaled, value-clipped gradients."""
         grads = ref.prepare_grads(bucket.grads, inv_scale=xform.inv_scale, clip_value=xform.clip_value)

@@ -108,27 +108,31 @@ class FusedOptimizer(Optimizer):
 
     # -- the plan ------------------------------------------------------------------------------
 
-    def _plan_key(self) -> tuple:
-        has_grad = tuple(
-            0 if p.grad is None else 2 if p.grad.is_sparse else 1
-            for g in self.param_groups
-            for p in g["params"]
-        )
-        return has_grad + tuple(self._state_keys(g) for g in self.param_groups)
+    def _state_key(self) -> tuple:
+        return tuple(self._state_keys(g) for g in self.param_groups)
 
-    def _get_plan(self) -> Plan:
-        key = self._plan_key()
-        if self._plan is None or self._plan.key != key:  # Note [the plan cache]
-            self._plan = self._build_plan(key)
-        return self._plan
+    def _bound_plan(self) -> Plan:
+        """The plan, rebuilt if stale, with this step's grads bound (Note [the plan cache])."""
+        plan = self._plan
+        if plan is not None and plan.still_holds(self._state_key()):
+            if all([b.backend.bind(b) for b in plan.buckets]):  # a list: bind every bucket
+                return plan
+        plan = self._plan = self._build_plan()
+        for b in plan.buckets:
+            if not b.backend.bind(b):
+                raise RuntimeError(f"fastopt: {type(self).__name__} could not bind the gradients of a "
+                                   "fresh plan (a gradient changed during the step?)")
+        return plan
 
-    def _build_plan(self, key: tuple) -> Plan:
+    def _build_plan(self) -> Plan:
         buckets: dict[tuple, Bucket] = {}
         sparse: list[tuple[Tensor, dict]] = []
+        absent: list[Tensor] = []
         for group in self.param_groups:
             keys = self._state_keys(group)
             for p in group["params"]:
                 if p.grad is None:
+                    absent.append(p)
                     continue
                 if p.grad.is_sparse and not self._supports_sparse:
                     self._sparse_step(p, group)  # raises torch's error, before any state exists
@@ -139,7 +143,9 @@ class FusedOptimizer(Optimizer):
                 view = real_view(p)
                 bucket = buckets.get((p.device, view.dtype))
                 if bucket is None:
-                    bucket = Bucket(p.device, view.dtype, backends.resolve(self._options.backend, p.device))
+                    bucket = Bucket(
+                        p.device, view.dtype, backends.resolve(self._options.backend, p.device), self._rule
+                    )
                     buckets[(p.device, view.dtype)] = bucket
                 if not bucket.segments or bucket.segments[-1].group is not group:
                     bucket.segments.append(
@@ -150,6 +156,7 @@ class FusedOptimizer(Optimizer):
                         )
                     )
                 seg = bucket.segments[-1]
+                seg.is_complex = seg.is_complex or p.is_complex()
                 seg.owners.append(p)
                 seg.params.append(view)
                 seg.steps.append(state["step"])
@@ -157,7 +164,7 @@ class FusedOptimizer(Optimizer):
                     seg.states[k].append(real_view(state[k]))
                 if seg.masters is not None:
                     seg.masters.append(state["master_param"])
-        return Plan(key, list(buckets.values()), sparse)
+        return Plan(list(buckets.values()), sparse, absent, self._state_key())
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -183,10 +190,7 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
 
         opts = self._options
-        plan = self._get_plan()
-        for bucket in plan.buckets:
-            for seg in bucket.segments:
-                seg.refresh_grads()
+        plan = self._bound_plan()
         grad_scale, found_inf = self._amp_tensors()
         if plan.sparse and (grad_scale is not None or found_inf is not None or opts.clips_norm
                             or opts.clip_value is not None):
