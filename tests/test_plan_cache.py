@@ -1,0 +1,144 @@
+"""The plan cache (Note [the plan cache]): whatever changes between steps, the cached plan either
+follows or is rebuilt, and the result stays torch.optim's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastopt
+from harness import assert_matches, set_grads
+from specs import SPEC_BY_NAME, clone_params, make_params, random_grads
+
+
+def _pair(name, backend, device, **config):
+    spec = SPEC_BY_NAME[name]
+    params = make_params(torch.float32, device)
+    ours, theirs = clone_params(params), clone_params(params)
+    opt_f = spec.fastopt_cls(ours, backend=backend, **config)
+    opt_t = spec.torch_cls(theirs, foreach=False, **config)
+    return params, ours, theirs, opt_f, opt_t
+
+
+def _step_both(params, ours, theirs, opt_f, opt_t, grads=None):
+    grads = grads if grads is not None else random_grads(params)
+    set_grads(ours, grads)
+    set_grads(theirs, grads)
+    opt_f.step()
+    opt_t.step()
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adagrad", "RMSprop"])
+def test_param_storage_replaced_between_steps(name, backend, device):
+    """``p.data = ...`` gives a param new storage: the plan must not keep writing the old one."""
+    params, ours, theirs, opt_f, opt_t = _pair(name, backend, device)
+    for step in range(6):
+        if step == 3:
+            for p in (ours[2], theirs[2], ours[5], theirs[5]):
+                p.data = p.data.clone()
+        _step_both(params, ours, theirs, opt_f, opt_t)
+    assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["Adam", "RMSprop"])
+def test_grads_laid_out_unlike_their_params(name, backend, device):
+    """A grad whose strides differ from its param's (a transposed grad of a contiguous param)
+    takes the copy path on some steps and the planned path on others."""
+    spec = SPEC_BY_NAME[name]
+    shapes = [(4, 6), (5, 3), (7,)]
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+    ours, theirs = clone_params(params), clone_params(params)
+    opt_f = spec.fastopt_cls(ours, backend=backend, momentum=0.5) if name == "RMSprop" else \
+        spec.fastopt_cls(ours, backend=backend)
+    opt_t = spec.torch_cls(theirs, foreach=False, momentum=0.5) if name == "RMSprop" else \
+        spec.torch_cls(theirs, foreach=False)
+    for step in range(8):
+        grads = random_grads(params)
+        if step % 3 == 1:  # same values, transposed storage
+            grads = [g.t().contiguous().t() if g.dim() == 2 else g for g in grads]
+            assert not grads[0].is_contiguous()
+        _step_both(params, ours, theirs, opt_f, opt_t, grads)
+    assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
+
+
+def test_grads_appear_and_vanish(backend, device):
+    """Params gain and lose grads from step to step (frozen branches, set_to_none)."""
+    params, ours, theirs, opt_f, opt_t = _pair("Adam", backend, device, weight_decay=0.1)
+    for step in range(9):
+        grads = random_grads(params)
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        for i in range(len(params)):
+            if (step + i) % 4 == 0:
+                ours[i].grad = None
+                theirs[i].grad = None
+        opt_f.step()
+        opt_t.step()
+    assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
+
+
+def test_group_hyperparameters_changed_between_steps(backend, device):
+    """Hyperparameters and flags that need no new state (weight decay on, maximize, betas) may
+    change between steps: the plan is reused and the new values apply."""
+    params, ours, theirs, opt_f, opt_t = _pair("Adam", backend, device)
+    for step in range(6):
+        if step == 3:
+            for opt in (opt_f, opt_t):
+                opt.param_groups[0].update(weight_decay=0.1, maximize=True, betas=(0.8, 0.99))
+        _step_both(params, ours, theirs, opt_f, opt_t)
+    assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+BIG = 2**31 + 7  # elements: past every 32-bit element index
+
+
+@pytest.mark.skipif(_mem_available() < 16 * 2**30, reason="needs 16 GiB of free memory")
+def test_a_tensor_of_more_than_2_31_elements(backend, device):
+    """Adagrad on one bf16 tensor of 2^31 + 7 elements (12.9 GB with grad and state): the last
+    elements, past any 32-bit index, get the same update as the first.
+
+    From a zero accumulator the first step is ``p - lr * g / (|g| + eps)`` = ``p - lr * sign(g)``
+    up to rounding, whatever the index."""
+    if device != "cpu":
+        pytest.skip("the big-tensor check runs on the CPU backends here; the GPU one is in the GPU suite")
+    if backend == "reference":
+        pytest.skip("the reference backend works on fp32 copies (4x the memory)")
+    p = torch.nn.Parameter(torch.zeros(BIG, dtype=torch.bfloat16))
+    p.grad = torch.ones(BIG, dtype=torch.bfloat16)
+    p.grad[-3:] = -2.0
+    opt = fastopt.Adagrad([p], lr=0.5, backend=backend)
+    opt.step()
+    head, tail = p.detach()[:4].float(), p.detach()[-3:].float()
+    assert torch.equal(head, torch.full((4,), -0.5)), head
+    assert torch.equal(tail, torch.full((3,), 0.5)), tail
+    middle = p.detach()[2**31 - 2 : 2**31 + 2].float()
+    assert torch.equal(middle, torch.full((4,), -0.5)), middle
+
+
+def test_cpu_eager_steps_reuse_one_plan():
+    """On the cpu backend, eager steps with fresh grads (set_to_none) reuse the compiled plan and
+    bind the grads into it, rather than rebuilding pointer lists every step."""
+    if "cpu" not in fastopt.available_backends("cpu"):
+        pytest.skip("the compiled cpu backend is not built")
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 4097, 70000)]
+    opt = fastopt.AdamW(params, backend="cpu", max_grad_norm=1.0)
+    plans = []
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        bucket = opt._plan.buckets[0]
+        assert bucket.cache["bound"] == [True]
+        plans.append(bucket.cache["plans"][0])
+    assert plans[0] is plans[1] is plans[2]
