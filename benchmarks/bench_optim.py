@@ -1,10 +1,12 @@
 """Optimizer step time: fastopt against torch.optim (for-loop, foreach, fused) on one device.
 
-    python benchmarks/bench_optim.py [--device cpu|cuda] [--full] [--only Adam,RMSprop]
+    python benchmarks/bench_optim.py [--device cpu|cuda] [--full] [--only Adam,clip] [--backend cpu]
 
-Prints a table; appends rows to benchmarks/out/results.csv (device, versions and date on each).
-Bytes per step are the minimum the update must move (fp32: Adam reads p, g, m, v and writes p, m,
-v = 28 B/param), measured against the copy bandwidth of the same run.
+Every case times its providers alternately in one process (Note [alternate timing]) and reports
+the median step time with p20/p80, the GB/s of the minimum bytes the step must move (fp32 Adam:
+reads p, g, m, v and writes p, m, v = 28 B/param) and that as a % of the copy bandwidth measured in
+the same run. Rows go to benchmarks/out/results.csv (device, versions and date on each), a Markdown
+report and, when matplotlib is importable, PNG plots.
 """
 
 from __future__ import annotations
@@ -12,89 +14,213 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastopt  # noqa: E402
 from harness import (  # noqa: E402
-    OUT_DIR, Row, copy_bandwidth_gbs, environment, format_table, markdown_table, time_fn, write_csv,
+    OUT_DIR, Row, copy_bandwidth_gbs, environment, format_table, launches_per_call, markdown_table,
+    peak_memory_mb, plot_rows, time_alternating, write_csv,
 )
 
-# name -> (bytes per fp32 param per step, torch variants with an implementation on the device)
-OPTIMIZERS = {
-    "Adam": (28, ("for-loop", "foreach", "fused")),
-    "AdamW": (28, ("for-loop", "foreach", "fused")),
-    "Adagrad": (20, ("for-loop", "foreach", "fused")),
-    "RMSprop": (20, ("for-loop", "foreach")),
-}
 TORCH_FLAGS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-def shapes_for(case: str, device: str, full: bool) -> list[tuple[int, ...]]:
-    big = (64 << 20 if full else 16 << 20) if device == "cuda" else (10_000_000 if full else 2_000_000)
-    if case == "one tensor":
-        return [(big,)]
-    count, size = (2000, 1000) if full or device == "cuda" else (500, 1000)
-    return [(size,)] * count
+@dataclass
+class Case:
+    """One benchmark case: an optimizer, its options and the work torch.optim does for the same.
+
+    ``recipe`` says what a torch step is: "plain" (``opt.step()``), "clip" (``clip_grad_norm_``
+    then the step), "amp_clip" (GradScaler: ``unscale_``, ``clip_grad_norm_``, ``step``,
+    ``update``), "master" (an fp32 copy of bf16 params stepped, then copied back to bf16)."""
+
+    name: str  # the optimizer
+    sizes: str  # "one", "gpt", "small"
+    bytes_per_param: int
+    options: dict = field(default_factory=dict)  # torch.optim arguments shared by both sides
+    recipe: str = "plain"
+    extras: dict = field(default_factory=dict)  # fastopt-only arguments
+    tag: str = ""
+    full_only: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}{' ' + self.tag if self.tag else ''}"
 
 
-def make_step(opt_cls, shapes, device, kwargs):
-    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
+CASES = [
+    *[Case(n, s, b) for n, b in (("Adam", 28), ("AdamW", 28), ("Adagrad", 20), ("RMSprop", 20))
+      for s in ("one", "small")],
+    Case("RMSprop", "one", 36, {"centered": True, "momentum": 0.9}, tag="centered+momentum"),
+    Case("Adam", "one", 32, recipe="clip", extras={"max_grad_norm": 1.0}, tag="clip"),
+    Case("Adam", "one", 32, recipe="amp_clip", extras={"max_grad_norm": 1.0}, tag="GradScaler+clip"),
+    Case("Adam", "one", 28, recipe="master", extras={"master_weights": True}, tag="bf16+master"),
+    *[Case(n, "gpt", b, full_only=True) for n, b in (("Adam", 28), ("AdamW", 28))],
+    Case("AdamW", "gpt", 32, recipe="clip", extras={"max_grad_norm": 1.0}, tag="clip", full_only=True),
+]
+
+
+def gpt_shapes(d: int, layers: int, vocab: int) -> list[tuple[int, ...]]:
+    """A GPT-style parameter set: embedding, per layer q/k/v/o and MLP matrices, LayerNorm weights
+    and biases (12 tensors a layer), and a final LayerNorm."""
+    shapes: list[tuple[int, ...]] = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d, d)] * 4 + [(4 * d, d), (4 * d,), (d, 4 * d), (d,)] + [(d,)] * 4
+    return shapes + [(d,), (d,)]
+
+
+def shapes_for(sizes: str, device: str, full: bool) -> list[tuple[int, ...]]:
+    gpu = device == "cuda"
+    if sizes == "one":
+        return [((256 << 20) if full else (64 << 20),)] if gpu else [(10_000_000,)]
+    if sizes == "small":
+        return [(4096,)] * 4000 if gpu else [(1000,)] * 2000
+    # ~300 tensors: 24 layers; 351M params on a GPU, 20M on the CPU
+    return gpt_shapes(1024, 24, 50304) if gpu else gpt_shapes(256, 24, 8192)
+
+
+def _params(shapes, device, dtype=torch.float32) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype)) for s in shapes]
     for p in params:
-        p.grad = torch.randn_like(p)
-    opt = opt_cls(params, lr=1e-3, **kwargs)
-    return opt.step
+        p.grad = torch.randn_like(p) * 1e-2
+    return params
+
+
+def _scaler(device: str) -> torch.amp.GradScaler:
+    """A GradScaler as a training loop has it after ``scaler.scale(loss)``. init_scale=1: the
+    unscale does its full pass but leaves the grads as they are from step to step."""
+    scaler = torch.amp.GradScaler(device, init_scale=1.0, growth_interval=1 << 30)
+    scaler.scale(torch.ones((), device=device))  # creates the scale tensor, as scale(loss) does
+    return scaler
+
+
+def torch_step(case: Case, variant: str, shapes, device) -> Callable[[], None]:
+    cls = getattr(torch.optim, case.name)
+    flags = TORCH_FLAGS[variant]
+    if case.recipe == "master":
+        low = _params(shapes, device, torch.bfloat16)
+        master = [torch.nn.Parameter(p.detach().float()) for p in low]
+        opt = cls(master, lr=1e-3, **case.options, **flags)
+
+        def step():
+            for m, p in zip(master, low):
+                m.grad = p.grad.float()
+            opt.step()
+            torch._foreach_copy_([p.data for p in low], [m.data for m in master])
+        return step
+    params = _params(shapes, device)
+    opt = cls(params, lr=1e-3, **case.options, **flags)
+    if case.recipe == "plain":
+        return opt.step
+    norm_flags = {"foreach": variant != "for-loop"}
+    if case.recipe == "clip":
+        def step():
+            torch.nn.utils.clip_grad_norm_(params, 1.0, **norm_flags)
+            opt.step()
+        return step
+    scaler = _scaler(device)
+
+    def step():
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, **norm_flags)
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
+def fastopt_step(case: Case, backend: str, shapes, device) -> Callable[[], None]:
+    cls = getattr(fastopt, case.name)
+    dtype = torch.bfloat16 if case.recipe == "master" else torch.float32
+    params = _params(shapes, device, dtype)
+    opt = cls(params, lr=1e-3, backend=backend, **case.options, **case.extras)
+    if case.recipe != "amp_clip":
+        return opt.step
+    scaler = _scaler(device)
+
+    def step():
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
+def torch_variants(case: Case, device: str) -> list[str]:
+    """torch.optim's implementations of the case's optimizer that run on ``device``."""
+    out = []
+    for variant, flags in TORCH_FLAGS.items():
+        try:
+            getattr(torch.optim, case.name)([torch.zeros(1, device=device, requires_grad=True)], **flags)
+        except (RuntimeError, ValueError, TypeError):  # not built for the device, or no such flag
+            continue
+        out.append(variant)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--full", action="store_true", help="larger sizes")
-    ap.add_argument("--only", default="", help="comma-separated optimizer names")
-    ap.add_argument("--backend", default="auto", help="fastopt backend")
+    ap.add_argument("--full", action="store_true", help="larger sizes and the GPT-style parameter set")
+    ap.add_argument("--only", default="", help="comma-separated words a case label must contain one of")
+    ap.add_argument("--backend", default="", help="fastopt backends, comma-separated (default: all available)")
     ap.add_argument("--csv", default=os.path.join(OUT_DIR, "results.csv"))
     args = ap.parse_args()
-    names = [n for n in OPTIMIZERS if not args.only or n in args.only.split(",")]
+
+    backends = args.backend.split(",") if args.backend else [
+        b for b in fastopt.available_backends(args.device) if b != "reference"
+    ] or ["reference"]
+    cases = [c for c in CASES if args.full or not c.full_only]
+    if args.only:
+        words = args.only.split(",")
+        cases = [c for c in cases if any(w in f"{c.label} {c.sizes}" for w in words)]
     env = environment(args.device)
     print(f"# {env['device']} | torch {env['torch']} | cuda {env['cuda']} | triton {env['triton']} | {env['date']}")
+    print(f"# fastopt backends: {', '.join(backends)}", flush=True)
 
     rows: list[Row] = []
-    for case in ("one tensor", "many small tensors"):
-        shapes = shapes_for(case, args.device, args.full)
+    copy_bw: dict[int, float] = {}
+    for i, case in enumerate(cases):
+        shapes = shapes_for(case.sizes, args.device, args.full)
         numel = sum(torch.Size(s).numel() for s in shapes)
-        # the copy moves as many bytes as an Adam step (read + write 14 B/param each way)
-        copy_bw = copy_bandwidth_gbs(numel * 14, args.device)
-        print(f"# {case}: {len(shapes)} tensor(s), {numel:,} params; copy bandwidth {copy_bw:.1f} GB/s",
-              flush=True)
-        for name in names:
-            nbytes, variants = OPTIMIZERS[name]
-            label = f"{name}, {len(shapes)}x{shapes[0][0]:,}"
-            providers = {f"torch {v}": (getattr(torch.optim, name), TORCH_FLAGS[v]) for v in variants}
-            providers[f"fastopt {args.backend}"] = (getattr(fastopt, name), {"backend": args.backend})
-            timings = {}
-            for provider, (cls, kwargs) in providers.items():
-                try:
-                    timings[provider] = time_fn(make_step(cls, shapes, args.device, kwargs), args.device)
-                except (RuntimeError, ValueError) as exc:  # a torch variant not built for the device
-                    print(f"#   {label}: {provider} skipped ({str(exc).splitlines()[0]})")
-            best_torch = min(t.median_ms for p, t in timings.items() if p.startswith("torch"))
-            for provider, t in timings.items():
-                gbs = numel * nbytes / (t.median_ms * 1e-3) / 1e9
-                rows.append(Row(label, provider, t.median_ms, t.p20_ms, t.p80_ms, gbs,
-                                100 * gbs / copy_bw, best_torch / t.median_ms))
-            print(f"#   {label}: done", flush=True)
+        if numel not in copy_bw:  # a copy moving as many bytes as an fp32 Adam step
+            copy_bw[numel] = copy_bandwidth_gbs(numel * 14, args.device)
+        label = f"{case.label}, {len(shapes)} tensors, {numel / 1e6:.1f}M"
+        steps: dict[str, Callable[[], None]] = {}
+        for variant in torch_variants(case, args.device):
+            steps[f"torch {variant}"] = torch_step(case, variant, shapes, args.device)
+        for backend in backends:
+            steps[f"fastopt {backend}"] = fastopt_step(case, backend, shapes, args.device)
+        timings = time_alternating(steps, args.device)
+        best_torch = min(t.median_ms for p, t in timings.items() if p.startswith("torch"))
+        for provider, t in timings.items():
+            gbs = numel * case.bytes_per_param / (t.median_ms * 1e-3) / 1e9
+            rows.append(Row(
+                label, provider, t.median_ms, t.p20_ms, t.p80_ms, gbs, 100 * gbs / copy_bw[numel],
+                best_torch / t.median_ms, launches_per_call(steps[provider], args.device),
+                peak_memory_mb(steps[provider], args.device),
+            ))
+        del steps
+        print(f"# [{i + 1}/{len(cases)}] {label}: copy {copy_bw[numel]:.1f} GB/s; "
+              + ", ".join(f"{p} {t.median_ms:.3f} ms" for p, t in timings.items()), flush=True)
+
     write_csv(rows, env, args.csv)
-    table = format_table(rows)
+    os.makedirs(OUT_DIR, exist_ok=True)
     with open(os.path.join(OUT_DIR, "report.md"), "w") as f:
         f.write(f"# fastopt optimizer step times\n\n{env['device']}; torch {env['torch']}, CUDA "
-                f"{env['cuda']}, Triton {env['triton']}; {env['date']}\n\n")
-        f.write("Command: `make bench`. Times are medians (p20-p80); GB/s counts the minimum bytes a "
-                "step moves; % copy BW is against the copy bandwidth measured in the same run.\n\n")
+                f"{env['cuda']}, Triton {env['triton']}; {env['date']}\n\n"
+                f"Command: `python benchmarks/bench_optim.py {' '.join(sys.argv[1:])}`. Times are "
+                "medians (p20-p80) of steps timed alternately with the other providers; GB/s counts "
+                "the minimum bytes a step moves; % copy BW is against the copy bandwidth measured "
+                "in the same run (on a CPU a copy also pays a read-for-ownership of its destination, "
+                "which an in-place update does not, so more than 100% is possible); vs best torch is "
+                "the best torch.optim variant's median over this one's.\n\n")
         f.write(markdown_table(rows) + "\n")
+    plots = plot_rows(rows, OUT_DIR)
     print()
-    print(table)
-    print(f"\nrows appended to {os.path.relpath(args.csv)}; report in {os.path.relpath(OUT_DIR)}/report.md")
+    print(format_table(rows))
+    print(f"\nrows appended to {os.path.relpath(args.csv)}; report in {os.path.relpath(OUT_DIR)}/report.md"
+          + (f"; plots: {', '.join(os.path.relpath(p) for p in plots)}" if plots else " (no matplotlib: no plots)"))
 
 
 if __name__ == "__main__":

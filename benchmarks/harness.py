@@ -1,7 +1,11 @@
 """Shared benchmark harness: timing, copy bandwidth, environment and CSV output.
 
-Timing: CUDA events on a GPU (via triton.testing.do_bench when Triton is importable, else our own
-event loop), wall clock after a warm-up on the CPU. Every case reports the median and p20/p80.
+Timing: CUDA events on a GPU, wall clock after a warm-up on the CPU; every case reports the
+median and p20/p80.
+
+Note [alternate timing]: the providers of one case are timed one call each in turn, rotating who
+goes first, rather than one after the other: on a shared or throttling machine a slow phase then
+slows every provider alike, and the ratios between them hold even when the absolute times drift.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -32,27 +36,49 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def time_fn(fn: Callable[[], None], device: str, *, min_time_s: float = 0.3, min_reps: int = 5) -> Timing:
-    """Time ``fn`` (one optimizer step, say) after a warm-up; returns median and p20/p80 in ms."""
-    for _ in range(3):
+def _sample(fn: Callable[[], None], device: str) -> float:
+    """One timed call of ``fn`` in ms: CUDA events on a GPU, wall clock on the CPU."""
+    if device == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         fn()
-    samples: list[float] = []
-    start = time.perf_counter()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _timing(samples: list[float]) -> Timing:
+    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8))
+
+
+def time_alternating(fns: dict[str, Callable[[], None]], device: str, *, min_time_s: float = 0.25,
+                     min_reps: int = 10, warmup: int = 3) -> dict[str, Timing]:
+    """Time several providers of the same work, one call of each in turn (Note [alternate timing]):
+    a slow phase of a shared, noisy machine then hits every provider alike instead of whichever
+    was being timed. Returns each provider's median and p20/p80 in ms."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     if device == "cuda":
         torch.cuda.synchronize()
-        while len(samples) < min_reps or time.perf_counter() - start < min_time_s:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end))
-    else:
-        while len(samples) < min_reps or time.perf_counter() - start < min_time_s:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    names = list(fns)
+    rounds = 0
+    while rounds < min_reps or time.perf_counter() - start < min_time_s * len(fns):
+        order = names[rounds % len(names):] + names[:rounds % len(names)]  # rotate who goes first
+        for name in order:
+            samples[name].append(_sample(fns[name], device))
+        rounds += 1
+    return {name: _timing(xs) for name, xs in samples.items()}
+
+
+def time_fn(fn: Callable[[], None], device: str, *, min_time_s: float = 0.3, min_reps: int = 5) -> Timing:
+    """Time ``fn`` alone after a warm-up; returns median and p20/p80 in ms."""
+    return time_alternating({"fn": fn}, device, min_time_s=min_time_s, min_reps=min_reps)["fn"]
 
 
 def copy_bandwidth_gbs(nbytes: int, device: str) -> float:
@@ -90,6 +116,34 @@ def environment(device: str) -> dict:
     }
 
 
+def launches_per_call(fn: Callable[[], None], device: str) -> Optional[int]:
+    """CUDA kernel launches of one call of ``fn`` (from the profiler); None on the CPU."""
+    if device != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    return len(kernels)
+
+
+def peak_memory_mb(fn: Callable[[], None], device: str) -> Optional[float]:
+    """Memory allocated during one call of ``fn`` above what was allocated before (MB); None on
+    the CPU."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 1e6
+
+
 @dataclass
 class Row:
     case: str
@@ -100,6 +154,8 @@ class Row:
     gbs: float
     pct_copy_bw: float
     speedup_vs_best_torch: float
+    launches: Optional[int] = None
+    extra_mem_mb: Optional[float] = None
 
 
 def write_csv(rows: list[Row], env: dict, path: str) -> None:
@@ -114,12 +170,15 @@ def write_csv(rows: list[Row], env: dict, path: str) -> None:
             writer.writerow({**env, **asdict(row)})
 
 
-HEADER = ("case", "provider", "median ms", "p20-p80 ms", "GB/s", "% copy BW", "vs best torch")
+HEADER = ("case", "provider", "median ms", "p20-p80 ms", "GB/s", "% copy BW", "vs best torch", "launches",
+          "extra MB")
 
 
 def _cells(r: Row) -> tuple[str, ...]:
     return (r.case, r.provider, f"{r.median_ms:.3f}", f"{r.p20_ms:.3f}-{r.p80_ms:.3f}", f"{r.gbs:.1f}",
-            f"{r.pct_copy_bw:.0f}%", f"{r.speedup_vs_best_torch:.2f}x")
+            f"{r.pct_copy_bw:.0f}%", f"{r.speedup_vs_best_torch:.2f}x",
+            "-" if r.launches is None else str(r.launches),
+            "-" if r.extra_mem_mb is None else f"{r.extra_mem_mb:.0f}")
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -128,9 +187,46 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = HEADER
-    lines = [header] + [_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    lines = [HEADER] + [_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
     out = [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     out.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def plot_rows(rows: list[Row], out_dir: str) -> list[str]:
+    """Two PNGs from the rows: fastopt's speedup over the best torch.optim variant, and % of copy
+    bandwidth, per case and provider. Returns the paths ([] without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    cases = list(dict.fromkeys(r.case for r in rows))
+    providers = list(dict.fromkeys(r.provider for r in rows))
+    paths = []
+    for metric, title, fname in (
+        ("speedup_vs_best_torch", "speedup over the best torch.optim variant (x)", "speedup.png"),
+        ("pct_copy_bw", "% of copy bandwidth measured in the same run", "bandwidth.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(10, 0.45 * len(cases) * max(1, len(providers)) / 2 + 1.5))
+        height = 0.8 / len(providers)
+        for j, provider in enumerate(providers):
+            values = {r.case: getattr(r, metric) for r in rows if r.provider == provider}
+            ys = [i + j * height for i, c in enumerate(cases) if c in values]
+            ax.barh(ys, [values[c] for c in cases if c in values], height=height, label=provider)
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))])
+        ax.set_yticklabels(cases, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        if metric == "speedup_vs_best_torch":
+            ax.axvline(1.0, color="black", linewidth=0.8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, fname)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -41,19 +41,20 @@ struct GradPrep {
   T coef;
   T sign;  // -1 for maximize
 
-  // Whether unscale, clamp or the clip coefficient can change g at all. Note [neutral grad prep]:
-  // kernels specialize on this (kPrep = false skips three multiplies and a clamp per element,
-  // ~5-10% of a CPU step), which is exact because the neutral values change no bit of g.
+  // Whether unscale, clamp, the clip coefficient or maximize can change g at all. Note [neutral
+  // grad prep]: kernels specialize on this (kPrep = false skips four multiplies and a clamp per
+  // element, ~5-10% of a CPU step), which is exact because the neutral values change no bit of g.
   // (clip - clip == 0 holds for a finite clip and not for +inf.)
-  FASTOPT_HD bool active() const { return inv_scale != T(1) || clip - clip == T(0) || coef != T(1); }
+  FASTOPT_HD bool active() const {
+    return inv_scale != T(1) || clip - clip == T(0) || coef != T(1) || sign != T(1);
+  }
 };
 
 // The gradient the update uses: ((clamp(g * inv_scale, +-clip)) * coef) * sign, in that order
 // (torch's unscale_ -> clip_grad_value_ -> clip_grad_norm_ -> maximize).
 template <bool kPrep, typename T>
 FASTOPT_HD T prep(T g, const GradPrep<T>& gp) {
-  if (kPrep) g = prepare_grad<T>(g, gp.inv_scale, true, gp.clip) * gp.coef;
-  return g * gp.sign;
+  return kPrep ? prepare_grad<T>(g, gp.inv_scale, true, gp.clip) * gp.coef * gp.sign : g;
 }
 
 // ---- Adam / AdamW ---------------------------------------------------------------------------
