@@ -29,7 +29,7 @@ deps: $(PY)
 
 $(BUILD_STAMP): $(SOURCES) | deps
 	FASTOPT_REQUIRE_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	@touch $@
+	@mkdir -p $(dir $@) && touch $@
 
 build: deps $(BUILD_STAMP)
 
@@ -37,6 +37,8 @@ test: build
 	FASTOPT_REQUIRE_EXT=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: build
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib \
+	  || echo "matplotlib could not be installed: the benchmark runs without plots"
 	$(PY) benchmarks/bench_optim.py $(BENCH_ARGS)
 
 clean:

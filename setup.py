@@ -36,6 +36,8 @@ if not _flag("FASTOPT_NO_EXT"):
         # -fno-math-errno: sqrt must not set errno, or the update loops cannot be vectorized.
         # -fopenmp: at::parallel_for is an inline OpenMP loop in torch's headers; without the flag
         # the pragma is dropped and every op runs on one thread. libgomp resolves to torch's own.
+        # -mprefer-vector-width=512: where the CPU has AVX-512, fewer instructions per element
+        # (~3% on a memory-bound step; ignored on CPUs without it).
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp", "-mprefer-vector-width=512",
                     f"-march={os.environ.get('FASTOPT_MARCH', 'native')}"],

@@ -7,6 +7,9 @@ and reused otherwise; each step only binds the gradients (``backend.bind``), bec
 ``zero_grad(set_to_none=True)`` reallocates them. Checking that the plan still holds is O(1) in
 the common case: a planned param that lost its grad fails the bind, a param left out of the plan
 for want of a grad is in ``Plan.absent``, and the state keys of every group are compared.
+A param given new storage (``p.data = ...``) is noticed by the compiled backends, which compare
+data pointers. Not noticed: a state tensor *replaced* in ``optimizer.state[p]`` by hand (changing
+it in place is fine); call ``optimizer.load_state_dict`` instead, which rebuilds the plan.
 """
 
 from __future__ import annotations

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU suite, in one command, on a machine with an NVIDIA GPU and no network: builds the
+# extension against the installed torch, runs the full test suite, compute-sanitizer (memcheck and
+# racecheck) on a short subset of the CUDA tests, and the full benchmark; prints a short summary
+# last. Logs, the CSV and the report go to $OUT (or benchmarks/out/gpu when OUT is unset).
+#
+#   bash benchmarks/gpu_suite.sh            # everything (about 10 minutes at most)
+#   SKIP_TESTS=1 bash benchmarks/gpu_suite.sh   # build and benchmark only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/out/gpu}"
+mkdir -p "$OUT"
+PY="$(command -v python3)"  # the interpreter that holds the CUDA build of torch
+export PYTHONUNBUFFERED=1
+
+summary=()
+note() { summary+=("$1"); echo "== $1"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+
+# 1. build: `make build` with this interpreter (no virtualenv: its site-packages hold torch)
+if make build PY="$PY" >"$OUT/build.log" 2>&1; then
+  note "build: ok"
+else
+  note "build: FAILED (see build.log)"; tail -30 "$OUT/build.log"
+fi
+
+# 2. the full test suite (cuda and triton backends run here)
+if [ -z "${SKIP_TESTS:-}" ]; then
+  FASTOPT_REQUIRE_EXT=1 timeout 300 "$PY" -m pytest -q -p no:cacheprovider -x --maxfail=20 \
+    >"$OUT/tests.log" 2>&1
+  note "tests (rc $?): $(tail -1 "$OUT/tests.log")"
+  # 3. compute-sanitizer on a short subset of GPU tests
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck; do
+      timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 99 \
+        "$PY" -m pytest -q -p no:cacheprovider -x tests/test_optim.py -k "cuda and default and fp32" \
+        >"$OUT/sanitizer-$tool.log" 2>&1
+      note "compute-sanitizer $tool (rc $?): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$tool.log" | tail -1)"
+    done
+  fi
+fi
+
+# 4. the full benchmark
+timeout 300 "$PY" benchmarks/bench_optim.py --device cuda --full --csv "$OUT/results.csv" >"$OUT/bench.log" 2>&1
+note "benchmark (rc $?)"
+cp benchmarks/out/report.md "$OUT/report.md" 2>/dev/null
+
+echo
+echo "================ summary ================"
+cat "$OUT/gpu.txt"
+printf '%s\n' "${summary[@]}"
+# fastopt rows only: case, provider, median, % copy BW, speedup, launches
+grep -E '^\S.*\| fastopt' "$OUT/bench.log" | awk -F'|' '{printf "%-48s|%-16s|%10s ms|%6s BW|%8s|%4s launches\n", $1, $2, $3, $7, $8, $9}'
