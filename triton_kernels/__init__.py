@@ -1,4 +1,18 @@
 """Triton kernels of fastopt, installed as ``fastopt.triton_kernels``.
 
-No kernel is here yet: the ``triton`` backend reports itself unavailable until they land.
+One launch updates every tensor of a param group (``multi_tensor.py`` builds the chunk and pointer
+tables once per plan); one more launch computes the global gradient norm and the clip coefficient
+when clipping is on (``norm.py``). Per-element math follows ``csrc/include/fastopt/update_math.h``
+(Triton has its own copy; the same tests check both).
+
+Importing this package needs Triton; ``fastopt.backends.triton`` imports it lazily and reports
+the backend unavailable, with the reason, when it cannot.
 """
+
+from .adagrad import adagrad_step
+from .adam import adam_step
+from .multi_tensor import MultiTensorPlan
+from .norm import grad_norm
+from .rmsprop import rmsprop_step
+
+__all__ = ["MultiTensorPlan", "adagrad_step", "adam_step", "grad_norm", "rmsprop_step"]

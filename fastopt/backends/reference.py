@@ -6,6 +6,7 @@ ops, several passes over memory). Every compiled backend is tested against it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -20,10 +21,18 @@ from .._plan import Bucket, Segment
 class GradTransform:
     """What is done to the gradients before the update, as 0-dim tensors on the bucket's device."""
 
-    inv_scale: Optional[Tensor] = None  # AMP: 1 / grad_scale
+    grad_scale: Optional[Tensor] = None  # AMP: the grads are scaled by this
     clip_value: Optional[float] = None
     clip_coef: Optional[Tensor] = None  # global-norm clipping: min(max_norm / (norm + 1e-6), 1)
     found_inf: Optional[Tensor] = None  # AMP: non-zero skips the step entirely
+
+    @functools.cached_property
+    def inv_scale(self) -> Optional[Tensor]:
+        """1 / grad_scale as GradScaler.unscale_ computes it (float64, rounded once to float32).
+        Computed on first use: the GPU kernels read grad_scale itself and need no extra launches."""
+        if self.grad_scale is None:
+            return None
+        return self.grad_scale.double().reciprocal().float()
 
 
 Rule = Callable[[list, list, dict, list, dict], None]
@@ -55,6 +64,17 @@ class ReferenceBackend:
         """The norm of the bucket's unscaled, value-clipped gradients."""
         grads = ref.prepare_grads(bucket.grads, inv_scale=xform.inv_scale, clip_value=xform.clip_value)
         return ref.grad_norm(grads, norm_type)
+
+    def norm_and_coef(self, bucket: Bucket, norm_type: float, xform: GradTransform,
+                      max_norm: float) -> tuple[Tensor, Tensor]:
+        """The bucket's gradient norm and the clip coefficient when it is the only bucket (the
+        GPU backends compute both in one launch)."""
+        norm = self.grad_norm(bucket, norm_type, xform)
+        return norm, ref.clip_coefficient(norm, max_norm)
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        """Whether this backend updates params stored in ``dtype`` (real view for complex)."""
+        return True
 
     def step(self, rule: str, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
         for segment, hp in zip(bucket.segments, hparams):

@@ -198,30 +198,27 @@ class FusedOptimizer(Optimizer):
                 f"{type(self).__name__}: sparse gradients cannot be combined with gradient clipping "
                 "or GradScaler in fastopt"
             )
-        # GradScaler.unscale_ computes 1/scale the same way.
-        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
-
-        clip_coef = None
-        if opts.clips_norm:
-            norms = [
-                b.backend.grad_norm(
-                    b,
-                    opts.norm_type,
-                    backends.GradTransform(inv_scale=_on(inv_scale, b.device), clip_value=opts.clip_value),
-                )
-                for b in plan.buckets
-            ]
-            self.last_grad_norm = ref.norm_of_norms(norms, opts.norm_type)
-            clip_coef = ref.clip_coefficient(self.last_grad_norm, opts.max_grad_norm)
-
-        for b in plan.buckets:
-            xform = backends.GradTransform(
-                inv_scale=_on(inv_scale, b.device),
-                clip_value=opts.clip_value,
-                clip_coef=_on(clip_coef, b.device),
-                found_inf=_on(found_inf, b.device),
+        xforms = [
+            backends.GradTransform(
+                grad_scale=_on(grad_scale, b.device), clip_value=opts.clip_value, found_inf=_on(found_inf, b.device)
             )
-            b.backend.step(self._rule, b, [self._hparams(s.group) for s in b.segments], xform)
+            for b in plan.buckets
+        ]
+        if opts.clips_norm:
+            if len(plan.buckets) == 1:  # the common case: the backend may fuse norm and coefficient
+                b = plan.buckets[0]
+                self.last_grad_norm, clip_coef = b.backend.norm_and_coef(
+                    b, opts.norm_type, xforms[0], opts.max_grad_norm
+                )
+            else:
+                norms = [b.backend.grad_norm(b, opts.norm_type, x) for b, x in zip(plan.buckets, xforms)]
+                self.last_grad_norm = ref.norm_of_norms(norms, opts.norm_type)
+                clip_coef = ref.clip_coefficient(self.last_grad_norm, opts.max_grad_norm)
+            for b, x in zip(plan.buckets, xforms):
+                x.clip_coef = _on(clip_coef, b.device)
+
+        for b, x in zip(plan.buckets, xforms):
+            b.backend.step(self._rule, b, [self._hparams(s.group) for s in b.segments], x)
         for p, group in plan.sparse:
             self._sparse_step(p, group)
         return loss

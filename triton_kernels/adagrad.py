@@ -1,0 +1,68 @@
+"""Adagrad for every tensor of a param group in one launch (Triton).
+
+Per element, in fp32 (csrc/include/fastopt/update_math.h, adagrad_element):
+
+    g <- prep(g) (+ wd * p);  s <- s + g * g;  p <- p + (-lr / (1 + (t - 1) * lr_decay)) * g / (sqrt(s) + eps)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    chunk_bounds, finish_step, grad_scalars, learning_rate, prepare_grad, read_step, skipped, typed_ptr,
+)
+from .launch import launch_args
+
+
+@triton.jit
+def _adagrad_kernel(
+    tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
+    p_ptrs, g_ptrs, sum_ptrs, out_ptrs,
+    lr_ptr, lr, lr_decay, weight_decay, eps,
+    grad_scale_ptr, clip_value, clip_coef_ptr, found_inf_ptr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    LR_IS_PTR: tl.constexpr, L2: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    if not skipped(found_inf_ptr, HAS_FOUND_INF):
+        t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
+        step_ptr, step = read_step(step_ptrs, t)
+        lr_ = learning_rate(lr_ptr, lr, LR_IS_PTR)
+        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF)
+        neg_clr = -tl.div_rn(lr_, 1.0 + (step - 1.0) * lr_decay)
+        p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
+        g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
+        s_ptr = typed_ptr(sum_ptrs, t, P_DTYPE)
+        for off in tl.range(0, CHUNK, BLOCK):
+            idx = start + off + tl.arange(0, BLOCK)
+            mask = idx < end
+            p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            g = prepare_grad(g, inv_scale, clip_value, coef, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE)
+            if L2:
+                g = g + weight_decay * p
+            s = s + g * g
+            p = p + tl.div_rn(neg_clr * g, tl.sqrt_rn(s) + eps)
+            tl.store(p_ptr + idx, p.to(P_DTYPE), mask=mask)
+            tl.store(s_ptr + idx, s.to(P_DTYPE), mask=mask)
+            if MASTER:
+                out_ptr = typed_ptr(out_ptrs, t, OUT_DTYPE)
+                tl.store(out_ptr + idx, p.to(OUT_DTYPE), mask=mask)
+        finish_step(step_ptr, step, chunks_of_tensor, done, t)
+
+
+def adagrad_step(plan, *, lr, lr_decay: float, weight_decay: float, eps: float, maximize: bool,
+                 grad_scale=None, clip_value=None, clip_coef=None, found_inf=None) -> None:
+    """One Adagrad step over ``plan`` (slots params, grads, state_sums, params_out) in one launch."""
+    if len(plan) == 0:
+        return
+    args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize)
+    _adagrad_kernel[(plan.n_chunks,)](
+        *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["state_sums"],
+        plan.ptrs["params_out"], *args["lr"], lr_decay, weight_decay, eps, *args["grad"],
+        L2=weight_decay != 0, **meta,
+    )

@@ -1,0 +1,97 @@
+"""Adam / AdamW for every tensor of a param group in one launch (Triton).
+
+Per element, in fp32 (csrc/include/fastopt/update_math.h, adam_element):
+
+    g <- prep(g) (+ wd * p if L2);  p <- p * (1 - lr * wd) if decoupled
+    m <- lerp(m, g, 1 - beta1);  v <- v * beta2 + (1 - beta2) * g * g;  vmax <- max(vmax, v) if amsgrad
+    p <- p + (-lr / (1 - beta1^t)) * m / (sqrt(v or vmax) / sqrt(1 - beta2^t) + eps)
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+from .common import (
+    chunk_bounds, finish_step, grad_scalars, learning_rate, lerp, one_minus_pow, prepare_grad,
+    read_step, skipped, typed_ptr,
+)
+from .launch import launch_args
+
+
+@triton.jit
+def _adam_kernel(
+    tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
+    p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, out_ptrs,
+    lr_ptr, lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay,
+    grad_scale_ptr, clip_value, clip_coef_ptr, found_inf_ptr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    LR_IS_PTR: tl.constexpr, L2: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    if not skipped(found_inf_ptr, HAS_FOUND_INF):
+        t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
+        step_ptr, step = read_step(step_ptrs, t)
+        lr_ = learning_rate(lr_ptr, lr, LR_IS_PTR)
+        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF)
+        neg_step_size = -lr_ / one_minus_pow(log_beta1, step)
+        bc2_sqrt = tl.sqrt_rn(one_minus_pow(log_beta2, step))
+        decay = 1.0 - lr_ * weight_decay
+        p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
+        g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
+        m_ptr = typed_ptr(m_ptrs, t, P_DTYPE)
+        v_ptr = typed_ptr(v_ptrs, t, P_DTYPE)
+        for off in tl.range(0, CHUNK, BLOCK):
+            idx = start + off + tl.arange(0, BLOCK)
+            mask = idx < end
+            p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            g = prepare_grad(g, inv_scale, clip_value, coef, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE)
+            if L2:
+                g = g + weight_decay * p
+            if DECOUPLED:
+                p = p * decay
+            m = lerp(m, g, 1.0 - beta1)
+            v = v * beta2 + (1.0 - beta2) * g * g
+            vv = v
+            if AMSGRAD:
+                vmax_ptr = typed_ptr(vmax_ptrs, t, P_DTYPE)
+                vmax = tl.load(vmax_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+                tl.store(vmax_ptr + idx, vmax.to(P_DTYPE), mask=mask)
+                vv = vmax
+            denom = tl.div_rn(tl.sqrt_rn(vv), bc2_sqrt) + eps
+            p = p + tl.div_rn(neg_step_size * m, denom)
+            tl.store(p_ptr + idx, p.to(P_DTYPE), mask=mask)
+            tl.store(m_ptr + idx, m.to(P_DTYPE), mask=mask)
+            tl.store(v_ptr + idx, v.to(P_DTYPE), mask=mask)
+            if MASTER:
+                out_ptr = typed_ptr(out_ptrs, t, OUT_DTYPE)
+                tl.store(out_ptr + idx, p.to(OUT_DTYPE), mask=mask)
+        finish_step(step_ptr, step, chunks_of_tensor, done, t)
+
+
+def adam_step(plan, *, lr, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
+              maximize: bool, decoupled_weight_decay: bool, grad_scale=None, clip_value=None,
+              clip_coef=None, found_inf=None) -> None:
+    """One Adam step over ``plan`` (a MultiTensorPlan with slots params, grads, exp_avgs,
+    exp_avg_sqs, max_exp_avg_sqs, params_out) in one launch."""
+    if len(plan) == 0:
+        return
+    args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize)
+    _adam_kernel[(plan.n_chunks,)](
+        *args["tables"],
+        plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["exp_avgs"], plan.ptrs["exp_avg_sqs"],
+        plan.ptrs["max_exp_avg_sqs"], plan.ptrs["params_out"],
+        *args["lr"], beta1, beta2, math.log(beta1) if beta1 > 0 else -math.inf,
+        math.log(beta2) if beta2 > 0 else -math.inf, eps, weight_decay,
+        *args["grad"],
+        L2=weight_decay != 0 and not decoupled_weight_decay,
+        DECOUPLED=weight_decay != 0 and decoupled_weight_decay,
+        AMSGRAD=amsgrad, **meta,
+    )

@@ -1,0 +1,109 @@
+"""Pieces every fastopt Triton kernel shares: the chunk header, pointer tables, per-step scalars
+read from device memory, gradient preparation and the step-count protocol.
+
+Note [exact math in Triton]: the update kernels use ``tl.sqrt_rn`` and ``tl.div_rn`` (IEEE
+round-to-nearest, as torch's CUDA kernels do), not the approximate ``tl.sqrt`` and ``/``, and
+follow the order of operations of ``csrc/include/fastopt/update_math.h``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK: tl.constexpr):
+    """This program's tensor index and element range [start, end) (Note [multi-tensor tables])."""
+    pid = tl.program_id(0)
+    t = tl.load(tensor_of_chunk + pid)
+    start = tl.load(start_of_chunk + pid)
+    end = tl.minimum(tl.load(numels + t), start + CHUNK)
+    return t, start, end
+
+
+@triton.jit
+def typed_ptr(table, t, DTYPE: tl.constexpr):
+    """Tensor ``t``'s address from an int64 pointer table, as a pointer to DTYPE."""
+    return tl.load(table + t).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def skipped(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """GradScaler found inf/NaN: the step changes nothing."""
+    if HAS_FOUND_INF:
+        return tl.load(found_inf_ptr) != 0
+    return False
+
+
+@triton.jit
+def learning_rate(lr_ptr, lr, LR_IS_PTR: tl.constexpr):
+    if LR_IS_PTR:
+        return tl.load(lr_ptr).to(tl.float32)
+    return lr
+
+
+@triton.jit
+def grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE: tl.constexpr, HAS_COEF: tl.constexpr):
+    """1/scale computed as GradScaler.unscale_ does (in float64, rounded once) and the norm-clip
+    coefficient; 1.0 where absent."""
+    inv_scale = 1.0
+    coef = 1.0
+    if HAS_SCALE:
+        inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32)
+    if HAS_COEF:
+        coef = tl.load(clip_coef_ptr).to(tl.float32)
+    return inv_scale, coef
+
+
+@triton.jit
+def prepare_grad(g, inv_scale, clip_value, coef, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+                 HAS_COEF: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """((clamp(g * inv_scale, +-clip_value)) * coef) * (-1 if maximize): torch's unscale_ ->
+    clip_grad_value_ -> clip_grad_norm_ -> maximize. NaN stays NaN (torch.clamp's behaviour)."""
+    if HAS_SCALE:
+        g = g * inv_scale
+    if HAS_CLIP:
+        g = tl.where(g < -clip_value, -clip_value, g)
+        g = tl.where(g > clip_value, clip_value, g)
+    if HAS_COEF:
+        g = g * coef
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
+def lerp(start, end, weight):
+    """torch.lerp's formula (two branches on the weight)."""
+    diff = end - start
+    return tl.where(weight < 0.5, start + weight * diff, end - diff * (1.0 - weight))
+
+
+@triton.jit
+def one_minus_pow(log_beta, step):
+    """1 - beta**step from log(beta), accurate to a few fp32 ulps also when beta**step is close to
+    1 (where 1 - exp(x) would cancel): a Taylor series of -expm1(x) for |x| < 0.5."""
+    x = step * log_beta
+    series = x * (1.0 + x / 2.0 * (1.0 + x / 3.0 * (1.0 + x / 4.0 * (1.0 + x / 5.0 * (
+        1.0 + x / 6.0 * (1.0 + x / 7.0 * (1.0 + x / 8.0 * (1.0 + x / 9.0))))))))
+    return tl.where(x > -0.5, -series, 1.0 - tl.exp(x))
+
+
+@triton.jit
+def read_step(step_ptrs, t):
+    """Tensor ``t``'s step tensor and the count this step uses (the stored count + 1)."""
+    step_ptr = tl.load(step_ptrs + t).to(tl.pointer_type(tl.float32))
+    return step_ptr, tl.load(step_ptr) + 1.0
+
+
+@triton.jit
+def finish_step(step_ptr, step, chunks_of_tensor, done, t):
+    """The last program of tensor ``t`` stores its new step count (Note [one-launch step counts])."""
+    count = tl.load(chunks_of_tensor + t)
+    if count == 1:
+        tl.store(step_ptr, step)
+    else:
+        if tl.atomic_add(done + t, 1) == count - 1:
+            tl.store(step_ptr, step)
+            tl.store(done + t, 0)

@@ -1,0 +1,62 @@
+"""Arguments every update launch shares: tables, the learning rate, the gradient transform, and
+the constexpr specialization (dtypes and flags)."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from .multi_tensor import BLOCK, CHUNK
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def tl_dtype(dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return tl.float32  # an absent slot: never loaded
+    if dtype not in TL_DTYPES:
+        raise TypeError(f"fastopt (triton): {dtype} tensors are not supported (float32, float16, bfloat16)")
+    return TL_DTYPES[dtype]
+
+
+def _device_scalar(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    return None if t is None else t.to(device, non_blocking=True)
+
+
+def launch_args(plan, lr: Union[float, Tensor], grad_scale: Optional[Tensor], clip_value: Optional[float],
+                clip_coef: Optional[Tensor], found_inf: Optional[Tensor], maximize: bool) -> tuple[dict, dict]:
+    dev = plan.device
+    dummy = plan.done  # any device tensor, for pointer arguments a kernel does not read
+    if isinstance(lr, Tensor) and lr.device == dev:
+        lr_args, lr_is_ptr = (lr, 0.0), True  # read on the device each launch: CUDA-graph safe
+    else:
+        # a Python float, or a CPU tensor for device params (reading it is no device sync)
+        lr_args, lr_is_ptr = (dummy, float(lr)), False
+    grad_scale = _device_scalar(grad_scale, dev)
+    clip_coef = _device_scalar(clip_coef, dev)
+    found_inf = _device_scalar(found_inf, dev)
+    args = {
+        "tables": (plan.tensor_of_chunk, plan.start_of_chunk, plan.numels, plan.chunks_of_tensor, plan.done,
+                   plan.step_ptrs),
+        "lr": lr_args,
+        "grad": (dummy if grad_scale is None else grad_scale, 0.0 if clip_value is None else float(clip_value),
+                 dummy if clip_coef is None else clip_coef, dummy if found_inf is None else found_inf),
+    }
+    meta = {
+        "P_DTYPE": tl_dtype(plan.dtypes["params"]),
+        "G_DTYPE": tl_dtype(plan.dtypes["grads"]),
+        "OUT_DTYPE": tl_dtype(plan.dtypes["params_out"]),
+        "MASTER": plan.dtypes["params_out"] is not None,
+        "LR_IS_PTR": lr_is_ptr,
+        "MAXIMIZE": maximize,
+        "HAS_SCALE": grad_scale is not None,
+        "HAS_CLIP": clip_value is not None,
+        "HAS_COEF": clip_coef is not None,
+        "HAS_FOUND_INF": found_inf is not None,
+        "CHUNK": CHUNK,
+        "BLOCK": BLOCK,
+    }
+    return args, meta

@@ -1,0 +1,116 @@
+"""The host side of a multi-tensor launch: chunk and pointer tables, built once per plan.
+
+Note [multi-tensor tables]: a launch gets one program per chunk of ``CHUNK`` elements. Program
+``i`` reads ``tensor_of_chunk[i]`` and ``start_of_chunk[i]`` (int64: tensors may have 2^31
+elements or more), then the addresses of that tensor's param, grad and state from per-slot int64
+pointer tables. All tables live on the device and are built once per plan; each step only
+re-uploads the grad pointer table, and only when a grad was reallocated. Every tensor, empty ones
+too, has at least one chunk, so that its step count is incremented like torch's.
+
+Note [one-launch step counts]: torch keeps one step tensor per param. The update kernel reads it,
+uses ``step + 1``, and the program that finishes a tensor's last chunk writes ``step + 1`` back:
+each program bumps ``done[t]`` with an atomic add (acquire-release, after its read of the step), and
+the one that sees ``chunks_of_tensor[t] - 1`` writes the step and resets the counter for the next
+launch. No second launch, no host sync, and the same work when replayed in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+CHUNK = 16384  # elements per program
+BLOCK = 1024  # elements per iteration of a program's loop
+
+
+def _walks_with(t: Tensor, ref: Tensor) -> bool:
+    return t.layout == torch.strided and t.is_non_overlapping_and_dense() and t.stride() == ref.stride()
+
+
+def _upload(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)  # no host sync
+    return host.to(device)
+
+
+class MultiTensorPlan:
+    """Tables for one param group's tensors on one device.
+
+    ``slots`` maps a slot name to a list of tensors aligned by index (an empty list for an absent
+    slot); ``grad_slot`` names the slot refreshed every step. Raises ValueError when an index
+    cannot be walked linearly (the caller then takes a copying path)."""
+
+    def __init__(self, slots: dict[str, list[Tensor]], steps: list[Tensor], grad_slot: str = "grads") -> None:
+        first = next(iter(slots.values()))
+        n = len(first)
+        self.device = first[0].device if n else torch.device("cpu")
+        self.grad_slot = grad_slot
+        self.dtypes: dict[str, Optional[torch.dtype]] = {}
+        self.ptrs: dict[str, Tensor] = {}
+        for name, tensors in slots.items():
+            if tensors and len(tensors) != n:
+                raise ValueError(f"fastopt (triton): slot {name!r} has {len(tensors)} tensors, expected {n}")
+            self.dtypes[name] = tensors[0].dtype if tensors else None
+            for i, t in enumerate(tensors):
+                if t.dtype != self.dtypes[name] or t.device != self.device:
+                    raise ValueError(f"fastopt (triton): slot {name!r} mixes dtypes or devices")
+                if not _walks_with(t, first[i]):
+                    raise ValueError(f"fastopt (triton): tensor {i} of slot {name!r} is laid out unlike its param")
+        self.strides = [t.stride() for t in first]
+        self.numel_list = [t.numel() for t in first]
+        tensor_of_chunk, start_of_chunk, chunks_of_tensor = [], [], []
+        for t, numel in enumerate(self.numel_list):
+            count = max(1, -(-numel // CHUNK))
+            tensor_of_chunk += [t] * count
+            start_of_chunk += [c * CHUNK for c in range(count)]
+            chunks_of_tensor.append(count)
+        self.n_chunks = len(tensor_of_chunk)
+        dev = self.device
+        self.tensor_of_chunk = _upload(tensor_of_chunk, torch.int32, dev)
+        self.start_of_chunk = _upload(start_of_chunk, torch.int64, dev)
+        self.numels = _upload(self.numel_list, torch.int64, dev)
+        self.chunks_of_tensor = _upload(chunks_of_tensor, torch.int32, dev)
+        self.done = torch.zeros(max(n, 1), dtype=torch.int32, device=dev)
+        for t in steps:
+            if t.numel() != 1 or t.dtype != torch.float32 or t.device != dev:
+                raise ValueError("fastopt (triton): step counts must be 1-element float32 tensors on the params' device")
+        self.step_ptrs = _upload([t.data_ptr() for t in steps], torch.int64, dev)
+        self.keep = (slots, steps)  # the tables hold raw addresses: keep the tensors alive
+        self.ptr_values: dict[str, list[int]] = {}
+        for name, tensors in slots.items():
+            values = [t.data_ptr() for t in tensors] if tensors else [0]
+            self.ptr_values[name] = values
+            self.ptrs[name] = _upload(values, torch.int64, dev)
+        self._grads: list[Tensor] = list(slots[grad_slot])
+        # the norm kernel's scratch: one partial per chunk, a counter, the norm and the coefficient
+        self.partials = torch.empty(max(self.n_chunks, 1), dtype=torch.float32, device=dev)
+        self.norm_counter = torch.zeros(1, dtype=torch.int32, device=dev)
+
+    def __len__(self) -> int:
+        return len(self.numel_list)
+
+    def storage_unchanged(self) -> bool:
+        """No param or state tensor got new storage since the tables were built (``p.data = ...``)."""
+        slots, steps = self.keep
+        for name, tensors in slots.items():
+            if name != self.grad_slot and tensors and [t.data_ptr() for t in tensors] != self.ptr_values[name]:
+                return False
+        return True
+
+    def bind_grads(self, grads: list[Tensor]) -> bool:
+        """Point the grad table at this step's grads; False, changing nothing, when one cannot be
+        walked with its param (another layout or dtype)."""
+        dtype = self.dtypes[self.grad_slot]
+        for g, stride in zip(grads, self.strides):
+            if g.is_sparse or g.dtype != dtype or g.device != self.device or g.stride() != stride or \
+                    not g.is_non_overlapping_and_dense():
+                return False
+        values = [g.data_ptr() for g in grads]
+        if values != self.ptr_values[self.grad_slot]:
+            self.ptrs[self.grad_slot].copy_(_upload(values, torch.int64, self.device), non_blocking=True)
+            self.ptr_values[self.grad_slot] = values
+        self._grads = grads  # keep this step's grads alive while the kernels read them
+        return True

@@ -1,0 +1,98 @@
+"""The global gradient norm (2 or inf) and the clip coefficient, in one launch (Triton).
+
+Each program reduces one chunk of the (unscaled, value-clipped) grads to a partial, stores it and
+bumps a counter; the program that finds itself last reduces the partials in chunk order (the
+result does not depend on scheduling), writes the norm and, when asked, the coefficient
+``min(max_norm / (norm + 1e-6), 1)`` that the update kernel reads: no second launch, no host sync.
+NaN and inf propagate as in torch.nn.utils.clip_grad_norm_.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import chunk_bounds, grad_scalars, prepare_grad, typed_ptr
+from .launch import tl_dtype
+from .multi_tensor import BLOCK, CHUNK
+
+RBLOCK = 1024  # partials reduced per iteration by the last program
+
+
+@triton.jit
+def _nan_carrier(x):
+    """0 where x is a number, NaN where it is NaN: adding it propagates NaN through max()."""
+    return tl.where(x != x, x, 0.0)
+
+
+@triton.jit
+def _norm_kernel(
+    tensor_of_chunk, start_of_chunk, numels, g_ptrs, partials, counter, out, n_chunks,
+    grad_scale_ptr, clip_value, max_norm,
+    G_DTYPE: tl.constexpr, L2: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    WRITE_COEF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+):
+    t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
+    inv_scale, _ = grad_scalars(grad_scale_ptr, grad_scale_ptr, HAS_SCALE, False)
+    g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    nans = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in tl.range(0, CHUNK, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + idx, mask=idx < end, other=0.0).to(tl.float32)
+        g = prepare_grad(g, inv_scale, clip_value, 1.0, HAS_SCALE, HAS_CLIP, False, False)
+        if L2:
+            acc += g * g  # NaN and inf propagate through the sum
+        else:
+            acc = tl.maximum(acc, tl.abs(g))
+            nans += _nan_carrier(g)
+    if L2:
+        partial = tl.sum(acc, axis=0)
+    else:
+        partial = tl.max(acc, axis=0) + tl.sum(nans, axis=0)
+    tl.store(partials + tl.program_id(0), partial)
+    if tl.atomic_add(counter, 1) == n_chunks - 1:  # the last program: reduce the partials
+        total = tl.zeros([RBLOCK], dtype=tl.float32)
+        carry = tl.zeros([RBLOCK], dtype=tl.float32)
+        for off in tl.range(0, n_chunks, RBLOCK):
+            idx = off + tl.arange(0, RBLOCK)
+            x = tl.load(partials + idx, mask=idx < n_chunks, other=0.0)
+            if L2:
+                total += x
+            else:
+                total = tl.maximum(total, x)
+                carry += _nan_carrier(x)
+        if L2:
+            norm = tl.sqrt_rn(tl.sum(total, axis=0))
+        else:
+            norm = tl.max(total, axis=0) + tl.sum(carry, axis=0)
+        tl.store(out, norm)
+        if WRITE_COEF:
+            coef = tl.minimum(tl.div_rn(max_norm, norm + 1e-6), 1.0, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(out + 1, coef)
+        tl.store(counter, 0)
+
+
+def grad_norm(plan, norm_type: float, *, grad_scale: Optional[Tensor] = None, clip_value: Optional[float] = None,
+              max_norm: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """The norm of ``plan``'s bound grads after unscale and value clip, as a 0-dim float32 device
+    tensor, and with ``max_norm`` the clip coefficient too (else None)."""
+    out = torch.empty(2, dtype=torch.float32, device=plan.device)  # written by the kernel: no fill launch
+    if len(plan) == 0:
+        out[0], out[1] = 0.0, 1.0
+        return out[0], (out[1] if max_norm is not None else None)
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(plan.device, non_blocking=True)
+    _norm_kernel[(plan.n_chunks,)](
+        plan.tensor_of_chunk, plan.start_of_chunk, plan.numels, plan.ptrs[plan.grad_slot], plan.partials,
+        plan.norm_counter, out, plan.n_chunks, plan.done if grad_scale is None else grad_scale,
+        0.0 if clip_value is None else float(clip_value), 0.0 if max_norm is None else float(max_norm),
+        G_DTYPE=tl_dtype(plan.dtypes[plan.grad_slot]), L2=norm_type == 2.0, HAS_SCALE=grad_scale is not None,
+        HAS_CLIP=clip_value is not None, WRITE_COEF=max_norm is not None, CHUNK=CHUNK, BLOCK=BLOCK,
+        RBLOCK=RBLOCK,
+    )
+    return out[0], (out[1] if max_norm is not None else None)

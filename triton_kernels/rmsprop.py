@@ -1,0 +1,87 @@
+"""RMSprop (centered, momentum) for every tensor of a param group in one launch (Triton).
+
+Per element, in fp32 (csrc/include/fastopt/update_math.h, rmsprop_element):
+
+    g <- prep(g) (+ wd * p);  v <- v * alpha + (1 - alpha) * g * g
+    a <- sqrt(v - ga * ga) with ga <- lerp(ga, g, 1 - alpha) if centered, else sqrt(v);  a <- a + eps
+    b <- b * momentum + g / a;  p <- p + (-lr) * b      (p <- p + (-lr) * g / a without momentum)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    chunk_bounds, finish_step, grad_scalars, learning_rate, lerp, prepare_grad, read_step, skipped, typed_ptr,
+)
+from .launch import launch_args
+
+
+@triton.jit
+def _rmsprop_kernel(
+    tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
+    p_ptrs, g_ptrs, v_ptrs, ga_ptrs, buf_ptrs, out_ptrs,
+    lr_ptr, lr, alpha, eps, weight_decay, momentum,
+    grad_scale_ptr, clip_value, clip_coef_ptr, found_inf_ptr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    LR_IS_PTR: tl.constexpr, L2: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
+    MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    if not skipped(found_inf_ptr, HAS_FOUND_INF):
+        t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
+        step_ptr, step = read_step(step_ptrs, t)  # RMSprop keeps the count (as torch) but does not use it
+        neg_lr = -learning_rate(lr_ptr, lr, LR_IS_PTR)
+        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF)
+        p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
+        g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
+        v_ptr = typed_ptr(v_ptrs, t, P_DTYPE)
+        for off in tl.range(0, CHUNK, BLOCK):
+            idx = start + off + tl.arange(0, BLOCK)
+            mask = idx < end
+            p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            g = prepare_grad(g, inv_scale, clip_value, coef, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE)
+            if L2:
+                g = g + weight_decay * p
+            v = v * alpha + (1.0 - alpha) * g * g
+            if CENTERED:
+                ga_ptr = typed_ptr(ga_ptrs, t, P_DTYPE)
+                ga = tl.load(ga_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                ga = lerp(ga, g, 1.0 - alpha)
+                tl.store(ga_ptr + idx, ga.to(P_DTYPE), mask=mask)
+                avg = tl.sqrt_rn(v + -1.0 * ga * ga)
+            else:
+                avg = tl.sqrt_rn(v)
+            avg = avg + eps
+            if MOMENTUM:
+                buf_ptr = typed_ptr(buf_ptrs, t, P_DTYPE)
+                buf = tl.load(buf_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                buf = buf * momentum + tl.div_rn(g, avg)
+                tl.store(buf_ptr + idx, buf.to(P_DTYPE), mask=mask)
+                p = p + neg_lr * buf
+            else:
+                p = p + tl.div_rn(neg_lr * g, avg)
+            tl.store(p_ptr + idx, p.to(P_DTYPE), mask=mask)
+            tl.store(v_ptr + idx, v.to(P_DTYPE), mask=mask)
+            if MASTER:
+                out_ptr = typed_ptr(out_ptrs, t, OUT_DTYPE)
+                tl.store(out_ptr + idx, p.to(OUT_DTYPE), mask=mask)
+        finish_step(step_ptr, step, chunks_of_tensor, done, t)
+
+
+def rmsprop_step(plan, *, lr, alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool,
+                 maximize: bool, grad_scale=None, clip_value=None, clip_coef=None, found_inf=None) -> None:
+    """One RMSprop step over ``plan`` (slots params, grads, square_avgs, grad_avgs,
+    momentum_buffers, params_out) in one launch."""
+    if len(plan) == 0:
+        return
+    args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize)
+    _rmsprop_kernel[(plan.n_chunks,)](
+        *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["square_avgs"],
+        plan.ptrs["grad_avgs"], plan.ptrs["momentum_buffers"], plan.ptrs["params_out"],
+        *args["lr"], alpha, eps, weight_decay, momentum, *args["grad"],
+        L2=weight_decay != 0, CENTERED=centered, MOMENTUM=momentum > 0, **meta,
+    )
