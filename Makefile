@@ -8,6 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton>=3.6,<3.10
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -25,6 +26,7 @@ deps: $(PY)
 	  $(PY) -c "import $$mod" 2>/dev/null || missing="$$missing $$mod"; \
 	done; \
 	if [ -n "$$missing" ]; then $(PY) -m pip install -q $$missing; fi
+	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
 	@$(PY) -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda)"
 
 $(BUILD_STAMP): $(SOURCES) | deps

@@ -39,8 +39,8 @@ def test_backend_in_use_is_the_requested_one(backend, device):
 
 def test_package_works_without_the_extension():
     code = (
-        "import torch, fastopt; assert fastopt.available_backends('cpu') == ['reference'], "
-        "fastopt.available_backends('cpu'); p = torch.nn.Parameter(torch.ones(3)); "
+        "import torch, fastopt; b = fastopt.available_backends('cpu'); "
+        "assert 'cpu' not in b and 'reference' in b, b; p = torch.nn.Parameter(torch.ones(3)); "
         "o = fastopt.Adam([p], max_grad_norm=1.0); p.grad = torch.ones(3); o.step(); "
         "assert (p < 1).all()"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, skip_unsupported
 from harness import assert_matches, run_lockstep, set_grads
 from specs import SPEC_BY_NAME, SPECS, clone_params, make_params, materialize, random_grads, spec_cases
 
@@ -13,6 +13,7 @@ from specs import SPEC_BY_NAME, SPECS, clone_params, make_params, materialize, r
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("spec,config", spec_cases())
 def test_matches_torch(spec, config, dtype, backend, device):
+    skip_unsupported(backend, dtype)
     opt_t, opt_f, theirs, ours = run_lockstep(spec, config, dtype=dtype, device=device, backend=backend)
     assert_matches(opt_f, opt_t, ours, theirs, dtype)
 
@@ -97,6 +98,7 @@ def test_step_with_closure_returns_loss(name, backend, device):
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=["c64", "c128"])
 @pytest.mark.parametrize("name", [s.name for s in SPECS])
 def test_complex_params_match_torch(name, dtype, backend, device):
+    skip_unsupported(backend, dtype)
     spec = SPEC_BY_NAME[name]
     params = [torch.nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in [(3,), (4, 5)]]
     params.append(torch.nn.Parameter(torch.randn(6, dtype=torch.float32 if dtype == torch.complex64

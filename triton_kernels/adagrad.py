@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    chunk_bounds, finish_step, grad_scalars, learning_rate, prepare_grad, read_step, skipped, typed_ptr,
+    chunk_bounds, finish_step, grad_scalars, learning_rate, prepare_grad, read_step, skipped, to_storage, typed_ptr,
 )
 from .launch import launch_args
 
@@ -36,7 +36,7 @@ def _adagrad_kernel(
         p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
         g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
         s_ptr = typed_ptr(sum_ptrs, t, P_DTYPE)
-        for off in tl.range(0, CHUNK, BLOCK):
+        for off in tl.range(0, end - start, BLOCK):
             idx = start + off + tl.arange(0, BLOCK)
             mask = idx < end
             p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -47,11 +47,11 @@ def _adagrad_kernel(
                 g = g + weight_decay * p
             s = s + g * g
             p = p + tl.div_rn(neg_clr * g, tl.sqrt_rn(s) + eps)
-            tl.store(p_ptr + idx, p.to(P_DTYPE), mask=mask)
-            tl.store(s_ptr + idx, s.to(P_DTYPE), mask=mask)
+            tl.store(p_ptr + idx, to_storage(p, P_DTYPE), mask=mask)
+            tl.store(s_ptr + idx, to_storage(s, P_DTYPE), mask=mask)
             if MASTER:
                 out_ptr = typed_ptr(out_ptrs, t, OUT_DTYPE)
-                tl.store(out_ptr + idx, p.to(OUT_DTYPE), mask=mask)
+                tl.store(out_ptr + idx, to_storage(p, OUT_DTYPE), mask=mask)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .common import (
     chunk_bounds, finish_step, grad_scalars, learning_rate, lerp, one_minus_pow, prepare_grad,
-    read_step, skipped, typed_ptr,
+    read_step, skipped, to_storage, typed_ptr,
 )
 from .launch import launch_args
 
@@ -44,7 +44,7 @@ def _adam_kernel(
         g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
         m_ptr = typed_ptr(m_ptrs, t, P_DTYPE)
         v_ptr = typed_ptr(v_ptrs, t, P_DTYPE)
-        for off in tl.range(0, CHUNK, BLOCK):
+        for off in tl.range(0, end - start, BLOCK):
             idx = start + off + tl.arange(0, BLOCK)
             mask = idx < end
             p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -63,16 +63,16 @@ def _adam_kernel(
                 vmax_ptr = typed_ptr(vmax_ptrs, t, P_DTYPE)
                 vmax = tl.load(vmax_ptr + idx, mask=mask, other=0.0).to(tl.float32)
                 vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-                tl.store(vmax_ptr + idx, vmax.to(P_DTYPE), mask=mask)
+                tl.store(vmax_ptr + idx, to_storage(vmax, P_DTYPE), mask=mask)
                 vv = vmax
             denom = tl.div_rn(tl.sqrt_rn(vv), bc2_sqrt) + eps
             p = p + tl.div_rn(neg_step_size * m, denom)
-            tl.store(p_ptr + idx, p.to(P_DTYPE), mask=mask)
-            tl.store(m_ptr + idx, m.to(P_DTYPE), mask=mask)
-            tl.store(v_ptr + idx, v.to(P_DTYPE), mask=mask)
+            tl.store(p_ptr + idx, to_storage(p, P_DTYPE), mask=mask)
+            tl.store(m_ptr + idx, to_storage(m, P_DTYPE), mask=mask)
+            tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
             if MASTER:
                 out_ptr = typed_ptr(out_ptrs, t, OUT_DTYPE)
-                tl.store(out_ptr + idx, p.to(OUT_DTYPE), mask=mask)
+                tl.store(out_ptr + idx, to_storage(p, OUT_DTYPE), mask=mask)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 

@@ -107,3 +107,20 @@ def finish_step(step_ptr, step, chunks_of_tensor, done, t):
         if tl.atomic_add(done + t, 1) == count - 1:
             tl.store(step_ptr, step)
             tl.store(done + t, 0)
+
+
+@triton.jit
+def to_storage(x, DTYPE: tl.constexpr):
+    """Round fp32 ``x`` to the storage dtype, to nearest even (torch's rounding).
+
+    Note [bf16 rounding]: bfloat16 is rounded by hand on the fp32 bits, because Triton's
+    interpreter truncates where the GPU rounds to nearest; one code path gives the same bits on
+    both (a NaN stays a quiet NaN)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+        out = (bits >> 16).to(tl.uint16)
+        out = tl.where(x != x, 0x7FC0, out).to(tl.uint16)
+        return out.to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)

@@ -25,8 +25,18 @@ CHUNK = 16384  # elements per program
 BLOCK = 1024  # elements per iteration of a program's loop
 
 
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory in some order of dims."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _walks_with(t: Tensor, ref: Tensor) -> bool:
-    return t.layout == torch.strided and t.is_non_overlapping_and_dense() and t.stride() == ref.stride()
+    return t.layout == torch.strided and t.shape == ref.shape and t.stride() == ref.stride() and _dense(t)
 
 
 def _upload(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -93,20 +103,20 @@ class MultiTensorPlan:
         return len(self.numel_list)
 
     def storage_unchanged(self) -> bool:
-        """No param or state tensor got new storage since the tables were built (``p.data = ...``)."""
-        slots, steps = self.keep
-        for name, tensors in slots.items():
-            if name != self.grad_slot and tensors and [t.data_ptr() for t in tensors] != self.ptr_values[name]:
-                return False
-        return True
+        """The user's params still have the storage they had when the tables were built (not so
+        after ``p.data = ...``). State tensors change storage only through load_state_dict, which
+        rebuilds the plan."""
+        slots, _ = self.keep
+        name = "params_out" if slots.get("params_out") else "params"
+        return [t.data_ptr() for t in slots[name]] == self.ptr_values[name]
 
     def bind_grads(self, grads: list[Tensor]) -> bool:
         """Point the grad table at this step's grads; False, changing nothing, when one cannot be
         walked with its param (another layout or dtype)."""
-        dtype = self.dtypes[self.grad_slot]
+        # torch keeps a grad's shape, dtype and device equal to its param's; same strides as the
+        # (dense) param then make it dense too.
         for g, stride in zip(grads, self.strides):
-            if g.is_sparse or g.dtype != dtype or g.device != self.device or g.stride() != stride or \
-                    not g.is_non_overlapping_and_dense():
+            if g.layout != torch.strided or g.stride() != stride:
                 return False
         values = [g.data_ptr() for g in grads]
         if values != self.ptr_values[self.grad_slot]:

@@ -41,7 +41,7 @@ def _norm_kernel(
     g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     nans = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in tl.range(0, CHUNK, BLOCK):
+    for off in tl.range(0, end - start, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         g = tl.load(g_ptr + idx, mask=idx < end, other=0.0).to(tl.float32)
         g = prepare_grad(g, inv_scale, clip_value, 1.0, HAS_SCALE, HAS_CLIP, False, False)

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    chunk_bounds, finish_step, grad_scalars, learning_rate, lerp, prepare_grad, read_step, skipped, typed_ptr,
+    chunk_bounds, finish_step, grad_scalars, learning_rate, lerp, prepare_grad, read_step, skipped, to_storage,
+    typed_ptr,
 )
 from .launch import launch_args
 
@@ -37,7 +38,7 @@ def _rmsprop_kernel(
         p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
         g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
         v_ptr = typed_ptr(v_ptrs, t, P_DTYPE)
-        for off in tl.range(0, CHUNK, BLOCK):
+        for off in tl.range(0, end - start, BLOCK):
             idx = start + off + tl.arange(0, BLOCK)
             mask = idx < end
             p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -51,7 +52,7 @@ def _rmsprop_kernel(
                 ga_ptr = typed_ptr(ga_ptrs, t, P_DTYPE)
                 ga = tl.load(ga_ptr + idx, mask=mask, other=0.0).to(tl.float32)
                 ga = lerp(ga, g, 1.0 - alpha)
-                tl.store(ga_ptr + idx, ga.to(P_DTYPE), mask=mask)
+                tl.store(ga_ptr + idx, to_storage(ga, P_DTYPE), mask=mask)
                 avg = tl.sqrt_rn(v + -1.0 * ga * ga)
             else:
                 avg = tl.sqrt_rn(v)
@@ -60,15 +61,15 @@ def _rmsprop_kernel(
                 buf_ptr = typed_ptr(buf_ptrs, t, P_DTYPE)
                 buf = tl.load(buf_ptr + idx, mask=mask, other=0.0).to(tl.float32)
                 buf = buf * momentum + tl.div_rn(g, avg)
-                tl.store(buf_ptr + idx, buf.to(P_DTYPE), mask=mask)
+                tl.store(buf_ptr + idx, to_storage(buf, P_DTYPE), mask=mask)
                 p = p + neg_lr * buf
             else:
                 p = p + tl.div_rn(neg_lr * g, avg)
-            tl.store(p_ptr + idx, p.to(P_DTYPE), mask=mask)
-            tl.store(v_ptr + idx, v.to(P_DTYPE), mask=mask)
+            tl.store(p_ptr + idx, to_storage(p, P_DTYPE), mask=mask)
+            tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
             if MASTER:
                 out_ptr = typed_ptr(out_ptrs, t, OUT_DTYPE)
-                tl.store(out_ptr + idx, p.to(OUT_DTYPE), mask=mask)
+                tl.store(out_ptr + idx, to_storage(p, OUT_DTYPE), mask=mask)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from .cpu import CpuBackend
 from .reference import GradTransform, ReferenceBackend
+from .triton import TritonBackend
 
 NAMES = ("auto", "reference", "cpu", "triton", "cuda")
 
@@ -16,11 +17,10 @@ _AUTO = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 # Backends whose kernels are not in this build yet: the reason they are unavailable.
 _NOT_YET = {
-    "triton": "the triton backend has no kernels in this build yet",
     "cuda": "the cuda backend has no kernels in this build yet",
 }
 
-_BACKENDS = {b.name: b for b in (ReferenceBackend(), CpuBackend())}
+_BACKENDS = {b.name: b for b in (ReferenceBackend(), CpuBackend(), TritonBackend())}
 
 
 class BackendUnavailable(RuntimeError):
@@ -45,14 +45,17 @@ def available_backends(device: Union[str, torch.device]) -> list[str]:
     return [n for n in NAMES[1:] if why_unavailable(n, device) is None]
 
 
-def resolve(name: str, device: Union[str, torch.device]):
-    """The backend object for ``name`` on ``device``; ``"auto"`` picks the fastest available."""
+def resolve(name: str, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None):
+    """The backend object for ``name`` on ``device`` (and, when given, params stored in ``dtype``);
+    ``"auto"`` picks the fastest available one that supports ``dtype``."""
     device_type = _device_type(device)
     if name == "auto":
         for candidate in _AUTO.get(device_type, ("reference",)):
-            if why_unavailable(candidate, device) is None:
+            if why_unavailable(candidate, device) is None and (dtype is None or _BACKENDS[candidate].supports(dtype)):
                 return _BACKENDS[candidate]
     reason = why_unavailable(name, device)
+    if reason is None and dtype is not None and not _BACKENDS[name].supports(dtype):
+        reason = f"it does not support {dtype} params (backend='reference' does)"
     if reason is not None:
         raise BackendUnavailable(f"backend={name!r} cannot run on {device_type} tensors: {reason}")
     return _BACKENDS[name]

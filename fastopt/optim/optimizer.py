@@ -72,7 +72,7 @@ class FusedOptimizer(Optimizer):
                 )
         super().add_param_group({**param_group, "params": params})
         for p in self.param_groups[-1]["params"]:
-            backends.resolve(self._options.backend, p.device)  # a clear error now, not at step()
+            backends.resolve(self._options.backend, p.device, real_view(p).dtype)  # a clear error now
         self._plan = None
 
     def __setstate__(self, state: dict) -> None:
@@ -143,9 +143,8 @@ class FusedOptimizer(Optimizer):
                 view = real_view(p)
                 bucket = buckets.get((p.device, view.dtype))
                 if bucket is None:
-                    bucket = Bucket(
-                        p.device, view.dtype, backends.resolve(self._options.backend, p.device), self._rule
-                    )
+                    backend = backends.resolve(self._options.backend, p.device, view.dtype)
+                    bucket = Bucket(p.device, view.dtype, backend, self._rule)
                     buckets[(p.device, view.dtype)] = bucket
                 if not bucket.segments or bucket.segments[-1].group is not group:
                     bucket.segments.append(

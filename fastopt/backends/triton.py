@@ -1,0 +1,154 @@
+"""The ``triton`` backend: one-launch multi-tensor Triton kernels (``fastopt.triton_kernels``).
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before fastopt was
+imported (Triton's interpreter: how the kernels are tested without a GPU). Params stored in
+float32, float16 or bfloat16 (float64 groups resolve to another backend under ``"auto"``).
+
+Per param group, a ``MultiTensorPlan`` (Note [multi-tensor tables]) is built once and cached in
+the bucket; each step binds the grads (re-uploading the grad pointer table only when a grad was
+reallocated), then launches the norm kernel when clipping (it also writes the clip coefficient)
+and one update kernel. A segment whose tensors a plan cannot walk linearly (a param and its state
+laid out differently), or whose grads this step are laid out unlike their params, takes the
+reference path for that step: correct, slower.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from .._plan import Bucket, Segment
+from .reference import GradTransform, ReferenceBackend, RULES, _step_segment
+
+_kernels = None
+_import_error: Optional[str] = None
+
+
+def kernels():
+    """``fastopt.triton_kernels``, imported on first use (importing Triton takes a while)."""
+    global _kernels, _import_error
+    if _kernels is None and _import_error is None:
+        try:
+            _kernels = importlib.import_module("fastopt.triton_kernels")
+        except ImportError as exc:
+            _import_error = f"Triton is not importable ({exc})"
+    return _kernels
+
+
+def _slots(rule: str, seg: Segment) -> dict[str, list[Tensor]]:
+    st = seg.states
+    # the grads slot holds the params as placeholders (their layout and dtype); bind_grads() fills it
+    slots = {"params": seg.targets, "grads": seg.params}
+    if rule == "adam":
+        slots.update(exp_avgs=st["exp_avg"], exp_avg_sqs=st["exp_avg_sq"],
+                     max_exp_avg_sqs=st.get("max_exp_avg_sq", []))
+    elif rule == "adagrad":
+        slots.update(state_sums=st["sum"])
+    else:
+        slots.update(square_avgs=st["square_avg"], grad_avgs=st.get("grad_avg", []),
+                     momentum_buffers=st.get("momentum_buffer", []))
+    slots["params_out"] = seg.params if seg.masters is not None else []
+    return slots
+
+
+def _hp_kwargs(rule: str, hp: dict) -> dict:
+    if rule == "adam":
+        return {k: hp[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize",
+                                   "decoupled_weight_decay")}
+    if rule == "adagrad":
+        return {k: hp[k] for k in ("lr", "lr_decay", "weight_decay", "eps", "maximize")}
+    return {k: hp[k] for k in ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")}
+
+
+class TritonBackend(ReferenceBackend):
+    name = "triton"
+    DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+    def unavailable_reason(self, device_type: str) -> Optional[str]:
+        if device_type == "cuda":
+            if not torch.cuda.is_available():
+                return "no CUDA GPU is available"
+        elif device_type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return "Triton runs on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1)"
+        else:
+            return f"Triton does not run on {device_type} tensors"
+        if kernels() is None:
+            return _import_error
+        return None
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        return dtype in self.DTYPES
+
+    # -- binding this step's grads ---------------------------------------------------------------
+
+    def _plans(self, bucket: Bucket) -> list:
+        plans = bucket.cache.get("plans")
+        if plans is None:
+            plans = []
+            for seg in bucket.segments:
+                try:
+                    plans.append(kernels().MultiTensorPlan(_slots(bucket.rule, seg), seg.steps))
+                except ValueError:  # a layout the tables cannot walk: the reference path
+                    plans.append(None)
+            bucket.cache["plans"] = plans
+        return plans
+
+    def bind(self, bucket: Bucket) -> bool:
+        if not super().bind(bucket):
+            return False
+        if torch.compiler.is_compiling():
+            # Note [triton under torch.compile]: Dynamo cannot trace the host side of a launch
+            # (pointer tables); a compiled step runs the reference rules, which it traces and fuses.
+            bucket.cache["bound"] = [False] * len(bucket.segments)
+            return True
+        plans = self._plans(bucket)
+        bound = []
+        for seg, plan in zip(bucket.segments, plans):
+            if plan is not None and not plan.storage_unchanged():
+                bucket.cache.pop("plans")  # a param got new storage: rebuild the tables next step
+                return self.bind(bucket)
+            bound.append(plan is not None and plan.bind_grads(seg.grads))
+        bucket.cache["bound"] = bound
+        return True
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def grad_norm(self, bucket: Bucket, norm_type: float, xform: GradTransform) -> Tensor:
+        return self._norm(bucket, norm_type, xform, None)[0]
+
+    def norm_and_coef(self, bucket: Bucket, norm_type: float, xform: GradTransform,
+                      max_norm: float) -> tuple[Tensor, Tensor]:
+        norm, coef = self._norm(bucket, norm_type, xform, max_norm)
+        return norm, (coef if coef is not None else ref.clip_coefficient(norm, max_norm))
+
+    def _norm(self, bucket: Bucket, norm_type: float, xform: GradTransform,
+              max_norm: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
+        bound = bucket.cache["bound"]
+        if len(bound) == 1 and bound[0]:  # one launch: the norm and the coefficient
+            return kernels().grad_norm(bucket.cache["plans"][0], norm_type, grad_scale=xform.grad_scale,
+                                       clip_value=xform.clip_value, max_norm=max_norm)
+        norms = []
+        plans = bucket.cache.get("plans") or [None] * len(bound)
+        for seg, plan, ok in zip(bucket.segments, plans, bound):
+            if ok:
+                norms.append(kernels().grad_norm(plan, norm_type, grad_scale=xform.grad_scale,
+                                                 clip_value=xform.clip_value)[0])
+            else:
+                grads = ref.prepare_grads(seg.grads, inv_scale=xform.inv_scale, clip_value=xform.clip_value)
+                norms.append(ref.grad_norm(grads, norm_type))
+        return ref.norm_of_norms(norms, norm_type), None
+
+    def step(self, rule: str, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
+        plans = bucket.cache.get("plans") or [None] * len(bucket.segments)
+        for seg, plan, ok, hp in zip(bucket.segments, plans, bucket.cache["bound"], hparams):
+            if ok:
+                getattr(kernels(), f"{rule}_step")(plan, **_hp_kwargs(rule, hp), grad_scale=xform.grad_scale, clip_value=xform.clip_value,
+                     clip_coef=xform.clip_coef, found_inf=xform.found_inf)
+            else:
+                _step_segment(RULES[rule], seg, hp, xform)

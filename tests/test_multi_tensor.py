@@ -1,0 +1,66 @@
+"""Multi-tensor launches: tensors that span several chunks (and several programs), chunk
+boundaries, many tensors in one group, and the launch count on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import assert_matches, run_lockstep
+from specs import SPEC_BY_NAME
+
+# Around the chunk sizes of the compiled backends (Triton: 16384 elements a program; CPU: 32768):
+# one element short of, exactly at and one past a boundary, and a tensor of several chunks.
+BOUNDARY_SIZES = [(16383,), (16384,), (16385,), (32769,), (70001,), (0,), (1,)]
+
+
+@pytest.mark.parametrize("name,config", [
+    ("Adam", {"amsgrad": True, "weight_decay": 0.1}),
+    ("Adagrad", {"lr_decay": 0.1}),
+    ("RMSprop", {"centered": True, "momentum": 0.5}),
+])
+def test_tensors_across_chunk_boundaries(name, config, backend, device):
+    """Several programs update one tensor; its step count is bumped once per step (Note
+    [one-launch step counts]), and every element matches torch."""
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in BOUNDARY_SIZES]
+    opt_t, opt_f, theirs, ours = run_lockstep(
+        SPEC_BY_NAME[name], config, dtype=torch.float32, device=device, backend=backend, steps=4,
+        params=params, extras={"max_grad_norm": 50.0},
+        before_torch_step=lambda ps: torch.nn.utils.clip_grad_norm_(ps, 50.0),
+    )
+    assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
+    for state in opt_f.state.values():
+        assert float(state["step"]) == 4.0
+
+
+def test_many_small_tensors_in_one_group(backend, device):
+    params = [torch.nn.Parameter(torch.randn(n % 7 + 1, device=device)) for n in range(300)]
+    opt_t, opt_f, theirs, ours = run_lockstep(
+        SPEC_BY_NAME["AdamW"], {}, dtype=torch.float32, device=device, backend=backend, steps=3, params=params,
+    )
+    assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("clip", [False, True], ids=["plain", "clipped"])
+def test_one_launch_per_step_plus_one_for_the_norm(clip, backend, device):
+    """3,000 tensors: one update kernel, and one norm kernel when clipping (DESIGN, multi-tensor step)."""
+    if device != "cuda" or backend == "reference":
+        pytest.skip("launch counting is for the GPU kernels")
+    from torch.profiler import ProfilerActivity, profile
+
+    import fastopt
+
+    params = [torch.nn.Parameter(torch.randn(4096, device=device)) for _ in range(3000)]
+    opt = fastopt.Adam(params, backend=backend, max_grad_norm=1.0 if clip else None)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # builds state and the plan
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    assert len(kernels) == (2 if clip else 1), kernels
