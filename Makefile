@@ -15,14 +15,14 @@ BENCH_ARGS ?=
 BUILD_STAMP := $(VENV)/.fastopt-built
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: test bench build deps clean
+.PHONY: test bench build deps clean cuda-check cuda-objs
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
 deps: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	@for mod in pytest numpy ninja setuptools wheel; do \
+	@for mod in pytest numpy ninja setuptools wheel packaging; do \
 	  $(PY) -c "import $$mod" 2>/dev/null || missing="$$missing $$mod"; \
 	done; \
 	if [ -n "$$missing" ]; then $(PY) -m pip install -q $$missing; fi
@@ -35,8 +35,40 @@ $(BUILD_STAMP): $(SOURCES) | deps
 
 build: deps $(BUILD_STAMP)
 
-test: build
+test: build cuda-check
 	FASTOPT_REQUIRE_EXT=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# cuda-check: every .cu file compiled by nvcc for sm_80 and sm_90, warnings as errors, on a machine
+# without a GPU or a CUDA build of torch (the CPU wheel's headers; csrc/cuda/check supplies the
+# one generated header they lack), plus ops.cpp with the CUDA bindings. Skipped without nvcc.
+NVCC ?= nvcc
+CUDA_SRCS := $(wildcard csrc/cuda/*.cu)
+CUDA_OBJS := $(patsubst csrc/cuda/%.cu,build/cuda-check/%.o,$(CUDA_SRCS))
+CUDA_HDRS := $(wildcard csrc/cuda/*.cuh csrc/cuda/*.h csrc/include/fastopt/*.h)
+CUDA_ARCHS ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+TORCH_INCLUDES = $$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))") \
+  $$($(PY) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])")
+CXX_STD = $$($(PY) -c "import torch; from packaging.version import Version; print('c++20' if Version(torch.__version__.split('+')[0]) >= Version('2.12') else 'c++17')")
+
+cuda-check: deps
+	@if command -v $(NVCC) >/dev/null 2>&1; then $(MAKE) --no-print-directory -j2 cuda-objs; \
+	else echo "cuda-check: no nvcc on this machine, CUDA sources not compiled"; fi
+
+cuda-objs: $(CUDA_OBJS) build/cuda-check/ops.o
+
+build/cuda-check/%.o: csrc/cuda/%.cu $(CUDA_HDRS)
+	@mkdir -p $(dir $@)
+	@echo "nvcc $<"
+	@$(NVCC) -c $< -o $@ -std=$(CXX_STD) -O3 $(CUDA_ARCHS) -Werror all-warnings --expt-relaxed-constexpr \
+	  -Xcompiler -fPIC -Icsrc/include -Icsrc/cuda/check $(TORCH_INCLUDES) -DTORCH_EXTENSION_NAME=_C \
+	  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+	  -D__CUDA_NO_HALF2_OPERATORS__
+
+build/cuda-check/ops.o: csrc/ops.cpp csrc/cpu/ops.h $(CUDA_HDRS)
+	@mkdir -p $(dir $@)
+	@echo "c++ $< (with the CUDA bindings)"
+	@$(CXX) -fsyntax-only $< -std=$(CXX_STD) -Wall -Werror -DFASTOPT_WITH_CUDA -DTORCH_EXTENSION_NAME=_C \
+	  -Icsrc/include $$(echo $(TORCH_INCLUDES) | sed 's/-I/-isystem /g') && touch $@
 
 bench: build
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib \

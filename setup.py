@@ -39,9 +39,9 @@ if not _flag("FASTOPT_NO_EXT"):
         # -mprefer-vector-width=512: where the CPU has AVX-512, fewer instructions per element
         # (~3% on a memory-bound step; ignored on CPUs without it).
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp", "-mprefer-vector-width=512",
+            "cxx": ["-O3", "-fno-math-errno", "-fopenmp", "-mprefer-vector-width=512",
                     f"-march={os.environ.get('FASTOPT_MARCH', 'native')}"],
-            "nvcc": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3"],
         },
         extra_link_args=["-fopenmp"],
     )

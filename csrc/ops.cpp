@@ -5,6 +5,9 @@
 #include <torch/library.h>
 
 #include "cpu/ops.h"
+#ifdef FASTOPT_WITH_CUDA
+#include "cuda/plan.h"
+#endif
 
 namespace fastopt {
 namespace {
@@ -84,12 +87,51 @@ void planned_step(const GradArgs& ga, Apply&& apply) {
   py::gil_scoped_release no_gil;
   apply();
 }
+
+#ifdef FASTOPT_WITH_CUDA
+// The CUDA plans (csrc/cuda/plan.h): built once per param group, grads bound in C++ each step.
+void bind_cuda(py::module& m) {
+  namespace fc = fastopt::cuda;
+  using fc::CudaPlan;
+  py::class_<CudaPlan, std::shared_ptr<CudaPlan>>(m, "CudaPlan")
+      .def("bind_grads", &CudaPlan::bind_grads)
+      .def("rebind_grads", &CudaPlan::rebind_grads)
+      .def("grad_norm", [](const CudaPlan& plan, double norm_type, OptTensor grad_scale, c10::optional<double> clip,
+                           c10::optional<double> max_norm) {
+        return fc::grad_norm(plan, norm_type, grad_scale, clip, max_norm);
+      });
+  m.def("cuda_adam_plan", &fc::adam_plan);
+  m.def("cuda_adagrad_plan", &fc::adagrad_plan);
+  m.def("cuda_rmsprop_plan", &fc::rmsprop_plan);
+  // lr: a tensor on the params' device (read by the kernel), else `lr_value` (lr_fp32: it came
+  // from a float32 tensor and follows torch's float32 arithmetic).
+  m.def("cuda_adam_step", [](const CudaPlan& plan, OptTensor lr, double lr_value, bool lr_fp32, double beta1,
+                             double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                             OptTensor grad_scale, c10::optional<double> clip, OptTensor coef, OptTensor found_inf) {
+    fc::adam_step(plan, {lr, lr_value, lr_fp32}, {beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled},
+                  {grad_scale, clip, coef, found_inf});
+  });
+  m.def("cuda_adagrad_step", [](const CudaPlan& plan, OptTensor lr, double lr_value, bool lr_fp32, double lr_decay,
+                                double weight_decay, double eps, bool maximize, OptTensor grad_scale,
+                                c10::optional<double> clip, OptTensor coef, OptTensor found_inf) {
+    fc::adagrad_step(plan, {lr, lr_value, lr_fp32}, {lr_decay, weight_decay, eps, maximize},
+                     {grad_scale, clip, coef, found_inf});
+  });
+  m.def("cuda_rmsprop_step", [](const CudaPlan& plan, OptTensor lr, double lr_value, bool lr_fp32, double alpha,
+                                double eps, double weight_decay, double momentum, bool centered, bool maximize,
+                                OptTensor grad_scale, c10::optional<double> clip, OptTensor coef, OptTensor found_inf) {
+    fc::rmsprop_step(plan, {lr, lr_value, lr_fp32}, {alpha, eps, weight_decay, momentum, centered, maximize},
+                     {grad_scale, clip, coef, found_inf});
+  });
+}
+#endif
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastopt compiled ops; they register themselves as torch.ops.fastopt.*";
 #ifdef FASTOPT_WITH_CUDA
   m.def("built_with_cuda", [] { return true; });
+  bind_cuda(m);
 #else
   m.def("built_with_cuda", [] { return false; });
 #endif

@@ -2,7 +2,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "dispatch.h"
+#include "fastopt/dispatch.h"
 #include "ops.h"
 
 namespace fastopt {
@@ -45,10 +45,9 @@ void adagrad_apply(const Slots& sl, const Lr& lr, const AdagradArgs& a, const Gr
     using S = decltype(s);
     using T = typename ComputeType<S>::type;
     const GradPrep<T> gp = ga.prep<T>(a.maximize);
-    const auto sc = per_step_scalars<AdagradScalars<T>>(t, [&](double step) {
-      return AdagradScalars<T>{static_cast<T>(a.weight_decay), static_cast<T>(a.eps),
-                               static_cast<T>(-lr.div(1.0 + (step - 1.0) * a.lr_decay))};
-    });
+    const AdagradHyper hyper{a.lr_decay, a.weight_decay, a.eps};
+    const auto sc =
+        per_step_scalars<AdagradScalars<T>>(t, [&](double step) { return adagrad_scalars<T>(hyper, lr, step); });
     with_bools(
         [&](auto kL2, auto kPrep) {
           for_each_chunk(sl.chunks(), [&](const Chunk& c) {

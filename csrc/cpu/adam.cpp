@@ -5,7 +5,7 @@
 
 #include <cmath>
 
-#include "dispatch.h"
+#include "fastopt/dispatch.h"
 #include "ops.h"
 
 namespace fastopt {
@@ -54,20 +54,12 @@ void adam_apply(const Slots& sl, const Lr& lr, const AdamArgs& a, const GradArgs
   TORCH_CHECK(!a.amsgrad || sl.present(kMaxExpAvgSq), "adam_: amsgrad needs one max_exp_avg_sq per param");
   const std::vector<double> t = sl.increment_steps();
   const bool l2 = a.weight_decay != 0 && !a.decoupled_weight_decay;
-  const double decay = a.weight_decay != 0 && a.decoupled_weight_decay ? lr.decay(a.weight_decay) : 1.0;
+  const AdamHyper hyper{a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled_weight_decay};
   dispatch_storage("adam_", sl.dtype(kGrad), sl.dtype(kParam), sl.present(kParamOut), [&](auto s, auto kMaster) {
     using S = decltype(s);
     using T = typename ComputeType<S>::type;
     const GradPrep<T> gp = ga.prep<T>(a.maximize);
-    // Note [scalars in float64]: torch's Python-float arithmetic, rounded once to T.
-    const auto sc = per_step_scalars<AdamScalars<T>>(t, [&](double step) {
-      const double bc1 = 1.0 - std::pow(a.beta1, step);
-      const double bc2 = 1.0 - std::pow(a.beta2, step);
-      return AdamScalars<T>{static_cast<T>(1.0 - a.beta1), static_cast<T>(a.beta2),
-                            static_cast<T>(1.0 - a.beta2), static_cast<T>(a.eps),
-                            static_cast<T>(a.weight_decay), static_cast<T>(decay),
-                            static_cast<T>(-lr.div(bc1)), static_cast<T>(std::sqrt(bc2))};
-    });
+    const auto sc = per_step_scalars<AdamScalars<T>>(t, [&](double step) { return adam_scalars<T>(hyper, lr, step); });
     with_bools(
         [&](auto kL2, auto kAms, auto kPrep) {
           for_each_chunk(sl.chunks(), [&](const Chunk& c) {

@@ -2,7 +2,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "dispatch.h"
+#include "fastopt/dispatch.h"
 #include "ops.h"
 
 namespace fastopt {
@@ -55,9 +55,7 @@ void rmsprop_apply(const Slots& sl, const Lr& lr, const RMSpropArgs& a, const Gr
     using S = decltype(s);
     using T = typename ComputeType<S>::type;
     const GradPrep<T> gp = ga.prep<T>(a.maximize);
-    const RMSpropScalars<T> sc{static_cast<T>(a.alpha), static_cast<T>(1.0 - a.alpha), static_cast<T>(a.eps),
-                               static_cast<T>(a.weight_decay), static_cast<T>(a.momentum),
-                               static_cast<T>(-lr.value)};
+    const RMSpropScalars<T> sc = rmsprop_scalars<T>({a.alpha, a.eps, a.weight_decay, a.momentum}, lr);
     with_bools(
         [&](auto kL2, auto kCentered, auto kMomentum, auto kPrep) {
           for_each_chunk(sl.chunks(), [&](const Chunk& c) {

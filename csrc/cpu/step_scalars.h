@@ -34,22 +34,11 @@ struct GradArgs {
   }
 };
 
-// The learning rate with torch.optim's arithmetic: a Python float computes in double; a float32
-// tensor lr computes `lr / x` and `1 - lr * wd` in float32 (tensor-scalar ops in its dtype).
-struct Lr {
-  double value;
-  bool fp32;
-
-  explicit Lr(const at::Tensor& lr) : value(0.0), fp32(lr.scalar_type() == at::kFloat) {
+// The learning rate of a step, read from its (CPU) tensor: fastopt::LrValue's arithmetic.
+struct Lr : LrValue {
+  explicit Lr(const at::Tensor& lr) : LrValue{0.0, lr.scalar_type() == at::kFloat} {
     TORCH_CHECK(lr.numel() == 1, "fastopt: lr must be a 1-element tensor");
     value = lr.item<double>();
-  }
-  double div(double x) const {
-    return fp32 ? static_cast<double>(static_cast<float>(value) / static_cast<float>(x)) : value / x;
-  }
-  double decay(double wd) const {
-    return fp32 ? static_cast<double>(1.0f - static_cast<float>(value) * static_cast<float>(wd))
-                : 1.0 - value * wd;
   }
 };
 

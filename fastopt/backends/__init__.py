@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 
 from .cpu import CpuBackend
+from .cuda import CudaBackend
 from .reference import GradTransform, ReferenceBackend
 from .triton import TritonBackend
 
@@ -15,12 +16,7 @@ NAMES = ("auto", "reference", "cpu", "triton", "cuda")
 # Preference order of backend="auto", per device type.
 _AUTO = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
-# Backends whose kernels are not in this build yet: the reason they are unavailable.
-_NOT_YET = {
-    "cuda": "the cuda backend has no kernels in this build yet",
-}
-
-_BACKENDS = {b.name: b for b in (ReferenceBackend(), CpuBackend(), TritonBackend())}
+_BACKENDS = {b.name: b for b in (ReferenceBackend(), CpuBackend(), TritonBackend(), CudaBackend())}
 
 
 class BackendUnavailable(RuntimeError):
@@ -35,8 +31,6 @@ def why_unavailable(name: str, device: Union[str, torch.device]) -> Union[str, N
     """None when ``name`` can run on ``device``, else the reason it cannot."""
     if name not in NAMES or name == "auto":
         return f"unknown backend {name!r}; expected one of {NAMES}"
-    if name in _NOT_YET:
-        return _NOT_YET[name]
     return _BACKENDS[name].unavailable_reason(_device_type(device))
 
 

@@ -57,7 +57,39 @@ FASTOPT_HD T prep(T g, const GradPrep<T>& gp) {
   return kPrep ? prepare_grad<T>(g, gp.inv_scale, true, gp.clip) * gp.coef * gp.sign : g;
 }
 
+// The learning rate with torch.optim's arithmetic: a Python float computes in double; a float32
+// tensor lr computes `lr / x` and `1 - lr * wd` in float32 (tensor-scalar ops in its dtype).
+struct LrValue {
+  double value;
+  bool fp32;
+
+  FASTOPT_HD double div(double x) const {
+    return fp32 ? static_cast<double>(static_cast<float>(value) / static_cast<float>(x)) : value / x;
+  }
+  FASTOPT_HD double decay(double wd) const {
+    return fp32 ? static_cast<double>(1.0f - static_cast<float>(value) * static_cast<float>(wd))
+                : 1.0 - value * wd;
+  }
+};
+
+// Note [scalars in float64]: per-step scalars are computed as torch.optim (foreach=False)
+// computes its Python floats, in double, and rounded once to T; the CPU computes them on the host
+// per distinct step count, the CUDA kernels per chunk on the device.
+template <typename T>
+FASTOPT_HD T pow_(T x, T y) {
+#if defined(__CUDA_ARCH__)
+  return ::pow(x, y);
+#else
+  return std::pow(x, y);
+#endif
+}
+
 // ---- Adam / AdamW ---------------------------------------------------------------------------
+
+struct AdamHyper {
+  double beta1, beta2, eps, weight_decay;
+  bool decoupled;
+};
 
 template <typename T>
 struct AdamScalars {  // per tensor: the bias corrections depend on its step count
@@ -70,6 +102,16 @@ struct AdamScalars {  // per tensor: the bias corrections depend on its step cou
   T neg_step_size;    // -lr / (1 - beta1^t)
   T bc2_sqrt;         // sqrt(1 - beta2^t)
 };
+
+template <typename T>
+FASTOPT_HD AdamScalars<T> adam_scalars(const AdamHyper& h, const LrValue& lr, double step) {
+  const double bc1 = 1.0 - pow_(h.beta1, step);
+  const double bc2 = 1.0 - pow_(h.beta2, step);
+  const double decay = h.weight_decay != 0 && h.decoupled ? lr.decay(h.weight_decay) : 1.0;
+  return AdamScalars<T>{static_cast<T>(1.0 - h.beta1), static_cast<T>(h.beta2), static_cast<T>(1.0 - h.beta2),
+                        static_cast<T>(h.eps),         static_cast<T>(h.weight_decay), static_cast<T>(decay),
+                        static_cast<T>(-lr.div(bc1)),  static_cast<T>(sqrt_(bc2))};
+}
 
 // Returns the new param; updates m, v and (kAmsgrad) vmax in place.
 template <typename T, bool kL2, bool kAmsgrad>
@@ -96,6 +138,16 @@ struct AdagradScalars {
   T neg_clr;  // -lr / (1 + (t - 1) * lr_decay)
 };
 
+struct AdagradHyper {
+  double lr_decay, weight_decay, eps;
+};
+
+template <typename T>
+FASTOPT_HD AdagradScalars<T> adagrad_scalars(const AdagradHyper& h, const LrValue& lr, double step) {
+  return AdagradScalars<T>{static_cast<T>(h.weight_decay), static_cast<T>(h.eps),
+                           static_cast<T>(-lr.div(1.0 + (step - 1.0) * h.lr_decay))};
+}
+
 template <typename T, bool kL2>
 FASTOPT_HD T adagrad_element(T p, T g, T& sum, const AdagradScalars<T>& s) {
   if (kL2) g = g + s.weight_decay * p;
@@ -115,6 +167,17 @@ struct RMSpropScalars {
   T momentum;
   T neg_lr;
 };
+
+struct RMSpropHyper {
+  double alpha, eps, weight_decay, momentum;
+};
+
+template <typename T>
+FASTOPT_HD RMSpropScalars<T> rmsprop_scalars(const RMSpropHyper& h, const LrValue& lr) {
+  return RMSpropScalars<T>{static_cast<T>(h.alpha),        static_cast<T>(1.0 - h.alpha),
+                           static_cast<T>(h.eps),          static_cast<T>(h.weight_decay),
+                           static_cast<T>(h.momentum),     static_cast<T>(-lr.value)};
+}
 
 template <typename T, bool kL2, bool kCentered, bool kMomentum>
 FASTOPT_HD T rmsprop_element(T p, T g, T& v, T& grad_avg, T& buf, const RMSpropScalars<T>& s) {

@@ -1,4 +1,5 @@
-// Turning runtime flags and dtypes into template parameters for the CPU update kernels.
+// Turning runtime flags and dtypes into template parameters, for the CPU and CUDA update kernels
+// alike (host code: it picks which kernel instantiation runs).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,7 +8,6 @@
 #include <type_traits>
 
 namespace fastopt {
-namespace cpu {
 
 // fn(std::integral_constant<bool, b>) so that `decltype(flag)::value` is a compile-time constant.
 template <typename Fn>
@@ -54,5 +54,4 @@ void dispatch_storage(const char* op, at::ScalarType grad_dtype, at::ScalarType 
   });
 }
 
-}  // namespace cpu
 }  // namespace fastopt

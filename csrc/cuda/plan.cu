@@ -1,0 +1,165 @@
+// CudaPlan: the device tables of a param group (Note [CUDA tables in device memory]).
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "plan.h"
+
+namespace fastopt {
+namespace cuda {
+
+namespace {
+
+// A host vector to the device without a host sync: staged through pinned memory (the caching host
+// allocator keeps the buffer alive until the copy has run).
+template <typename V>
+at::Tensor upload(const std::vector<V>& values, at::ScalarType dtype, const at::Device& device) {
+  at::Tensor host = at::empty({static_cast<int64_t>(std::max<size_t>(values.size(), 1))},
+                              at::TensorOptions().dtype(dtype).pinned_memory(true));
+  if (!values.empty()) std::memcpy(host.data_ptr(), values.data(), values.size() * sizeof(V));
+  return host.to(device, /*non_blocking=*/true);
+}
+
+// Non-overlapping and dense with the same strides as `ref`: one block of memory walked in the
+// same order (Note [dense tensors, any layout], csrc/cpu/multi_tensor.h).
+bool walks_with(const at::Tensor& t, const at::Tensor& ref) {
+  return t.layout() == at::kStrided && t.is_non_overlapping_and_dense() && t.strides() == ref.strides() &&
+         t.sizes() == ref.sizes();
+}
+
+// Vector loads of 4 elements need every slot's address aligned to 4 elements of its dtype.
+bool aligned4(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % (4 * t.element_size()) == 0;
+}
+
+}  // namespace
+
+CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tensor>>>& lists, size_t grad_slot,
+                   std::vector<at::Tensor> steps, std::vector<at::Tensor> owners)
+    : device_(lists.front().second.empty() ? at::Device(at::kCUDA) : lists.front().second.front().device()),
+      grad_slot_(grad_slot),
+      steps_(std::move(steps)),
+      owners_(std::move(owners)) {
+  const auto& first = lists.front().second;
+  const size_t n = first.size();
+  TORCH_CHECK(steps_.size() == n, "fastopt (cuda): one step count per param, got ", steps_.size(), " for ", n);
+  TORCH_CHECK(owners_.empty() || owners_.size() == n, "fastopt (cuda): one owner per param");
+  for (const auto& [name, tensors] : lists) {
+    TORCH_CHECK(tensors.empty() || tensors.size() == n, "fastopt (cuda): `", name, "` has ", tensors.size(),
+                " tensors, expected ", n);
+    present_.push_back(!tensors.empty());
+    dtypes_.push_back(tensors.empty() ? at::kFloat : tensors.front().scalar_type());
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const at::Tensor& t = tensors[i];
+      TORCH_CHECK(t.is_cuda() && t.device() == device_, "fastopt (cuda): `", name, "` tensor ", i, " is on ",
+                  t.device(), ", the params on ", device_);
+      TORCH_CHECK(t.scalar_type() == dtypes_.back(), "fastopt (cuda): `", name, "` mixes ", dtypes_.back(),
+                  " and ", t.scalar_type());
+      TORCH_CHECK(walks_with(t, first[i]), "fastopt (cuda): `", name, "` tensor ", i,
+                  " is not laid out like its param (dense, same strides)");
+    }
+    slots_.push_back(tensors);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& s = steps_[i];
+    TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == device_,
+                "fastopt (cuda): step counts must be 1-element float32 tensors on ", device_);
+  }
+  std::vector<int32_t> chunk_tensor, chunks_of_tensor;
+  std::vector<int64_t> chunk_start;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t numel = first[i].numel();
+    numels_.push_back(numel);
+    strides_.push_back(first[i].strides().vec());
+    const int64_t count = std::max<int64_t>(1, (numel + kChunk - 1) / kChunk);  // empty tensors too
+    for (int64_t c = 0; c < count; ++c) {
+      chunk_tensor.push_back(static_cast<int32_t>(i));
+      chunk_start.push_back(c * kChunk);
+    }
+    chunks_of_tensor.push_back(static_cast<int32_t>(count));
+  }
+  n_chunks_ = static_cast<int64_t>(chunk_tensor.size());
+  for (const auto& o : owners_) owner_ptrs_.push_back(o.data_ptr());
+  ptr_host_.assign(slots_.size() * n, 0);
+  aligned_host_.assign(n, 1);
+  for (size_t s = 0; s < slots_.size(); ++s) {
+    for (size_t i = 0; i < slots_[s].size(); ++i) {
+      ptr_host_[s * n + i] = reinterpret_cast<int64_t>(slots_[s][i].data_ptr());
+      aligned_host_[i] = aligned_host_[i] && aligned4(slots_[s][i]);
+    }
+  }
+  std::vector<int64_t> step_ptrs;
+  for (const auto& s : steps_) step_ptrs.push_back(reinterpret_cast<int64_t>(s.data_ptr()));
+  chunk_tensor_ = upload(chunk_tensor, at::kInt, device_);
+  chunk_start_ = upload(chunk_start, at::kLong, device_);
+  numels_dev_ = upload(numels_, at::kLong, device_);
+  ptrs_dev_ = upload(ptr_host_, at::kLong, device_);
+  aligned_dev_ = upload(aligned_host_, at::kByte, device_);
+  step_ptrs_dev_ = upload(step_ptrs, at::kLong, device_);
+  chunks_of_tensor_ = upload(chunks_of_tensor, at::kInt, device_);
+  const auto on_device = at::TensorOptions().device(device_);
+  done_ = at::zeros({static_cast<int64_t>(std::max<size_t>(n, 1))}, on_device.dtype(at::kInt));
+  partials_ = at::empty({std::max<int64_t>(n_chunks_, 1)}, on_device.dtype(at::kDouble));
+  norm_counter_ = at::zeros({1}, on_device.dtype(at::kInt));
+}
+
+bool CudaPlan::bindable(const at::Tensor& g, size_t i) const {
+  // torch keeps a grad's shape, dtype and device equal to its param's; the strides it does not.
+  return g.defined() && g.layout() == at::kStrided && g.device() == device_ &&
+         g.scalar_type() == dtypes_[grad_slot_] && g.strides() == c10::IntArrayRef(strides_[i]) &&
+         g.sizes() == slots_[0][i].sizes() && g.is_non_overlapping_and_dense();
+}
+
+void CudaPlan::upload_grads(const std::vector<at::Tensor>& grads) {
+  const size_t n = numels_.size();
+  bool changed = false;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t address = reinterpret_cast<int64_t>(grads[i].data_ptr());
+    changed = changed || address != ptr_host_[grad_slot_ * n + i];
+    ptr_host_[grad_slot_ * n + i] = address;
+  }
+  slots_[grad_slot_] = grads;  // keep this step's grads alive while the kernels read them
+  if (!changed) return;
+  // Only the grads row of the address table, and the alignment flags, change.
+  std::vector<uint8_t> aligned(n, 1);
+  for (size_t s = 0; s < slots_.size(); ++s) {
+    for (size_t i = 0; i < slots_[s].size(); ++i) aligned[i] = aligned[i] && aligned4(slots_[s][i]);
+  }
+  std::vector<int64_t> row(ptr_host_.begin() + grad_slot_ * n, ptr_host_.begin() + (grad_slot_ + 1) * n);
+  ptrs_dev_.narrow(0, static_cast<int64_t>(grad_slot_ * n), static_cast<int64_t>(n))
+      .copy_(upload(row, at::kLong, device_), /*non_blocking=*/true);
+  if (aligned != aligned_host_) {
+    aligned_dev_.copy_(upload(aligned, at::kByte, device_), /*non_blocking=*/true);
+    aligned_host_ = aligned;
+  }
+}
+
+bool CudaPlan::bind_grads() {
+  if (owners_.empty()) return false;
+  for (size_t i = 0; i < owners_.size(); ++i) {
+    if (owners_[i].data_ptr() != owner_ptrs_[i]) return false;  // `p.data = ...`: the plan is stale
+  }
+  std::vector<at::Tensor> grads;
+  grads.reserve(owners_.size());
+  for (size_t i = 0; i < owners_.size(); ++i) {
+    const at::Tensor& g = owners_[i].grad();
+    if (!bindable(g, i)) return false;
+    grads.push_back(g);
+  }
+  upload_grads(grads);
+  return true;
+}
+
+bool CudaPlan::rebind_grads(const std::vector<at::Tensor>& grads) {
+  if (grads.size() != numels_.size()) return false;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (!bindable(grads[i], i)) return false;
+  }
+  upload_grads(grads);
+  return true;
+}
+
+}  // namespace cuda
+}  // namespace fastopt

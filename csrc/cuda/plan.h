@@ -1,0 +1,132 @@
+// The host side of the CUDA multi-tensor engine (no CUDA types here: ops.cpp includes it).
+//
+// Note [CUDA tables in device memory]: torch's multi_tensor_apply packs tensor addresses into the
+// 4 KB kernel-argument buffer and so launches once every ~36 tensors. A CudaPlan keeps the
+// per-group metadata in device memory instead, built once: per-slot address tables, element
+// counts, the chunk table (tensor index, 64-bit start), per-tensor step-count addresses, and the
+// counters of Note [one-launch step counts] (triton_kernels/multi_tensor.py, the same protocol).
+// A step re-uploads only the grad addresses, and only when a grad was reallocated; the kernels
+// run a persistent grid sized to the GPU that walks the chunk table, so one launch updates every
+// tensor of a group however many there are.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace fastopt {
+namespace cuda {
+
+constexpr int64_t kChunk = 16384;  // elements per chunk (a block walks one chunk at a time)
+
+class CudaPlan {
+ public:
+  // `lists`: slot name and tensors, aligned by index; an empty list is an absent slot. Slot 0 is
+  // the params the math runs on, slot `grad_slot` the grads (re-bound every step). `owners`:
+  // the user's params, whose .grad() bind_grads() reads (may be empty for a one-off plan).
+  CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tensor>>>& lists, size_t grad_slot,
+           std::vector<at::Tensor> steps, std::vector<at::Tensor> owners);
+
+  // Reads every owner's .grad(); false, changing nothing, when one is missing, sparse, or laid
+  // out unlike its param, or when a param got new storage (`p.data = ...`): the caller then
+  // takes another path and rebuilds the plan.
+  bool bind_grads();
+  // The same with an explicit list (complex params' real views, one-off list ops).
+  bool rebind_grads(const std::vector<at::Tensor>& grads);
+
+  int64_t size() const { return static_cast<int64_t>(numels_.size()); }
+  int64_t n_chunks() const { return n_chunks_; }
+  at::ScalarType dtype(size_t slot) const { return dtypes_[slot]; }
+  bool present(size_t slot) const { return present_[slot]; }
+  const at::Device& device() const { return device_; }
+
+  // Device addresses for the kernels.
+  const int32_t* chunk_tensor() const { return chunk_tensor_.data_ptr<int32_t>(); }
+  const int64_t* chunk_start() const { return chunk_start_.data_ptr<int64_t>(); }
+  const int64_t* numels() const { return numels_dev_.data_ptr<int64_t>(); }
+  void* const* ptrs() const { return static_cast<void* const*>(ptrs_dev_.data_ptr()); }  // [slot][tensor]
+  const uint8_t* aligned() const { return aligned_dev_.data_ptr<uint8_t>(); }
+  float* const* steps() const { return static_cast<float* const*>(step_ptrs_dev_.data_ptr()); }
+  const int32_t* chunks_of_tensor() const { return chunks_of_tensor_.data_ptr<int32_t>(); }
+  int32_t* done() const { return done_.data_ptr<int32_t>(); }
+  double* partials() const { return partials_.data_ptr<double>(); }
+  int32_t* norm_counter() const { return norm_counter_.data_ptr<int32_t>(); }
+
+ private:
+  bool bindable(const at::Tensor& g, size_t i) const;
+  void upload_grads(const std::vector<at::Tensor>& grads);
+
+  at::Device device_;
+  size_t grad_slot_;
+  std::vector<std::vector<at::Tensor>> slots_;  // keeps every tensor alive while the tables hold its address
+  std::vector<at::ScalarType> dtypes_;
+  std::vector<bool> present_;
+  std::vector<at::Tensor> steps_, owners_;
+  std::vector<void*> owner_ptrs_;  // the owners' storage when the plan was built
+  std::vector<int64_t> numels_;
+  std::vector<std::vector<int64_t>> strides_;
+  std::vector<int64_t> ptr_host_;  // [slot][tensor] addresses, as uploaded
+  std::vector<uint8_t> aligned_host_;
+  int64_t n_chunks_ = 0;
+  at::Tensor chunk_tensor_, chunk_start_, numels_dev_, ptrs_dev_, aligned_dev_, step_ptrs_dev_,
+      chunks_of_tensor_, done_, partials_, norm_counter_;
+};
+
+// The gradient transform of a step: device tensors (or absent) and the value clip.
+struct CudaGradArgs {
+  c10::optional<at::Tensor> grad_scale;  // GradScaler's scale (or, with scale_is_inverse, 1/scale)
+  c10::optional<double> clip_value;
+  c10::optional<at::Tensor> clip_coef;
+  c10::optional<at::Tensor> found_inf;
+  bool scale_is_inverse = false;
+};
+
+// The learning rate: a device tensor (read by the kernel: CUDA-graph safe) or a value.
+struct CudaLr {
+  c10::optional<at::Tensor> tensor;
+  double value = 0.0;
+  bool fp32 = false;  // the value came from a float32 tensor: torch's float32 arithmetic (LrValue)
+};
+
+struct AdamFlags {
+  double beta1, beta2, eps, weight_decay;
+  bool amsgrad, maximize, decoupled;
+};
+struct AdagradFlags {
+  double lr_decay, weight_decay, eps;
+  bool maximize;
+};
+struct RMSpropFlags {
+  double alpha, eps, weight_decay, momentum;
+  bool centered, maximize;
+};
+
+// Slot orders (the same as the CPU ops'): params, grads, state..., params_out.
+std::shared_ptr<CudaPlan> adam_plan(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                                    const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                                    const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& steps,
+                                    const std::vector<at::Tensor>& params_out, std::vector<at::Tensor> owners);
+std::shared_ptr<CudaPlan> adagrad_plan(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                                       const std::vector<at::Tensor>& sums, const std::vector<at::Tensor>& steps,
+                                       const std::vector<at::Tensor>& params_out, std::vector<at::Tensor> owners);
+std::shared_ptr<CudaPlan> rmsprop_plan(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                                       const std::vector<at::Tensor>& square_avgs,
+                                       const std::vector<at::Tensor>& grad_avgs,
+                                       const std::vector<at::Tensor>& momentum_buffers,
+                                       const std::vector<at::Tensor>& steps,
+                                       const std::vector<at::Tensor>& params_out, std::vector<at::Tensor> owners);
+
+// One launch each (the plan's grads bound this step).
+void adam_step(const CudaPlan& plan, const CudaLr& lr, const AdamFlags& f, const CudaGradArgs& g);
+void adagrad_step(const CudaPlan& plan, const CudaLr& lr, const AdagradFlags& f, const CudaGradArgs& g);
+void rmsprop_step(const CudaPlan& plan, const CudaLr& lr, const RMSpropFlags& f, const CudaGradArgs& g);
+
+// The norm (2 or inf) of the bound grads after unscale and value clip, and, with max_norm, the
+// clip coefficient, in one launch: a float32 tensor [norm, coef].
+at::Tensor grad_norm(const CudaPlan& plan, double norm_type, const c10::optional<at::Tensor>& grad_scale,
+                     c10::optional<double> clip_value, c10::optional<double> max_norm);
+
+}  // namespace cuda
+}  // namespace fastopt
