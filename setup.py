@@ -31,6 +31,8 @@ if not _flag("FASTOPT_NO_EXT"):
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no visible GPU: Ampere and Hopper
     common = dict(
         include_dirs=[os.path.join(root, "csrc", "include")],
         # -fno-math-errno: sqrt must not set errno, or the update loops cannot be vectorized.
@@ -41,7 +43,7 @@ if not _flag("FASTOPT_NO_EXT"):
         extra_compile_args={
             "cxx": ["-O3", "-fno-math-errno", "-fopenmp", "-mprefer-vector-width=512",
                     f"-march={os.environ.get('FASTOPT_MARCH', 'native')}"],
-            "nvcc": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr"],
         },
         extra_link_args=["-fopenmp"],
     )
