@@ -146,6 +146,36 @@ def fastopt_step(case: Case, backend: str, shapes, device) -> Callable[[], None]
     return step
 
 
+# Peers, timed where importable (none is installed by `make bench`): provider -> (module, the
+# class for each optimizer, the devices it runs on).
+PEERS = {
+    "bitsandbytes 32-bit": ("bitsandbytes.optim", {"Adam": "Adam32bit", "AdamW": "AdamW32bit",
+                                                   "Adagrad": "Adagrad32bit", "RMSprop": "RMSprop32bit"}, ("cuda",)),
+    "torchao": ("torchao.optim", {"AdamW": "_AdamW"}, ("cuda",)),
+    "torch-optimi": ("optimi", {"Adam": "Adam", "AdamW": "AdamW"}, ("cpu", "cuda")),
+}
+
+
+def peer_steps(case: Case, shapes, device: str, notes: set) -> dict[str, Callable[[], None]]:
+    """Steps of the peers that implement the case (plain fp32 steps only); a one-line note for
+    each peer that is not importable."""
+    import importlib
+
+    out = {}
+    if case.recipe != "plain" or case.options:
+        return out
+    for provider, (module, classes, devices) in PEERS.items():
+        if device not in devices or case.name not in classes:
+            continue
+        try:
+            cls = getattr(importlib.import_module(module), classes[case.name])
+        except (ImportError, AttributeError) as exc:
+            notes.add(f"{provider} skipped: {str(exc).splitlines()[0]}")
+            continue
+        out[provider] = cls(_params(shapes, device), lr=1e-3).step
+    return out
+
+
 def torch_variants(case: Case, device: str) -> list[str]:
     """torch.optim's implementations of the case's optimizer that run on ``device``."""
     out = []
@@ -179,6 +209,7 @@ def main() -> None:
     print(f"# fastopt backends: {', '.join(backends)}", flush=True)
 
     rows: list[Row] = []
+    notes: set[str] = set()
     copy_bw: dict[int, float] = {}
     for i, case in enumerate(cases):
         shapes = shapes_for(case.sizes, args.device, args.full)
@@ -191,8 +222,9 @@ def main() -> None:
             steps[f"torch {variant}"] = torch_step(case, variant, shapes, args.device)
         for backend in backends:
             steps[f"fastopt {backend}"] = fastopt_step(case, backend, shapes, args.device)
+        steps.update(peer_steps(case, shapes, args.device, notes))
         timings = time_alternating(steps, args.device)
-        best_torch = min(t.median_ms for p, t in timings.items() if p.startswith("torch"))
+        best_torch = min(t.median_ms for p, t in timings.items() if p.startswith("torch "))
         for provider, t in timings.items():
             gbs = numel * case.bytes_per_param / (t.median_ms * 1e-3) / 1e9
             rows.append(Row(
@@ -204,6 +236,8 @@ def main() -> None:
         print(f"# [{i + 1}/{len(cases)}] {label}: copy {copy_bw[numel]:.1f} GB/s; "
               + ", ".join(f"{p} {t.median_ms:.3f} ms" for p, t in timings.items()), flush=True)
 
+    for note in sorted(notes):
+        print(f"# {note}")
     write_csv(rows, env, args.csv)
     os.makedirs(OUT_DIR, exist_ok=True)
     with open(os.path.join(OUT_DIR, "report.md"), "w") as f:

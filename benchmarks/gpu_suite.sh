@@ -29,7 +29,9 @@ fi
 
 # 2. the full test suite (cuda and triton backends run here)
 if [ -z "${SKIP_TESTS:-}" ]; then
-  FASTOPT_REQUIRE_EXT=1 timeout 300 "$PY" -m pytest -q -p no:cacheprovider -x --maxfail=20 \
+  # -n 8: Triton compiles one kernel per specialization; workers compile in parallel
+  xdist=""; "$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
+  FASTOPT_REQUIRE_EXT=1 timeout 360 "$PY" -m pytest -q -p no:cacheprovider --maxfail=50 $xdist \
     >"$OUT/tests.log" 2>&1
   note "tests (rc $?): $(tail -1 "$OUT/tests.log")"
   # 3. compute-sanitizer on a short subset of GPU tests
