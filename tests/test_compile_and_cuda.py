@@ -79,3 +79,44 @@ def test_cuda_graph_capture_and_replay_of_a_clipped_step(backend, device):
         _torch_clipped_step(opt_t, theirs)
     torch.cuda.synchronize()
     assert_same_params(ours, theirs, **TOL[torch.float32])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_cuda_graph_of_a_clipped_amp_step(backend, device):
+    """A captured step with GradScaler's grad_scale and found_inf (as GradScaler.step sets them):
+    replays unscale, clip and update with the values in device memory at replay time, and a
+    replay with found_inf set changes nothing."""
+    if device != "cuda":
+        pytest.skip("CUDA graphs need CUDA tensors")
+    params, ours, theirs, opt_f, opt_t = _clipped_pair(backend, device)
+    scale = torch.full((), 8.0, device=device)
+    found_inf = torch.zeros((), device=device)
+    opt_f.grad_scale, opt_f.found_inf = scale, found_inf
+
+    def feed(grads):
+        for p, g in zip(ours, grads):
+            if p.grad is None:
+                p.grad = g * scale
+            else:
+                p.grad.copy_(g * scale)  # graphs replay on the captured gradient buffers
+        set_grads(theirs, grads)
+
+    feed(random_grads(params))
+    opt_f.step()
+    _torch_clipped_step(opt_t, theirs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_f.step()
+    for _ in range(3):
+        feed(random_grads(params))
+        graph.replay()
+        _torch_clipped_step(opt_t, theirs)
+    torch.cuda.synchronize()
+    assert_same_params(ours, theirs, **TOL[torch.float32])
+    before = [p.detach().clone() for p in ours]
+    found_inf.fill_(1.0)
+    feed(random_grads(params))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(ours, before))
