@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastopt
-from specs import SPEC_BY_NAME, clone_params, make_params
+from specs import clone_params, make_params
 
 # (optimizer, bad kwargs): torch raises for each; fastopt must raise the same type and message.
 TORCH_VALIDATION = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close, skip_unsupported
+from conftest import skip_unsupported
 from harness import assert_matches, run_lockstep, set_grads
 from specs import SPEC_BY_NAME, SPECS, clone_params, make_params, materialize, random_grads, spec_cases
 

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .. import reference as ref
 from .._plan import Bucket, Segment
-from .reference import GradTransform, ReferenceBackend
+from .planned import PlannedBackend
+from .reference import GradTransform
 
 
 def _lr(lr: Union[float, Tensor]) -> Tensor:
@@ -81,7 +81,7 @@ _RULES = {
 }
 
 
-class CpuBackend(ReferenceBackend):
+class CpuBackend(PlannedBackend):
     name = "cpu"
 
     def unavailable_reason(self, device_type: str) -> Optional[str]:
@@ -91,67 +91,34 @@ class CpuBackend(ReferenceBackend):
             return _ext.load_error
         return None
 
-    # -- binding this step's grads ---------------------------------------------------------------
-
-    def _plans(self, bucket: Bucket) -> list:
-        """One CpuPlan per segment (None for complex params: their grads need a real view)."""
-        plans = bucket.cache.get("plans")
-        if plans is None:
-            lists, _, name = _RULES[bucket.rule]
-            build = getattr(_ext._C, f"cpu_{name}_plan")
-            plans = []
-            for seg in bucket.segments:
-                plan = None
-                if not seg.is_complex:
-                    # The grads slot holds the params as placeholders (same layout and dtype as
-                    # the grads a plan can take); bind_grads() fills it every step.
-                    plan = build(*lists(seg, seg.params))
-                    plan.set_owners(seg.owners)
-                plans.append(plan)
-            bucket.cache["plans"] = plans
-        return plans
-
-    def bind(self, bucket: Bucket) -> bool:
-        bucket.cache["bound"] = [False] * len(bucket.segments)
-        if torch.compiler.is_compiling():
-            return super().bind(bucket)
+    def _build(self, bucket: Bucket, seg: Segment):
+        """A CpuPlan (None for complex params: their grads need a real view each step)."""
+        if seg.is_complex:
+            return None
+        lists, _, name = _RULES[bucket.rule]
         try:
-            plans = self._plans(bucket)
+            # The grads slot holds the params as placeholders (same layout and dtype as the grads
+            # a plan can take); bind_grads() fills it every step.
+            plan = getattr(_ext._C, f"cpu_{name}_plan")(*lists(seg, seg.params))
         except RuntimeError:  # a layout or dtype a plan refuses: the list ops take it (or say why)
-            return super().bind(bucket)
-        bound, stale = [], False
-        for seg, plan in zip(bucket.segments, plans):
-            if plan is not None and plan.bind_grads():
-                bound.append(True)
-                continue
-            stale = stale or plan is not None
-            bound.append(False)
-            if not seg.refresh_grads():
-                return False
-        if stale:  # storage changed, or grads the plan cannot take: rebuilt next step
-            bucket.cache.pop("plans")
-        bucket.cache["bound"] = bound
-        return True
+            return None
+        plan.set_owners(seg.owners)
+        return plan
 
-    # -- the step --------------------------------------------------------------------------------
+    def _bind(self, plan, seg: Segment) -> bool:
+        return plan.bind_grads()
 
-    def grad_norm(self, bucket: Bucket, norm_type: float, xform: GradTransform) -> Tensor:
-        norms = []
-        for i, seg in enumerate(bucket.segments):
-            if bucket.cache["bound"][i]:
-                norms.append(bucket.cache["plans"][i].grad_norm(norm_type, xform.inv_scale, xform.clip_value))
-            else:
-                grads = [g.contiguous() for g in seg.grads]
-                norms.append(torch.ops.fastopt.multi_tensor_norm(grads, norm_type, xform.inv_scale,
-                                                                 xform.clip_value))
-        return norms[0] if len(norms) == 1 else ref.norm_of_norms(norms, norm_type)
+    def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
+        return plan.grad_norm(norm_type, xform.inv_scale, xform.clip_value), None
 
-    def step(self, rule: str, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
+    def _plan_step(self, rule: str, plan, bucket: Bucket, hp: dict, xform: GradTransform) -> None:
+        _, hp_args, name = _RULES[rule]
+        getattr(_ext._C, f"cpu_{name}_step")(plan, *hp_args(hp), *_grad_args(xform))
+
+    def _fallback_norm(self, bucket: Bucket, seg: Segment, norm_type: float, xform: GradTransform) -> Tensor:
+        grads = [g.contiguous() for g in seg.grads]
+        return torch.ops.fastopt.multi_tensor_norm(grads, norm_type, xform.inv_scale, xform.clip_value)
+
+    def _fallback_step(self, rule: str, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
         lists, hp_args, name = _RULES[rule]
-        for i, (seg, hp) in enumerate(zip(bucket.segments, hparams)):
-            if bucket.cache["bound"][i]:
-                step = getattr(_ext._C, f"cpu_{name}_step")
-                step(bucket.cache["plans"][i], *hp_args(hp), *_grad_args(xform))
-            else:
-                op = getattr(torch.ops.fastopt, f"{name}_")
-                op(*lists(seg, seg.grads), *hp_args(hp), *_grad_args(xform))
+        getattr(torch.ops.fastopt, f"{name}_")(*lists(seg, seg.grads), *hp_args(hp), *_grad_args(xform))

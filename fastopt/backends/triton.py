@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import reference as ref
 from .._plan import Bucket, Segment
-from .reference import GradTransform, ReferenceBackend, RULES, _step_segment
+from .planned import PlannedBackend
+from .reference import GradTransform
 
 _kernels = None
 _import_error: Optional[str] = None
@@ -65,7 +65,7 @@ def _hp_kwargs(rule: str, hp: dict) -> dict:
     return {k: hp[k] for k in ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")}
 
 
-class TritonBackend(ReferenceBackend):
+class TritonBackend(PlannedBackend):
     name = "triton"
     DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -85,70 +85,20 @@ class TritonBackend(ReferenceBackend):
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self.DTYPES
 
-    # -- binding this step's grads ---------------------------------------------------------------
+    def _build(self, bucket: Bucket, seg: Segment):
+        try:
+            return kernels().MultiTensorPlan(_slots(bucket.rule, seg), seg.steps)
+        except ValueError:  # a layout the tables cannot walk: the reference path
+            return None
 
-    def _plans(self, bucket: Bucket) -> list:
-        plans = bucket.cache.get("plans")
-        if plans is None:
-            plans = []
-            for seg in bucket.segments:
-                try:
-                    plans.append(kernels().MultiTensorPlan(_slots(bucket.rule, seg), seg.steps))
-                except ValueError:  # a layout the tables cannot walk: the reference path
-                    plans.append(None)
-            bucket.cache["plans"] = plans
-        return plans
+    def _bind(self, plan, seg: Segment) -> bool:
+        return seg.refresh_grads() and plan.storage_unchanged() and plan.bind_grads(seg.grads)
 
-    def bind(self, bucket: Bucket) -> bool:
-        if not super().bind(bucket):
-            return False
-        if torch.compiler.is_compiling():
-            # Note [triton under torch.compile]: Dynamo cannot trace the host side of a launch
-            # (pointer tables); a compiled step runs the reference rules, which it traces and fuses.
-            bucket.cache["bound"] = [False] * len(bucket.segments)
-            return True
-        plans = self._plans(bucket)
-        bound = []
-        for seg, plan in zip(bucket.segments, plans):
-            if plan is not None and not plan.storage_unchanged():
-                bucket.cache.pop("plans")  # a param got new storage: rebuild the tables next step
-                return self.bind(bucket)
-            bound.append(plan is not None and plan.bind_grads(seg.grads))
-        bucket.cache["bound"] = bound
-        return True
+    def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
+        return kernels().grad_norm(plan, norm_type, grad_scale=xform.grad_scale, clip_value=xform.clip_value,
+                                   max_norm=max_norm)
 
-    # -- the step --------------------------------------------------------------------------------
-
-    def grad_norm(self, bucket: Bucket, norm_type: float, xform: GradTransform) -> Tensor:
-        return self._norm(bucket, norm_type, xform, None)[0]
-
-    def norm_and_coef(self, bucket: Bucket, norm_type: float, xform: GradTransform,
-                      max_norm: float) -> tuple[Tensor, Tensor]:
-        norm, coef = self._norm(bucket, norm_type, xform, max_norm)
-        return norm, (coef if coef is not None else ref.clip_coefficient(norm, max_norm))
-
-    def _norm(self, bucket: Bucket, norm_type: float, xform: GradTransform,
-              max_norm: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
-        bound = bucket.cache["bound"]
-        if len(bound) == 1 and bound[0]:  # one launch: the norm and the coefficient
-            return kernels().grad_norm(bucket.cache["plans"][0], norm_type, grad_scale=xform.grad_scale,
-                                       clip_value=xform.clip_value, max_norm=max_norm)
-        norms = []
-        plans = bucket.cache.get("plans") or [None] * len(bound)
-        for seg, plan, ok in zip(bucket.segments, plans, bound):
-            if ok:
-                norms.append(kernels().grad_norm(plan, norm_type, grad_scale=xform.grad_scale,
-                                                 clip_value=xform.clip_value)[0])
-            else:
-                grads = ref.prepare_grads(seg.grads, inv_scale=xform.inv_scale, clip_value=xform.clip_value)
-                norms.append(ref.grad_norm(grads, norm_type))
-        return ref.norm_of_norms(norms, norm_type), None
-
-    def step(self, rule: str, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
-        plans = bucket.cache.get("plans") or [None] * len(bucket.segments)
-        for seg, plan, ok, hp in zip(bucket.segments, plans, bucket.cache["bound"], hparams):
-            if ok:
-                getattr(kernels(), f"{rule}_step")(plan, **_hp_kwargs(rule, hp), grad_scale=xform.grad_scale, clip_value=xform.clip_value,
-                     clip_coef=xform.clip_coef, found_inf=xform.found_inf)
-            else:
-                _step_segment(RULES[rule], seg, hp, xform)
+    def _plan_step(self, rule: str, plan, bucket: Bucket, hp: dict, xform: GradTransform) -> None:
+        getattr(kernels(), f"{rule}_step")(plan, **_hp_kwargs(rule, hp), grad_scale=xform.grad_scale,
+                                           clip_value=xform.clip_value, clip_coef=xform.clip_coef,
+                                           found_inf=xform.found_inf)
