@@ -58,5 +58,8 @@ def launch_args(plan, lr: Union[float, Tensor], grad_scale: Optional[Tensor], cl
         "HAS_FOUND_INF": found_inf is not None,
         "CHUNK": CHUNK,
         "BLOCK": BLOCK,
+        # Note [no FMA contraction]: Triton's default changes in 3.10; fixing it keeps the bits the
+        # same across Triton 3.6-3.9+ and each multiply and add rounded as the reference does.
+        "enable_fp_fusion": False,
     }
     return args, meta

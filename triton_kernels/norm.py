@@ -58,9 +58,9 @@ def _norm_kernel(
     if tl.atomic_add(counter, 1) == n_chunks - 1:  # the last program: reduce the partials
         total = tl.zeros([RBLOCK], dtype=tl.float32)
         carry = tl.zeros([RBLOCK], dtype=tl.float32)
-        for off in tl.range(0, n_chunks, RBLOCK):
-            idx = off + tl.arange(0, RBLOCK)
-            x = tl.load(partials + idx, mask=idx < n_chunks, other=0.0)
+        for first in tl.range(0, n_chunks, RBLOCK):
+            ridx = first + tl.arange(0, RBLOCK)
+            x = tl.load(partials + ridx, mask=ridx < n_chunks, other=0.0)
             if L2:
                 total += x
             else:
@@ -93,6 +93,6 @@ def grad_norm(plan, norm_type: float, *, grad_scale: Optional[Tensor] = None, cl
         0.0 if clip_value is None else float(clip_value), 0.0 if max_norm is None else float(max_norm),
         G_DTYPE=tl_dtype(plan.dtypes[plan.grad_slot]), L2=norm_type == 2.0, HAS_SCALE=grad_scale is not None,
         HAS_CLIP=clip_value is not None, WRITE_COEF=max_norm is not None, CHUNK=CHUNK, BLOCK=BLOCK,
-        RBLOCK=RBLOCK,
+        RBLOCK=RBLOCK, enable_fp_fusion=False,  # Note [no FMA contraction]
     )
     return out[0], (out[1] if max_norm is not None else None)

@@ -1,0 +1,79 @@
+"""Compile every fastopt Triton kernel for a GPU architecture with the real Triton compiler,
+without a GPU (run by test_triton_aot.py in a process without TRITON_INTERPRET).
+
+    python tests/triton_aot.py 90
+
+The interpreter that runs the kernels in CI accepts programs the compiler refuses (it caught a
+loop variable whose type changed between loops); this catches those before a GPU session does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from triton_kernels import adagrad, adam, norm, rmsprop  # noqa: E402
+from triton_kernels.multi_tensor import BLOCK, CHUNK  # noqa: E402
+
+# Pointer arguments and their element types; every other non-constexpr argument is a float,
+# except n_chunks.
+POINTERS = {
+    "tensor_of_chunk": "*i32", "start_of_chunk": "*i64", "numels": "*i64", "chunks_of_tensor": "*i32",
+    "done": "*i32", "step_ptrs": "*i64", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "clip_coef_ptr": "*fp32",
+    "found_inf_ptr": "*fp32", "partials": "*fp32", "counter": "*i32", "out": "*fp32",
+}
+COMMON_FLAGS = ("LR_IS_PTR", "MAXIMIZE", "MASTER", "HAS_SCALE", "HAS_CLIP", "HAS_COEF", "HAS_FOUND_INF")
+KERNELS = {
+    adam._adam_kernel: ("L2", "DECOUPLED", "AMSGRAD"),
+    adagrad._adagrad_kernel: ("L2",),
+    rmsprop._rmsprop_kernel: ("L2", "CENTERED", "MOMENTUM"),
+}
+
+
+def compile_one(fn, constexprs: dict, target: GPUTarget) -> None:
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in POINTERS:
+            signature[name] = POINTERS[name]
+        elif name.endswith("_ptrs"):
+            signature[name] = "*i64"
+        elif name == "n_chunks":
+            signature[name] = "i32"
+        else:
+            signature[name] = "fp32"
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    triton.compile(src, target=target, options={"enable_fp_fusion": False})
+
+
+def main(arch: int) -> None:
+    target = GPUTarget("cuda", arch, 32)
+    count = 0
+    for fn, flags in KERNELS.items():
+        for on, (p_dtype, g_dtype) in itertools.product(
+            (True, False), ((tl.float32, tl.float32), (tl.float32, tl.bfloat16), (tl.float16, tl.float16))
+        ):
+            values = {f: on for f in COMMON_FLAGS + flags}
+            values["MASTER"] = on and g_dtype != p_dtype
+            compile_one(fn, {"P_DTYPE": p_dtype, "G_DTYPE": g_dtype, "OUT_DTYPE": g_dtype, "CHUNK": CHUNK,
+                             "BLOCK": BLOCK, **values}, target)
+            count += 1
+    for l2, on in itertools.product((True, False), (True, False)):
+        compile_one(norm._norm_kernel, {"G_DTYPE": tl.bfloat16, "L2": l2, "HAS_SCALE": on, "HAS_CLIP": on,
+                                        "WRITE_COEF": on, "CHUNK": CHUNK, "BLOCK": BLOCK, "RBLOCK": norm.RBLOCK},
+                    target)
+        count += 1
+    print(f"compiled {count} kernel specializations for sm_{arch}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
