@@ -1,8 +1,8 @@
 # fastopt: `make test` runs the tests, `make bench` the benchmark. Both create (or reuse) the
 # virtualenv $(VENV), install what is missing, build the extension, and run.
 #
-# The venv sees the system's site-packages, so an installed torch is reused (e.g. a CUDA build on
-# a GPU machine); torch==2.13.0 (a CPU build here) is installed only when none is importable.
+# The venv sees the packages of $(PYTHON), so an installed torch is reused (e.g. a CUDA build on a
+# GPU machine); torch==2.13.0 (a CPU build here) is installed only when none is importable.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,8 +17,13 @@ SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*/*.h c
 
 .PHONY: test bench build deps clean cuda-check cuda-objs
 
+# The venv sees the packages of the interpreter that made it, even when that interpreter is itself
+# a venv (as on the GPU machines, where torch lives in one): --system-site-packages alone would
+# only show the base installation's.
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PYTHON) -c "import site; print('\n'.join(site.getsitepackages()))" > \
+	  "$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_fastopt_parent.pth"
 
 deps: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
