@@ -50,10 +50,11 @@ class MultiTensorPlan:
     """Tables for one param group's tensors on one device.
 
     ``slots`` maps a slot name to a list of tensors aligned by index (an empty list for an absent
-    slot); ``grad_slot`` names the slot refreshed every step. Raises ValueError when an index
+    slot); ``grad_slot`` names the slot refreshed every step from the ``owners``' grads. Raises ValueError when an index
     cannot be walked linearly (the caller then takes a copying path)."""
 
-    def __init__(self, slots: dict[str, list[Tensor]], steps: list[Tensor], grad_slot: str = "grads") -> None:
+    def __init__(self, slots: dict[str, list[Tensor]], steps: list[Tensor], owners: list[Tensor],
+                 grad_slot: str = "grads") -> None:
         first = next(iter(slots.values()))
         n = len(first)
         self.device = first[0].device if n else torch.device("cpu")
@@ -95,6 +96,8 @@ class MultiTensorPlan:
             self.ptr_values[name] = values
             self.ptrs[name] = _upload(values, torch.int64, dev)
         self._grads: list[Tensor] = list(slots[grad_slot])
+        self.owners = list(owners)  # the user's params, whose .grad bind_grads() reads
+        self.owner_ptrs = [p.data_ptr() for p in self.owners]
         # the norm kernel's scratch: one partial per chunk, a counter, the norm and the coefficient
         self.partials = torch.empty(max(self.n_chunks, 1), dtype=torch.float32, device=dev)
         self.norm_counter = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -102,23 +105,25 @@ class MultiTensorPlan:
     def __len__(self) -> int:
         return len(self.numel_list)
 
-    def storage_unchanged(self) -> bool:
-        """The user's params still have the storage they had when the tables were built (not so
-        after ``p.data = ...``). State tensors change storage only through load_state_dict, which
-        rebuilds the plan."""
-        slots, _ = self.keep
-        name = "params_out" if slots.get("params_out") else "params"
-        return [t.data_ptr() for t in slots[name]] == self.ptr_values[name]
-
-    def bind_grads(self, grads: list[Tensor]) -> bool:
-        """Point the grad table at this step's grads; False, changing nothing, when one cannot be
-        walked with its param (another layout or dtype)."""
-        # torch keeps a grad's shape, dtype and device equal to its param's; same strides as the
-        # (dense) param then make it dense too.
-        for g, stride in zip(grads, self.strides):
-            if g.layout != torch.strided or g.stride() != stride:
+    def bind_grads(self) -> bool:
+        """Point the grad table at the owners' grads of this step, in one pass over the owners.
+        False, changing nothing, when an owner has no grad, a grad cannot be walked with its param
+        (another layout), or an owner got new storage (``p.data = ...``): the caller then takes
+        another path and rebuilds the plan. State tensors change storage only through
+        load_state_dict, which rebuilds the plan."""
+        grads, values = [], []
+        for p, stride, address in zip(self.owners, self.strides, self.owner_ptrs):
+            g = p.grad
+            # torch keeps a grad's shape, dtype and device equal to its param's; the same strides
+            # as the (dense) param then make it dense too.
+            if g is None or g.layout != torch.strided or p.data_ptr() != address:
                 return False
-        values = [g.data_ptr() for g in grads]
+            if g.is_complex():
+                g = torch.view_as_real(g)
+            if g.stride() != stride:
+                return False
+            grads.append(g)
+            values.append(g.data_ptr())
         if values != self.ptr_values[self.grad_slot]:
             self.ptrs[self.grad_slot].copy_(_upload(values, torch.int64, self.device), non_blocking=True)
             self.ptr_values[self.grad_slot] = values

@@ -87,12 +87,12 @@ class TritonBackend(PlannedBackend):
 
     def _build(self, bucket: Bucket, seg: Segment):
         try:
-            return kernels().MultiTensorPlan(_slots(bucket.rule, seg), seg.steps)
+            return kernels().MultiTensorPlan(_slots(bucket.rule, seg), seg.steps, seg.owners)
         except ValueError:  # a layout the tables cannot walk: the reference path
             return None
 
     def _bind(self, plan, seg: Segment) -> bool:
-        return seg.refresh_grads() and plan.storage_unchanged() and plan.bind_grads(seg.grads)
+        return plan.bind_grads()
 
     def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
         return kernels().grad_norm(plan, norm_type, grad_scale=xform.grad_scale, clip_value=xform.clip_value,
