@@ -48,7 +48,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   fi
 fi
 
-# 4. the full benchmark
+# 4. the benchmark (the full one with FULL=1)
 bench_limit=170; [ -n "${FULL:-}" ] && bench_limit=420
 timeout "$bench_limit" "$PY" benchmarks/bench_optim.py --device cuda ${FULL:+--full} --csv "$OUT/results.csv" >"$OUT/bench.log" 2>&1
 note "benchmark (rc $?)"
