@@ -79,8 +79,13 @@ using fastopt::cpu::Slots;
 using Tensors = std::vector<at::Tensor>;
 using OptTensor = c10::optional<at::Tensor>;
 
-// Runs `apply` on a plan whose grads were bound this step (bind_grads / rebind_grads), without
+// Runs `apply` on a plan whose grads were bound this step (bind_grads), without
 // the GIL: the kernels use OpenMP threads and take no Python objects.
+std::shared_ptr<Slots> with_owners(std::shared_ptr<Slots> plan, Tensors owners) {
+  plan->set_owners(std::move(owners));
+  return plan;
+}
+
 template <typename Apply>
 void planned_step(const GradArgs& ga, Apply&& apply) {
   if (ga.skip()) return;
@@ -95,7 +100,6 @@ void bind_cuda(py::module& m) {
   using fc::CudaPlan;
   py::class_<CudaPlan, std::shared_ptr<CudaPlan>>(m, "CudaPlan")
       .def("bind_grads", &CudaPlan::bind_grads)
-      .def("rebind_grads", &CudaPlan::rebind_grads)
       .def("grad_norm", [](const CudaPlan& plan, double norm_type, OptTensor grad_scale, c10::optional<double> clip,
                            c10::optional<double> max_norm) {
         return fc::grad_norm(plan, norm_type, grad_scale, clip, max_norm);
@@ -140,9 +144,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // same kernels as the ops above.
   using fastopt::cpu::kGradSlot;
   py::class_<Slots, std::shared_ptr<Slots>>(m, "CpuPlan")
-      .def("set_owners", &Slots::set_owners)
       .def("bind_grads", [](Slots& sl) { return sl.bind_grads(kGradSlot); })
-      .def("rebind_grads", [](Slots& sl, const Tensors& grads) { return sl.rebind(kGradSlot, grads); })
       .def("grad_norm", [](const Slots& sl, double norm_type, OptTensor inv_scale, c10::optional<double> clip) {
         py::gil_scoped_release no_gil;
         return fastopt::cpu::grad_norm(sl, kGradSlot, norm_type, inv_scale, clip);
@@ -150,17 +152,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Plan builders, in each op's slot order (the grads slot takes this step's grads).
   m.def("cpu_adam_plan", [](const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
                             const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs, const Tensors& steps,
-                            const Tensors& params_out) {
-    return fastopt::cpu::adam_slots(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, params_out);
+                            const Tensors& params_out, Tensors owners) {
+    return with_owners(
+        fastopt::cpu::adam_slots(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, params_out), owners);
   });
   m.def("cpu_adagrad_plan", [](const Tensors& params, const Tensors& grads, const Tensors& sums,
-                               const Tensors& steps, const Tensors& params_out) {
-    return fastopt::cpu::adagrad_slots(params, grads, sums, steps, params_out);
+                               const Tensors& steps, const Tensors& params_out, Tensors owners) {
+    return with_owners(fastopt::cpu::adagrad_slots(params, grads, sums, steps, params_out), owners);
   });
   m.def("cpu_rmsprop_plan", [](const Tensors& params, const Tensors& grads, const Tensors& square_avgs,
                                const Tensors& grad_avgs, const Tensors& momentum_buffers, const Tensors& steps,
-                               const Tensors& params_out) {
-    return fastopt::cpu::rmsprop_slots(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, params_out);
+                               const Tensors& params_out, Tensors owners) {
+    return with_owners(
+        fastopt::cpu::rmsprop_slots(params, grads, square_avgs, grad_avgs, momentum_buffers, steps, params_out),
+        owners);
   });
   m.def("cpu_adam_step", [](const Slots& plan, const at::Tensor& lr, double beta1, double beta2, double eps,
                             double weight_decay, bool amsgrad, bool maximize, bool decoupled, OptTensor inv_scale,

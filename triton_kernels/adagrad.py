@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    chunk_bounds, finish_step, grad_scalars, learning_rate, prepare_grad, read_step, skipped, to_storage, typed_ptr,
+    chunk_bounds, finish_step, grad_scalars, learning_rate, load_f32, load_grad, read_step, skipped,
+    store_param, to_storage, typed_ptr,
 )
 from .launch import launch_args
 
@@ -39,19 +40,14 @@ def _adagrad_kernel(
         for off in tl.range(0, end - start, BLOCK):
             idx = start + off + tl.arange(0, BLOCK)
             mask = idx < end
-            p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            s = tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            g = prepare_grad(g, inv_scale, clip_value, coef, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE)
-            if L2:
-                g = g + weight_decay * p
+            p = load_f32(p_ptr, idx, mask)
+            s = load_f32(s_ptr, idx, mask)
+            g = load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HAS_SCALE, HAS_CLIP,
+                          HAS_COEF, MAXIMIZE, L2)
             s = s + g * g
             p = p + tl.div_rn(neg_clr * g, tl.sqrt_rn(s) + eps)
-            tl.store(p_ptr + idx, to_storage(p, P_DTYPE), mask=mask)
             tl.store(s_ptr + idx, to_storage(s, P_DTYPE), mask=mask)
-            if MASTER:
-                out_ptr = typed_ptr(out_ptrs, t, OUT_DTYPE)
-                tl.store(out_ptr + idx, to_storage(p, OUT_DTYPE), mask=mask)
+            store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    chunk_bounds, finish_step, grad_scalars, learning_rate, lerp, one_minus_pow, prepare_grad,
-    read_step, skipped, to_storage, typed_ptr,
+    chunk_bounds, finish_step, grad_scalars, learning_rate, lerp, load_f32, load_grad, one_minus_pow,
+    read_step, skipped, store_param, to_storage, typed_ptr,
 )
 from .launch import launch_args
 
@@ -47,13 +47,11 @@ def _adam_kernel(
         for off in tl.range(0, end - start, BLOCK):
             idx = start + off + tl.arange(0, BLOCK)
             mask = idx < end
-            p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            g = prepare_grad(g, inv_scale, clip_value, coef, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE)
-            if L2:
-                g = g + weight_decay * p
+            p = load_f32(p_ptr, idx, mask)
+            m = load_f32(m_ptr, idx, mask)
+            v = load_f32(v_ptr, idx, mask)
+            g = load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HAS_SCALE, HAS_CLIP,
+                          HAS_COEF, MAXIMIZE, L2)
             if DECOUPLED:
                 p = p * decay
             m = lerp(m, g, 1.0 - beta1)
@@ -61,18 +59,15 @@ def _adam_kernel(
             vv = v
             if AMSGRAD:
                 vmax_ptr = typed_ptr(vmax_ptrs, t, P_DTYPE)
-                vmax = tl.load(vmax_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                vmax = load_f32(vmax_ptr, idx, mask)
                 vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
                 tl.store(vmax_ptr + idx, to_storage(vmax, P_DTYPE), mask=mask)
                 vv = vmax
             denom = tl.div_rn(tl.sqrt_rn(vv), bc2_sqrt) + eps
             p = p + tl.div_rn(neg_step_size * m, denom)
-            tl.store(p_ptr + idx, to_storage(p, P_DTYPE), mask=mask)
             tl.store(m_ptr + idx, to_storage(m, P_DTYPE), mask=mask)
             tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
-            if MASTER:
-                out_ptr = typed_ptr(out_ptrs, t, OUT_DTYPE)
-                tl.store(out_ptr + idx, to_storage(p, OUT_DTYPE), mask=mask)
+            store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 

@@ -124,3 +124,29 @@ def to_storage(x, DTYPE: tl.constexpr):
         return out.to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def load_f32(ptr, idx, mask):
+    return tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HAS_SCALE: tl.constexpr,
+              HAS_CLIP: tl.constexpr, HAS_COEF: tl.constexpr, MAXIMIZE: tl.constexpr, L2: tl.constexpr):
+    """The gradient the update uses: prepared (prepare_grad), then with the L2 term + wd * p."""
+    g = prepare_grad(load_f32(g_ptr, idx, mask), inv_scale, clip_value, coef, HAS_SCALE, HAS_CLIP, HAS_COEF,
+                     MAXIMIZE)
+    if L2:
+        g = g + weight_decay * p
+    return g
+
+
+@triton.jit
+def store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                MASTER: tl.constexpr):
+    """The new param; with master weights ``p`` is the fp32 master, and the user's param gets it
+    rounded to its dtype."""
+    tl.store(p_ptr + idx, to_storage(p, P_DTYPE), mask=mask)
+    if MASTER:
+        tl.store(typed_ptr(out_ptrs, t, OUT_DTYPE) + idx, to_storage(p, OUT_DTYPE), mask=mask)

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    chunk_bounds, finish_step, grad_scalars, learning_rate, lerp, prepare_grad, read_step, skipped, to_storage,
-    typed_ptr,
+    chunk_bounds, finish_step, grad_scalars, learning_rate, lerp, load_f32, load_grad, read_step, skipped,
+    store_param, to_storage, typed_ptr,
 )
 from .launch import launch_args
 
@@ -41,16 +41,14 @@ def _rmsprop_kernel(
         for off in tl.range(0, end - start, BLOCK):
             idx = start + off + tl.arange(0, BLOCK)
             mask = idx < end
-            p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            g = prepare_grad(g, inv_scale, clip_value, coef, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE)
-            if L2:
-                g = g + weight_decay * p
+            p = load_f32(p_ptr, idx, mask)
+            v = load_f32(v_ptr, idx, mask)
+            g = load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HAS_SCALE, HAS_CLIP,
+                          HAS_COEF, MAXIMIZE, L2)
             v = v * alpha + (1.0 - alpha) * g * g
             if CENTERED:
                 ga_ptr = typed_ptr(ga_ptrs, t, P_DTYPE)
-                ga = tl.load(ga_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                ga = load_f32(ga_ptr, idx, mask)
                 ga = lerp(ga, g, 1.0 - alpha)
                 tl.store(ga_ptr + idx, to_storage(ga, P_DTYPE), mask=mask)
                 avg = tl.sqrt_rn(v + -1.0 * ga * ga)
@@ -59,17 +57,14 @@ def _rmsprop_kernel(
             avg = avg + eps
             if MOMENTUM:
                 buf_ptr = typed_ptr(buf_ptrs, t, P_DTYPE)
-                buf = tl.load(buf_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                buf = load_f32(buf_ptr, idx, mask)
                 buf = buf * momentum + tl.div_rn(g, avg)
                 tl.store(buf_ptr + idx, to_storage(buf, P_DTYPE), mask=mask)
                 p = p + neg_lr * buf
             else:
                 p = p + tl.div_rn(neg_lr * g, avg)
-            tl.store(p_ptr + idx, to_storage(p, P_DTYPE), mask=mask)
             tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
-            if MASTER:
-                out_ptr = typed_ptr(out_ptrs, t, OUT_DTYPE)
-                tl.store(out_ptr + idx, to_storage(p, OUT_DTYPE), mask=mask)
+            store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 

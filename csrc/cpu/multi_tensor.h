@@ -110,21 +110,6 @@ class Slots {
     chunks_ = make_chunks(numels_);
   }
 
-  // Points `slot` at new tensors (the gradients of this step) without rebuilding anything else.
-  // Returns false, changing nothing, when a tensor cannot be walked linearly with its param or
-  // when an index already needed copies: the caller then builds fresh Slots.
-  bool rebind(size_t slot, at::TensorList tensors) {
-    if (!copy_back_.empty() || tensors.size() != work_[0].size() || !storage_unchanged(slot)) return false;
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      if (!bindable(tensors[i], slot, i)) return false;
-    }
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      work_[slot][i] = tensors[i];
-      ptrs_[slot][i] = tensors[i].data_ptr();
-    }
-    return true;
-  }
-
   // The owners (the user's parameters, whose .grad() each step reads), for bind_grads().
   void set_owners(std::vector<at::Tensor> owners) {
     TORCH_CHECK(owners.size() == numels_.size(), "fastopt: one owner per param");

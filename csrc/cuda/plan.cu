@@ -152,14 +152,5 @@ bool CudaPlan::bind_grads() {
   return true;
 }
 
-bool CudaPlan::rebind_grads(const std::vector<at::Tensor>& grads) {
-  if (grads.size() != numels_.size()) return false;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (!bindable(grads[i], i)) return false;
-  }
-  upload_grads(grads);
-  return true;
-}
-
 }  // namespace cuda
 }  // namespace fastopt

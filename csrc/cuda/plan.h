@@ -33,8 +33,6 @@ class CudaPlan {
   // out unlike its param, or when a param got new storage (`p.data = ...`): the caller then
   // takes another path and rebuilds the plan.
   bool bind_grads();
-  // The same with an explicit list (complex params' real views, one-off list ops).
-  bool rebind_grads(const std::vector<at::Tensor>& grads);
 
   int64_t size() const { return static_cast<int64_t>(numels_.size()); }
   int64_t n_chunks() const { return n_chunks_; }

@@ -81,6 +81,20 @@ _RULES = {
 }
 
 
+def compiled_plan(prefix: str, bucket: Bucket, seg: Segment):
+    """A plan of ``fastopt._C`` (``prefix`` "cpu" or "cuda") for the segment; None for complex params
+    (their grads need a real view each step) and for layouts a plan refuses (the fallbacks take
+    those). The grads slot holds the params as placeholders (the layout and dtype of the grads a
+    plan can take); bind_grads() fills it every step from the owners' grads."""
+    if seg.is_complex:
+        return None
+    lists, _, name = _RULES[bucket.rule]
+    try:
+        return getattr(_ext._C, f"{prefix}_{name}_plan")(*lists(seg, seg.params), list(seg.owners))
+    except RuntimeError:
+        return None
+
+
 class CpuBackend(PlannedBackend):
     name = "cpu"
 
@@ -92,21 +106,7 @@ class CpuBackend(PlannedBackend):
         return None
 
     def _build(self, bucket: Bucket, seg: Segment):
-        """A CpuPlan (None for complex params: their grads need a real view each step)."""
-        if seg.is_complex:
-            return None
-        lists, _, name = _RULES[bucket.rule]
-        try:
-            # The grads slot holds the params as placeholders (same layout and dtype as the grads
-            # a plan can take); bind_grads() fills it every step.
-            plan = getattr(_ext._C, f"cpu_{name}_plan")(*lists(seg, seg.params))
-        except RuntimeError:  # a layout or dtype a plan refuses: the list ops take it (or say why)
-            return None
-        plan.set_owners(seg.owners)
-        return plan
-
-    def _bind(self, plan, seg: Segment) -> bool:
-        return plan.bind_grads()
+        return compiled_plan("cpu", bucket, seg)
 
     def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
         return plan.grad_norm(norm_type, xform.inv_scale, xform.clip_value), None

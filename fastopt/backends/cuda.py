@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import _ext
 from .._plan import Bucket, Segment
-from .cpu import _RULES, _grad_args
+from .cpu import _RULES, _grad_args, compiled_plan
 from .planned import PlannedBackend
 from .reference import GradTransform
 
@@ -57,17 +57,7 @@ class CudaBackend(PlannedBackend):
         return None
 
     def _build(self, bucket: Bucket, seg: Segment):
-        if seg.is_complex:
-            return None
-        lists, _, name = _RULES[bucket.rule]
-        try:
-            # the grads slot holds the params as placeholders (their layout and dtype)
-            return getattr(_ext._C, f"cuda_{name}_plan")(*lists(seg, seg.params), list(seg.owners))
-        except RuntimeError:  # a layout the tables cannot walk: the reference path
-            return None
-
-    def _bind(self, plan, seg: Segment) -> bool:
-        return plan.bind_grads()
+        return compiled_plan("cuda", bucket, seg)
 
     def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
         out = plan.grad_norm(norm_type, xform.grad_scale, xform.clip_value, max_norm)

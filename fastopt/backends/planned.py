@@ -2,7 +2,7 @@
 each step's grads, and the fallbacks when a plan cannot take them (Note [the plan cache]).
 
 A subclass says how to build a plan for a segment (``_build``, None when the segment's tensors
-cannot be planned), how to bind this step's grads (``_bind``), how a plan computes the norm
+cannot be planned; every plan has ``bind_grads()``), how a plan computes the norm
 (``_plan_norm``) and how it steps (``_plan_step``). A segment that is not bound this step takes
 ``_fallback_step``: the reference rules, or a backend's list ops.
 """
@@ -26,7 +26,9 @@ class PlannedBackend(ReferenceBackend):
         raise NotImplementedError
 
     def _bind(self, plan: Any, seg: Segment) -> bool:
-        raise NotImplementedError
+        """Bind this step's grads (read from the plan's owners); False when the plan cannot take
+        them (a missing grad, another layout, a param with new storage)."""
+        return plan.bind_grads()
 
     def _plan_norm(self, plan: Any, norm_type: float, xform: GradTransform,
                    max_norm: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:

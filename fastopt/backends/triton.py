@@ -91,9 +91,6 @@ class TritonBackend(PlannedBackend):
         except ValueError:  # a layout the tables cannot walk: the reference path
             return None
 
-    def _bind(self, plan, seg: Segment) -> bool:
-        return plan.bind_grads()
-
     def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
         return kernels().grad_norm(plan, norm_type, grad_scale=xform.grad_scale, clip_value=xform.clip_value,
                                    max_norm=max_norm)
