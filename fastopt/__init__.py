@@ -1,6 +1,6 @@
 """fastopt: fused optimizer steps for PyTorch, one pass over memory, drop-in for torch.optim."""
 
-from . import _ext, reference
+from . import _ext, nn, reference
 from .backends import BackendUnavailable, available_backends
 from .optim import Adagrad, Adam, AdamW, RMSprop
 
@@ -13,5 +13,6 @@ __all__ = [
     "BackendUnavailable",
     "RMSprop",
     "available_backends",
+    "nn",
     "reference",
 ]

@@ -7,12 +7,15 @@ compiled backends.
 
 from .adagrad import adagrad, sparse_adagrad
 from .adam import adam
+from .batch_norm_relu import batch_norm_relu_backward, batch_norm_relu_forward
 from .clip import clip_coefficient, compute_dtype, grad_norm, norm_of_norms, prepare_grads
 from .rmsprop import rmsprop
 
 __all__ = [
     "adagrad",
     "adam",
+    "batch_norm_relu_backward",
+    "batch_norm_relu_forward",
     "clip_coefficient",
     "compute_dtype",
     "grad_norm",

@@ -1,0 +1,115 @@
+"""``BatchNormReLU1d/2d/3d``: ``BatchNormNd`` followed by ``ReLU``, as one module.
+
+They are ``torch.nn.modules.batchnorm._BatchNorm`` subclasses with exactly BatchNorm's parameters,
+buffers and state-dict keys, so checkpoints move both ways and code that finds norm layers with
+``isinstance(m, _BatchNorm)`` (freezing them, excluding them from weight decay) still does.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import backends as _backends
+from .functional import batch_norm_relu, verify_batch_size
+
+# Note [SyncBatchNorm conversion]: torch.nn.SyncBatchNorm.convert_sync_batchnorm replaces every
+# _BatchNorm instance by a plain SyncBatchNorm, which would silently drop our ReLU. It offers no
+# hook, so the fused modules refuse it: the first thing it reads from a module is `num_features`,
+# and that property raises when its caller is convert_sync_batchnorm. (Modules it already visited
+# earlier in the same call may have been converted; parameters are never touched.)
+_CONVERT_SYNC = torch.nn.SyncBatchNorm.convert_sync_batchnorm.__func__.__code__
+
+
+class _BatchNormReLU(_BatchNorm):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
+                 track_running_stats: bool = True, *, backend: str = "auto", device=None, dtype=None):
+        if backend not in _backends.NAMES:
+            raise ValueError(f"{type(self).__name__}: unknown backend {backend!r}; expected one of "
+                             f"{_backends.NAMES}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.backend = backend
+
+    @property
+    def num_features(self) -> int:
+        if sys._getframe(1).f_code is _CONVERT_SYNC:
+            raise RuntimeError(
+                f"torch.nn.SyncBatchNorm.convert_sync_batchnorm would replace fastopt.nn.{type(self).__name__} "
+                "by a plain SyncBatchNorm and drop its ReLU. Convert to SyncBatchNorm first and fuse "
+                "afterwards: fastopt.nn.fuse_bn_relu leaves SyncBatchNorm modules as they are. (Modules "
+                "visited before this one may already have been converted.)")
+        return self.__dict__["num_features"]
+
+    @num_features.setter
+    def num_features(self, value: int) -> None:
+        self.__dict__["num_features"] = value  # where _NormBase.extra_repr reads it
+
+    @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm, *, backend: str = "auto") -> "_BatchNormReLU":
+        """A fused module sharing ``bn``'s parameters and buffers (an optimizer holding them keeps
+        working) and its mode."""
+        fused = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, backend=backend,
+                    device="meta")
+        for name, param in bn.named_parameters(recurse=False):
+            setattr(fused, name, param)
+        for name, buf in bn.named_buffers(recurse=False):
+            setattr(fused, name, buf)
+        fused.train(bn.training)
+        return fused
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        channels = self.__dict__["num_features"]
+        if input.shape[1] != channels:
+            raise ValueError(f"{type(self).__name__}({channels}): the input has {input.shape[1]} channels "
+                             f"(dim 1 of shape {tuple(input.shape)}), expected {channels}")
+        # The rest is _BatchNorm.forward, with one change: the input is validated before
+        # num_batches_tracked moves, so a bad batch leaves the module as it was.
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        if self.training:
+            verify_batch_size(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_running = not self.training or self.track_running_stats
+        return batch_norm_relu(input, self.running_mean if use_running else None,
+                               self.running_var if use_running else None, self.weight, self.bias,
+                               bn_training, factor, self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        tail = "" if self.backend == "auto" else f", backend={self.backend!r}"
+        return super().extra_repr() + tail
+
+
+class BatchNormReLU1d(_BatchNormReLU):
+    """``BatchNorm1d`` followed by ``ReLU`` (inputs (N, C) or (N, C, L)); same arguments, plus
+    ``backend`` ("auto", "reference", "cpu", "triton" or "cuda")."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class BatchNormReLU2d(_BatchNormReLU):
+    """``BatchNorm2d`` followed by ``ReLU`` (inputs (N, C, H, W), contiguous or channels_last); same
+    arguments, plus ``backend``."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BatchNormReLU3d(_BatchNormReLU):
+    """``BatchNorm3d`` followed by ``ReLU`` (inputs (N, C, D, H, W)); same arguments, plus ``backend``."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+
+__all__ = ["BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d"]
