@@ -34,6 +34,24 @@ void rmsprop_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorList
                   bool, bool, const c10::optional<at::Tensor>&, c10::optional<double>,
                   const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&) {}
 
+// BatchNorm+ReLU: outputs laid out like the input; per-channel tensors in the statistics dtype.
+at::ScalarType bn_stat_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_meta(
+    const at::Tensor& x, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool, double, double) {
+  const auto stats = x.options().dtype(bn_stat_type(x));
+  return {at::empty_like(x), at::empty({x.size(1)}, stats), at::empty({x.size(1)}, stats)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_meta(
+    const at::Tensor&, const at::Tensor& x, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+    const at::Tensor&, const at::Tensor&, bool, bool need_input_grad) {
+  const auto stats = x.options().dtype(bn_stat_type(x));
+  return {need_input_grad ? at::empty_like(x) : at::empty({0}, x.options()), at::empty({x.size(1)}, stats),
+          at::empty({x.size(1)}, stats)};
+}
+
 }  // namespace
 
 // Shared tail of every update op: what is done to the gradients first (see fastopt/grad_math.h)
@@ -60,6 +78,14 @@ TORCH_LIBRARY(fastopt, m) {
         " Tensor(c!)[] grad_avgs, Tensor(d!)[] momentum_buffers, Tensor(e!)[] steps,"
         " Tensor(f!)[] params_out, Tensor lr, float alpha, float eps, float weight_decay,"
         " float momentum, bool centered, bool maximize, " FASTOPT_GRAD_ARGS ") -> ()");
+  // relu(batch_norm(input)) (fastopt/reference/batch_norm_relu.py): returns (y, mean, invstd) and,
+  // when training, moves the running statistics given. Input contiguous or channels_last.
+  m.def("bn_relu_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
+        " Tensor(b!)? running_var, bool training, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  // (grad_input, grad_weight, grad_bias); grad_input is empty unless need_input_grad. `training`:
+  // the forward used the batch statistics.
+  m.def("bn_relu_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean,"
+        " Tensor invstd, bool training, bool need_input_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastopt, Meta, m) {
@@ -67,6 +93,8 @@ TORCH_LIBRARY_IMPL(fastopt, Meta, m) {
   m.impl("adam_", &adam_meta);
   m.impl("adagrad_", &adagrad_meta);
   m.impl("rmsprop_", &rmsprop_meta);
+  m.impl("bn_relu_forward", &bn_relu_forward_meta);
+  m.impl("bn_relu_backward", &bn_relu_backward_meta);
 }
 
 }  // namespace fastopt

@@ -1,0 +1,330 @@
+// fastopt::bn_relu_forward / bn_relu_backward on CPU: BatchNorm followed by ReLU in two passes
+// over x forward (statistics, then normalize+ReLU) and two backward (sums, then dx).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "fastopt/bn_relu_host.h"
+#include "fastopt/bn_relu_math.h"
+
+namespace fastopt {
+namespace cpu {
+namespace {
+
+using bn::Shape;
+constexpr int64_t kBlockRows = 64;      // channels_last: rows summed in the accumulation dtype
+constexpr int64_t kGrainElems = 32768;  // elements per task of the elementwise passes
+
+// Per-channel sums over every value of the channel, Note [shifted sums]: for each channel c,
+// out_a[c] = sum(fa(i)) and out_b[c] = sum(fb(i)) over its values i, where `term(row, c, i, a, b)`
+// adds value i of a row to the running row sums a and b (float within a row or block, double
+// across). The order is fixed by the shape and thread count, so results are reproducible.
+template <typename T, typename Term>
+void channel_sums(const Shape& sh, Term&& term, std::vector<double>& out_a, std::vector<double>& out_b) {
+  out_a.assign(sh.c, 0.0);
+  out_b.assign(sh.c, 0.0);
+  if (sh.count() == 0) return;
+  if (!sh.channels_last) {
+    at::parallel_for(0, sh.c, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double a = 0.0, b = 0.0;
+        for (int64_t n = 0; n < sh.n; ++n) {
+          T ra = 0, rb = 0;
+          term.row_ncs(n, c, ra, rb);
+          a += ra;
+          b += rb;
+        }
+        out_a[c] = a;
+        out_b[c] = b;
+      }
+    });
+    return;
+  }
+  const int64_t rows = sh.count(), blocks = (rows + kBlockRows - 1) / kBlockRows;
+  const int64_t chunks = std::min<int64_t>(blocks, 4 * at::get_num_threads());
+  std::vector<double> part(static_cast<size_t>(chunks * 2 * sh.c), 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<T> fa(sh.c), fb(sh.c);
+    for (int64_t k = k0; k < k1; ++k) {
+      double* pa = part.data() + k * 2 * sh.c;
+      double* pb = pa + sh.c;
+      const int64_t b0 = blocks * k / chunks, b1 = blocks * (k + 1) / chunks;
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        std::fill(fa.begin(), fa.end(), T(0));
+        std::fill(fb.begin(), fb.end(), T(0));
+        const int64_t r1 = std::min(rows, (blk + 1) * kBlockRows);
+        for (int64_t r = blk * kBlockRows; r < r1; ++r) term.row_cl(r, fa.data(), fb.data());
+        for (int64_t c = 0; c < sh.c; ++c) {
+          pa[c] += fa[c];
+          pb[c] += fb[c];
+        }
+      }
+    }
+  });
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t c = 0; c < sh.c; ++c) {
+      out_a[c] += part[k * 2 * sh.c + c];
+      out_b[c] += part[k * 2 * sh.c + sh.c + c];
+    }
+  }
+}
+
+// sum(x - k) and sum((x - k)^2), k[c] the channel's first value.
+template <typename S, typename T>
+struct MomentTerm {
+  const S* x;
+  const T* k;
+  const Shape& sh;
+  void row_ncs(int64_t n, int64_t c, T& ra, T& rb) const {
+    const S* __restrict__ row = x + (n * sh.c + c) * sh.s;
+    const T kc = k[c];
+#pragma omp simd reduction(+ : ra, rb)
+    for (int64_t i = 0; i < sh.s; ++i) {
+      const T d = static_cast<T>(row[i]) - kc;
+      ra += d;
+      rb += d * d;
+    }
+  }
+  void row_cl(int64_t r, T* __restrict__ fa, T* __restrict__ fb) const {
+    const S* __restrict__ row = x + r * sh.c;
+#pragma omp simd
+    for (int64_t c = 0; c < sh.c; ++c) {
+      const T d = static_cast<T>(row[c]) - k[c];
+      fa[c] += d;
+      fb[c] += d * d;
+    }
+  }
+};
+
+// sum(g) and sum(g * (x - mean)), g = dy where z = fma(x, scale, shift) > 0, else 0.
+template <typename S, typename T>
+struct GradTerm {
+  const S* x;
+  const S* dy;
+  const T* mean;
+  const T* scale;
+  const T* shift;
+  const Shape& sh;
+  void row_ncs(int64_t n, int64_t c, T& ra, T& rb) const {
+    const int64_t off = (n * sh.c + c) * sh.s;
+    const S* __restrict__ xr = x + off;
+    const S* __restrict__ gr = dy + off;
+    const T m = mean[c], sc = scale[c], sf = shift[c];
+#pragma omp simd reduction(+ : ra, rb)
+    for (int64_t i = 0; i < sh.s; ++i) {
+      const T xi = static_cast<T>(xr[i]);
+      const T g = std::fma(xi, sc, sf) > T(0) ? static_cast<T>(gr[i]) : T(0);
+      ra += g;
+      rb += g * (xi - m);
+    }
+  }
+  void row_cl(int64_t r, T* __restrict__ fa, T* __restrict__ fb) const {
+    const S* __restrict__ xr = x + r * sh.c;
+    const S* __restrict__ gr = dy + r * sh.c;
+#pragma omp simd
+    for (int64_t c = 0; c < sh.c; ++c) {
+      const T xi = static_cast<T>(xr[c]);
+      const T g = std::fma(xi, scale[c], shift[c]) > T(0) ? static_cast<T>(gr[c]) : T(0);
+      fa[c] += g;
+      fb[c] += g * (xi - mean[c]);
+    }
+  }
+};
+
+// Elementwise pass over every (row, channel) value: fn(x_index, c_vectors...) through `rows`.
+// NCS: one task unit is one (n, c) row of s values with per-row scalars; channels_last: one row
+// of c values with per-channel vectors.
+template <typename RowNcs, typename RowCl>
+void for_each_row(const Shape& sh, RowNcs&& ncs, RowCl&& cl) {
+  if (sh.channels_last) {
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(sh.c, 1));
+    at::parallel_for(0, sh.count(), grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) cl(r);
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(sh.s, 1));
+    at::parallel_for(0, sh.n * sh.c, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) ncs(r, r % sh.c);
+    });
+  }
+}
+
+template <typename T>
+struct ChannelAffine {
+  std::vector<T> scale, shift;
+};
+
+template <typename T>
+ChannelAffine<T> channel_affine(const Shape& sh, const T* mean, const T* invstd, const T* w, const T* b) {
+  ChannelAffine<T> a{std::vector<T>(sh.c), std::vector<T>(sh.c)};
+  for (int64_t c = 0; c < sh.c; ++c) {
+    const auto af = bn::affine<T>(mean[c], invstd[c], w, b, c);
+    a.scale[c] = af.scale;
+    a.shift[c] = af.shift;
+  }
+  return a;
+}
+
+template <typename S>
+void forward_kernel(const at::Tensor& x, const Shape& sh, const c10::optional<at::Tensor>& weight,
+                    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                    const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+                    at::Tensor& y, at::Tensor& mean, at::Tensor& invstd) {
+  using T = at::opmath_type<S>;
+  const S* xp = x.data_ptr<S>();
+  T* mp = mean.data_ptr<T>();
+  T* ip = invstd.data_ptr<T>();
+  if (training) {
+    std::vector<T> k(sh.c, T(0));
+    for (int64_t c = 0; c < sh.c && sh.count() > 0; ++c) k[c] = static_cast<T>(xp[sh.channels_last ? c : c * sh.s]);
+    std::vector<double> s1, s2;
+    channel_sums<T>(sh, MomentTerm<S, T>{xp, k.data(), sh}, s1, s2);
+    T* rm = bn::data_or_null<T>(running_mean) ? running_mean->data_ptr<T>() : nullptr;
+    T* rv = bn::data_or_null<T>(running_var) ? running_var->data_ptr<T>() : nullptr;
+    for (int64_t c = 0; c < sh.c; ++c) {
+      const bn::Moments mo = bn::moments(k[c], s1[c], s2[c], sh.count());
+      mp[c] = static_cast<T>(mo.mean);
+      ip[c] = static_cast<T>(1.0 / std::sqrt(mo.var + eps));
+      if (rm) rm[c] = static_cast<T>(bn::running_update(rm[c], mo.mean, momentum));
+      if (rv) rv[c] = static_cast<T>(bn::running_update(rv[c], bn::unbiased(mo.var, sh.count()), momentum));
+    }
+  } else {
+    const T* rm = running_mean->data_ptr<T>();
+    const T* rv = running_var->data_ptr<T>();
+    for (int64_t c = 0; c < sh.c; ++c) {
+      mp[c] = rm[c];
+      ip[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+    }
+  }
+  const auto af = channel_affine<T>(sh, mp, ip, bn::data_or_null<T>(weight), bn::data_or_null<T>(bias));
+  const T* sc = af.scale.data();
+  const T* sf = af.shift.data();
+  S* yp = y.data_ptr<S>();
+  for_each_row(
+      sh,
+      [&](int64_t r, int64_t c) {
+        const S* __restrict__ xr = xp + r * sh.s;
+        S* __restrict__ yr = yp + r * sh.s;
+        const T a = sc[c], b = sf[c];
+#pragma omp simd
+        for (int64_t i = 0; i < sh.s; ++i) yr[i] = static_cast<S>(std::max(std::fma(static_cast<T>(xr[i]), a, b), T(0)));
+      },
+      [&](int64_t r) {
+        const S* __restrict__ xr = xp + r * sh.c;
+        S* __restrict__ yr = yp + r * sh.c;
+#pragma omp simd
+        for (int64_t c = 0; c < sh.c; ++c) yr[c] = static_cast<S>(std::max(std::fma(static_cast<T>(xr[c]), sc[c], sf[c]), T(0)));
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
+    double momentum, double eps) {
+  constexpr const char* op = "fastopt::bn_relu_forward";
+  const Shape sh = bn::shape_of(x, op);
+  for (auto [what, t] : {std::pair{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean},
+                         {"running_var", &running_var}}) {
+    bn::check_per_channel(op, what, *t, x, sh.c);
+  }
+  const bool has_running = running_mean.has_value() && running_var.has_value();
+  TORCH_CHECK(training || has_running, op, ": running statistics are required when training=False");
+  const auto stat_opts = x.options().dtype(bn::stat_type(x));
+  at::Tensor mean = at::empty({sh.c}, stat_opts), invstd = at::empty({sh.c}, stat_opts);
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_forward", [&] {
+    forward_kernel<scalar_t>(x, sh, weight, bias, running_mean, running_var, training, momentum, eps, y, mean, invstd);
+  });
+  return {y, mean, invstd};
+}
+
+template <typename S>
+void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
+                     bool training, at::Tensor& dx, at::Tensor& dweight, at::Tensor& dbias) {
+  using T = at::opmath_type<S>;
+  const S* xp = x.data_ptr<S>();
+  const S* gp = dy.data_ptr<S>();
+  const T* mp = mean.data_ptr<T>();
+  const T* ip = invstd.data_ptr<T>();
+  const auto af = channel_affine<T>(sh, mp, ip, bn::data_or_null<T>(weight), bn::data_or_null<T>(bias));
+  const T* sc = af.scale.data();
+  const T* sf = af.shift.data();
+  std::vector<double> sum_g, sum_gc;
+  channel_sums<T>(sh, GradTerm<S, T>{xp, gp, mp, sc, sf, sh}, sum_g, sum_gc);
+  T* dw = dweight.data_ptr<T>();
+  T* db = dbias.data_ptr<T>();
+  std::vector<T> kg(sh.c), kc(sh.c), k0(sh.c);
+  for (int64_t c = 0; c < sh.c; ++c) {
+    dw[c] = static_cast<T>(sum_gc[c] * static_cast<double>(ip[c]));
+    db[c] = static_cast<T>(sum_g[c]);
+    const auto ig = bn::input_grad<T>(sc[c], ip[c], sum_g[c], sum_gc[c], sh.count(), training);
+    kg[c] = ig.k_g;
+    kc[c] = ig.k_c;
+    k0[c] = ig.k_0;
+  }
+  if (!dx.numel()) return;
+  S* dxp = dx.data_ptr<S>();
+  for_each_row(
+      sh,
+      [&](int64_t r, int64_t c) {
+        const int64_t off = r * sh.s;
+        const S* __restrict__ xr = xp + off;
+        const S* __restrict__ gr = gp + off;
+        S* __restrict__ out = dxp + off;
+        const T a = sc[c], b = sf[c], m = mp[c], ag = kg[c], ac = kc[c], a0 = k0[c];
+#pragma omp simd
+        for (int64_t i = 0; i < sh.s; ++i) {
+          const T xi = static_cast<T>(xr[i]);
+          const T g = std::fma(xi, a, b) > T(0) ? static_cast<T>(gr[i]) : T(0);
+          out[i] = static_cast<S>(ag * g + ac * (xi - m) + a0);
+        }
+      },
+      [&](int64_t r) {
+        const S* __restrict__ xr = xp + r * sh.c;
+        const S* __restrict__ gr = gp + r * sh.c;
+        S* __restrict__ out = dxp + r * sh.c;
+#pragma omp simd
+        for (int64_t c = 0; c < sh.c; ++c) {
+          const T xi = static_cast<T>(xr[c]);
+          const T g = std::fma(xi, sc[c], sf[c]) > T(0) ? static_cast<T>(gr[c]) : T(0);
+          out[c] = static_cast<S>(kg[c] * g + kc[c] * (xi - mp[c]) + k0[c]);
+        }
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
+    const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd, bool training,
+    bool need_input_grad) {
+  constexpr const char* op = "fastopt::bn_relu_backward";
+  const Shape sh = bn::shape_of(x, op);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides() && dy.scalar_type() == x.scalar_type(), op,
+              ": grad_output must have the input's shape, layout and dtype");
+  for (auto [what, t] : {std::pair{"weight", &weight}, {"bias", &bias}}) bn::check_per_channel(op, what, *t, x, sh.c);
+  bn::check_per_channel(op, "mean", mean, x, sh.c);
+  bn::check_per_channel(op, "invstd", invstd, x, sh.c);
+  const auto stat_opts = x.options().dtype(bn::stat_type(x));
+  at::Tensor dweight = at::empty({sh.c}, stat_opts), dbias = at::empty({sh.c}, stat_opts);
+  at::Tensor dx = need_input_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward", [&] {
+    backward_kernel<scalar_t>(dy, x, sh, weight, bias, mean, invstd, training, dx, dweight, dbias);
+  });
+  return {dx, dweight, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("bn_relu_forward", &bn_relu_forward);
+  m.impl("bn_relu_backward", &bn_relu_backward);
+}
+
+}  // namespace cpu
+}  // namespace fastopt

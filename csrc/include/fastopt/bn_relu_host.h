@@ -1,0 +1,49 @@
+// BatchNorm+ReLU host-side checks and shapes, shared by the CPU and CUDA entry points.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastopt {
+namespace bn {
+
+// x viewed as (n, c, s): contiguous NC(spatial), or channels_last (rows of c values, n * s rows);
+// a 2-D (n, c) input is the latter with s = 1.
+struct Shape {
+  int64_t n, c, s;
+  bool channels_last;
+  int64_t count() const { return n * s; }  // values per channel
+};
+
+inline Shape shape_of(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() >= 2, op, ": expected an input of at least 2 dimensions, got ", x.sizes());
+  const int64_t n = x.size(0), c = x.size(1), s = x.numel() / std::max<int64_t>(n * c, 1);
+  if (x.dim() == 2) return {n, c, 1, true};
+  if (x.is_contiguous()) return {n, c, s, false};
+  const bool cl = (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                  (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  TORCH_CHECK(cl, op, ": the input must be contiguous or channels_last, got strides ", x.strides());
+  return {n, c, s, true};
+}
+
+// float32 statistics and parameters for float32/float16/bfloat16 inputs, float64 for float64.
+inline at::ScalarType stat_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_per_channel(const char* op, const char* what, const c10::optional<at::Tensor>& t,
+                              const at::Tensor& x, int64_t c) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->numel() == c, op, ": ", what, " has ", t->numel(), " elements for ", c, " channels");
+  TORCH_CHECK(t->scalar_type() == stat_type(x), op, ": ", what, " is ", t->scalar_type(), " for a ",
+              x.scalar_type(), " input (expected ", stat_type(x), ")");
+  TORCH_CHECK(t->is_contiguous() && t->device() == x.device(), op, ": ", what,
+              " must be contiguous and on the input's device");
+}
+
+template <typename T>
+const T* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+}  // namespace bn
+}  // namespace fastopt
