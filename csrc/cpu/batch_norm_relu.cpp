@@ -31,18 +31,20 @@ void channel_sums(const Shape& sh, Term&& term, std::vector<double>& out_a, std:
   out_b.assign(sh.c, 0.0);
   if (sh.count() == 0) return;
   if (!sh.channels_last) {
+    // n outer, channels inner: each thread streams through its channel range of every sample.
+    // Sums in thread-local vectors: neighbouring channels of two threads share cache lines.
     at::parallel_for(0, sh.c, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        double a = 0.0, b = 0.0;
-        for (int64_t n = 0; n < sh.n; ++n) {
+      std::vector<double> la(c1 - c0, 0.0), lb(c1 - c0, 0.0);
+      for (int64_t n = 0; n < sh.n; ++n) {
+        for (int64_t c = c0; c < c1; ++c) {
           T ra = 0, rb = 0;
           term.row_ncs(n, c, ra, rb);
-          a += ra;
-          b += rb;
+          la[c - c0] += ra;
+          lb[c - c0] += rb;
         }
-        out_a[c] = a;
-        out_b[c] = b;
       }
+      std::copy(la.begin(), la.end(), out_a.begin() + c0);
+      std::copy(lb.begin(), lb.end(), out_b.begin() + c0);
     });
     return;
   }
@@ -84,12 +86,15 @@ struct MomentTerm {
   void row_ncs(int64_t n, int64_t c, T& ra, T& rb) const {
     const S* __restrict__ row = x + (n * sh.c + c) * sh.s;
     const T kc = k[c];
-#pragma omp simd reduction(+ : ra, rb)
+    T a = 0, b = 0;  // locals: GCC does not vectorize a simd reduction into reference parameters
+#pragma omp simd reduction(+ : a, b)
     for (int64_t i = 0; i < sh.s; ++i) {
       const T d = static_cast<T>(row[i]) - kc;
-      ra += d;
-      rb += d * d;
+      a += d;
+      b += d * d;
     }
+    ra = a;
+    rb = b;
   }
   void row_cl(int64_t r, T* __restrict__ fa, T* __restrict__ fb) const {
     const S* __restrict__ row = x + r * sh.c;
@@ -116,13 +121,16 @@ struct GradTerm {
     const S* __restrict__ xr = x + off;
     const S* __restrict__ gr = dy + off;
     const T m = mean[c], sc = scale[c], sf = shift[c];
-#pragma omp simd reduction(+ : ra, rb)
+    T a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
     for (int64_t i = 0; i < sh.s; ++i) {
       const T xi = static_cast<T>(xr[i]);
       const T g = std::fma(xi, sc, sf) > T(0) ? static_cast<T>(gr[i]) : T(0);
-      ra += g;
-      rb += g * (xi - m);
+      a += g;
+      b += g * (xi - m);
     }
+    ra = a;
+    rb = b;
   }
   void row_cl(int64_t r, T* __restrict__ fa, T* __restrict__ fb) const {
     const S* __restrict__ xr = x + r * sh.c;
