@@ -10,9 +10,18 @@ the backend unavailable, with the reason, when it cannot.
 """
 
 from .adagrad import adagrad_step
+from .batch_norm_relu import bn_relu_backward, bn_relu_forward
 from .adam import adam_step
 from .multi_tensor import MultiTensorPlan
 from .norm import grad_norm
 from .rmsprop import rmsprop_step
 
-__all__ = ["MultiTensorPlan", "adagrad_step", "adam_step", "grad_norm", "rmsprop_step"]
+__all__ = [
+    "MultiTensorPlan",
+    "adagrad_step",
+    "adam_step",
+    "bn_relu_backward",
+    "bn_relu_forward",
+    "grad_norm",
+    "rmsprop_step",
+]
