@@ -1,0 +1,240 @@
+"""fastopt.nn BatchNorm+ReLU against torch's BatchNormNd -> ReLU on every backend: outputs, input /
+weight / bias gradients, running statistics and num_batches_tracked over several steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastopt
+from conftest import assert_close, backend_device
+from fastopt.nn import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d
+from fastopt.nn.functional import batch_norm_relu, resolve
+
+TORCH_BN = {BatchNormReLU1d: nn.BatchNorm1d, BatchNormReLU2d: nn.BatchNorm2d, BatchNormReLU3d: nn.BatchNorm3d}
+
+# (fused class, input shape, channels_last): 1d/2d/3d, odd sizes, one sample, 1x1 spatial.
+SHAPES = [
+    (BatchNormReLU1d, (7, 3), False),
+    (BatchNormReLU1d, (4, 5, 9), False),
+    (BatchNormReLU2d, (2, 3, 5, 7), False),
+    (BatchNormReLU2d, (2, 3, 5, 7), True),
+    (BatchNormReLU2d, (1, 6, 3, 3), True),
+    (BatchNormReLU2d, (5, 17, 1, 1), False),
+    (BatchNormReLU3d, (2, 3, 2, 3, 5), False),
+    (BatchNormReLU3d, (2, 3, 2, 3, 5), True),
+]
+FLAGS = [
+    {},
+    {"affine": False},
+    {"track_running_stats": False},
+    {"momentum": None},
+    {"affine": False, "track_running_stats": False},
+    {"eps": 1e-3, "momentum": 0.3},
+]
+# Note [BatchNorm+ReLU tolerances]: the per-channel sums run over up to ~10^2 values in another
+# order than torch's (shifted sums, float within a row, double across), so fp32 results differ
+# by a few ulps of the largest terms; fp64 by a few ulps of fp64.
+TOL = {torch.float32: dict(rtol=1e-4, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-11)}
+
+
+def _input(shape, channels_last, dtype, device, *, offset=3.0):
+    x = torch.randn(shape, dtype=torch.float64) * 2 + offset  # |mean| > std: tests the shifted sums
+    x = x.to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def _pair(cls, channels, flags, dtype, device, backend):
+    ours = cls(channels, backend=backend, **flags).to(device=device, dtype=dtype)
+    theirs = TORCH_BN[cls](channels, **flags).to(device=device, dtype=dtype)
+    if ours.affine:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+            ours.bias.uniform_(-0.5, 0.5)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _skip_dtype(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton: no float64 inputs (auto resolves them to another backend)")
+
+
+def _compare_modules(ours, theirs, tol, what):
+    for name, buf in theirs.named_buffers():
+        mine = dict(ours.named_buffers())[name]
+        if name == "num_batches_tracked":
+            assert int(mine) == int(buf), f"{what}: num_batches_tracked {int(mine)} != {int(buf)}"
+        else:
+            assert_close(mine, buf, **tol, what=f"{what} {name}")
+    for name, p in theirs.named_parameters():
+        assert_close(dict(ours.named_parameters())[name].grad, p.grad, **tol, what=f"{what} grad of {name}")
+
+
+@pytest.mark.parametrize("cls,shape,channels_last", SHAPES, ids=lambda v: str(v) if not isinstance(v, type) else v.__name__)
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "default")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_torch(backend, device, cls, shape, channels_last, flags, dtype):
+    _skip_dtype(backend, dtype)
+    tol = TOL[dtype]
+    ours, theirs = _pair(cls, shape[1], flags, dtype, device, backend)
+    for step, mode in enumerate(["train", "train", "train", "eval", "train"]):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        ours.zero_grad()
+        theirs.zero_grad()
+        x = _input(shape, channels_last, dtype, device)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), torch.relu(theirs(xb))
+        what = f"step {step} ({mode})"
+        assert_close(ya, yb, **tol, what=f"{what} output")
+        assert ya.stride() == yb.stride(), f"{what}: output strides {ya.stride()} != torch's {yb.stride()}"
+        dy = torch.randn_like(yb)
+        ya.backward(dy)
+        yb.backward(dy)
+        assert_close(xa.grad, xb.grad, **tol, what=f"{what} grad of x")
+        _compare_modules(ours, theirs, tol, what)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_low_precision_error_within_twice_torchs(backend, device, dtype, channels_last):
+    """bf16/fp16 inputs (fp32 weight, bias and statistics): the error against an fp64 computation is
+    at most ~2x that of torch's own low-precision BatchNorm2d -> ReLU (STYLE: flash-attention's rule)."""
+    shape = (4, 8, 9, 11)
+    ours, exact = _pair(BatchNormReLU2d, shape[1], {}, torch.float32, device, backend)
+    low = nn.BatchNorm2d(shape[1]).to(device)
+    low.load_state_dict(exact.state_dict())
+    exact = exact.double()
+    x = _input(shape, channels_last, dtype, device, offset=0.5)
+    dy = torch.randn(shape, dtype=torch.float64, device=device).to(dtype)
+    results = {}
+    for name, fn, inp in [("exact", lambda t: torch.relu(exact(t)), x.double()),
+                          ("torch", lambda t: torch.relu(low(t)), x.clone()),
+                          ("ours", ours, x.clone())]:
+        inp = inp.requires_grad_()
+        y = fn(inp)
+        y.backward(dy.to(y.dtype))
+        results[name] = (y.double(), inp.grad.double())
+    for i, what in enumerate(["output", "grad of x"]):
+        ref = results["exact"][i]
+        err_torch = (results["torch"][i] - ref).abs().max().item()
+        err_ours = (results["ours"][i] - ref).abs().max().item()
+        assert err_ours <= 2 * err_torch + 1e-6, f"{what}: error {err_ours:.3g} > 2 x torch's {err_torch:.3g}"
+    assert_close(ours.running_mean, exact.running_mean.float(), rtol=1e-3, atol=1e-3, what="running_mean")
+    assert_close(ours.running_var, exact.running_var.float(), rtol=1e-3, atol=1e-3, what="running_var")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_gradcheck_float64(backend, device, training, channels_last):
+    _skip_dtype(backend, torch.float64)
+    x = _input((3, 4, 2, 3), channels_last, torch.float64, device, offset=0.0).requires_grad_()
+    w = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    b = (torch.rand(4, dtype=torch.float64, device=device) - 0.5).requires_grad_()
+    rm = torch.randn(4, dtype=torch.float64, device=device)
+    rv = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+
+    def fn(x, w, b):  # running statistics: fresh copies, so every evaluation sees the same ones
+        return batch_norm_relu(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_backward_without_input_grad(backend, device):
+    """A frozen first layer: no grad for x, grads for weight and bias still right."""
+    ours, theirs = _pair(BatchNormReLU2d, 3, {}, torch.float32, device, backend)
+    x = _input((2, 3, 4, 4), False, torch.float32, device)
+    ours(x).sum().backward()
+    torch.relu(theirs(x)).sum().backward()
+    _compare_modules(ours, theirs, TOL[torch.float32], "no input grad")
+
+
+def test_empty_batch_in_eval(backend, device):
+    ours, theirs = _pair(BatchNormReLU2d, 3, {}, torch.float32, device, backend)
+    ours.eval()
+    y = ours(torch.empty(0, 3, 4, 4, device=device))
+    assert y.shape == (0, 3, 4, 4)
+
+
+def test_one_value_per_channel_raises_and_changes_nothing(backend, device):
+    m = BatchNormReLU2d(3, backend=backend).to(device)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        m(torch.randn(1, 3, 1, 1, device=device))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a rejected batch"
+    m.eval()
+    assert m(torch.randn(1, 3, 1, 1, device=device)).shape == (1, 3, 1, 1)  # fine in eval, as torch
+
+
+def test_wrong_channel_count_names_the_problem(backend, device):
+    m = BatchNormReLU2d(4, backend=backend).to(device)
+    with pytest.raises(ValueError, match=r"input has 3 channels .* expected 4"):
+        m(torch.randn(2, 3, 5, 5, device=device))
+    bare = BatchNormReLU2d(4, affine=False, track_running_stats=False, backend=backend)
+    with pytest.raises(ValueError, match="input has 3 channels"):
+        bare(torch.randn(2, 3, 5, 5, device=device))
+    with pytest.raises(ValueError, match="running_mean has 4 elements"):
+        batch_norm_relu(torch.randn(2, 3, 5, device=device), torch.zeros(4, device=device),
+                        torch.ones(4, device=device), training=True, backend=backend)
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        m(torch.randn(2, 4, 5, device=device))
+
+
+def test_non_contiguous_input(backend, device):
+    ours, theirs = _pair(BatchNormReLU2d, 5, {}, torch.float32, device, backend)
+    x = torch.randn(3, 7, 5, 4, device=device).permute(0, 2, 3, 1)[:, :, ::2]  # (3, 5, 2, 4), strided
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    assert_close(ours(x), torch.relu(theirs(x)), **TOL[torch.float32], what="strided input")
+
+
+@pytest.mark.parametrize("cls", [BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d], ids=lambda c: c.__name__)
+def test_state_dict_is_batchnorms(cls):
+    ours, theirs = cls(6), TORCH_BN[cls](6)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    with torch.no_grad():
+        theirs.weight.uniform_()
+        theirs.running_var.uniform_(1, 2)
+    theirs.num_batches_tracked.fill_(7)
+    ours.load_state_dict(theirs.state_dict())
+    back = TORCH_BN[cls](6)
+    back.load_state_dict(ours.state_dict())
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_resolve_picks_a_backend_per_dtype():
+    assert resolve("auto", torch.device("cpu"), torch.float32).name in ("cpu", "reference")
+    with pytest.raises(fastopt.BackendUnavailable, match="cuda"):
+        resolve("cuda", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="unknown backend"):
+        BatchNormReLU2d(3, backend="fast")
+
+
+def test_cumulative_momentum_matches_torch():
+    ours, theirs = _pair(BatchNormReLU2d, 3, {"momentum": None}, torch.float64, "cpu", "auto")
+    for _ in range(4):
+        x = _input((3, 3, 4, 4), False, torch.float64, "cpu")
+        ours(x)
+        theirs(x)
+    assert_close(ours.running_var, theirs.running_var, **TOL[torch.float64], what="running_var")
+    assert int(ours.num_batches_tracked) == 4
+
+
+def test_sizes_beyond_one_tile(backend, device):
+    """More values per channel than one program's tile and split (exercises the loops)."""
+    ours, theirs = _pair(BatchNormReLU2d, 3, {}, torch.float32, device, backend)
+    for cl in (False, True):
+        x = _input((5, 3, 37, 41), cl, torch.float32, device).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        dy = torch.randn_like(x)
+        ours(x).backward(dy)
+        torch.relu(theirs(x2)).backward(dy)
+        assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4, what=f"grad of x (channels_last={cl})")
+    assert_close(ours.running_var, theirs.running_var, **TOL[torch.float32], what="running_var")
