@@ -193,8 +193,8 @@ void forward_kernel(const at::Tensor& x, const Shape& sh, const c10::optional<at
     for (int64_t c = 0; c < sh.c && sh.count() > 0; ++c) k[c] = static_cast<T>(xp[sh.channels_last ? c : c * sh.s]);
     std::vector<double> s1, s2;
     channel_sums<T>(sh, MomentTerm<S, T>{xp, k.data(), sh}, s1, s2);
-    T* rm = bn::data_or_null<T>(running_mean) ? running_mean->data_ptr<T>() : nullptr;
-    T* rv = bn::data_or_null<T>(running_var) ? running_var->data_ptr<T>() : nullptr;
+    T* rm = bn::data_or_null<T>(running_mean);
+    T* rv = bn::data_or_null<T>(running_var);
     for (int64_t c = 0; c < sh.c; ++c) {
       const bn::Moments mo = bn::moments(k[c], s1[c], s2[c], sh.count());
       mp[c] = static_cast<T>(mo.mean);

@@ -3,16 +3,10 @@
 
 #include <ATen/ATen.h>
 
+#include "bn_relu_math.h"
+
 namespace fastopt {
 namespace bn {
-
-// x viewed as (n, c, s): contiguous NC(spatial), or channels_last (rows of c values, n * s rows);
-// a 2-D (n, c) input is the latter with s = 1.
-struct Shape {
-  int64_t n, c, s;
-  bool channels_last;
-  int64_t count() const { return n * s; }  // values per channel
-};
 
 inline Shape shape_of(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.dim() >= 2, op, ": expected an input of at least 2 dimensions, got ", x.sizes());
@@ -41,7 +35,7 @@ inline void check_per_channel(const char* op, const char* what, const c10::optio
 }
 
 template <typename T>
-const T* data_or_null(const c10::optional<at::Tensor>& t) {
+T* data_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
 }
 

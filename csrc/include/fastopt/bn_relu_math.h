@@ -10,6 +10,14 @@
 namespace fastopt {
 namespace bn {
 
+// x viewed as (n, c, s): contiguous NC(spatial), or channels_last (rows of c values, n * s rows);
+// a 2-D (n, c) input is the latter with s = 1.
+struct Shape {
+  int64_t n, c, s;
+  bool channels_last;
+  FASTOPT_HD int64_t count() const { return n * s; }  // values per channel
+};
+
 // Note [shifted sums]: the statistics kernels accumulate s1 = sum(x - k) and s2 = sum((x - k)^2)
 // with k one value of the channel (its first), so var = s2/M - (s1/M)^2 does not cancel when
 // |mean| >> std; partial sums are float within a row or a block of rows and double across them.
