@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from triton_kernels import adagrad, adam, norm, rmsprop  # noqa: E402
+from triton_kernels import adagrad, adam, batch_norm_relu, norm, rmsprop  # noqa: E402
 from triton_kernels.multi_tensor import BLOCK, CHUNK  # noqa: E402
 
 # Pointer arguments and their element types; every other non-constexpr argument is a float,
@@ -37,10 +37,12 @@ KERNELS = {
 }
 
 
-def compile_one(fn, constexprs: dict, target: GPUTarget) -> None:
+def compile_one(fn, constexprs: dict, target: GPUTarget, types: dict = None) -> None:
     signature = {}
     for name in fn.arg_names:
-        if name in constexprs:
+        if types and name in types:
+            signature[name] = types[name]
+        elif name in constexprs:
             signature[name] = "constexpr"
         elif name in POINTERS:
             signature[name] = POINTERS[name]
@@ -71,6 +73,18 @@ def main(arch: int) -> None:
         compile_one(norm._norm_kernel, {"G_DTYPE": tl.bfloat16, "L2": l2, "HAS_SCALE": on, "HAS_CLIP": on,
                                         "WRITE_COEF": on, "CHUNK": CHUNK, "BLOCK": BLOCK, "RBLOCK": norm.RBLOCK},
                     target)
+        count += 1
+    bn = batch_norm_relu
+    vectors = ("part_ptr", "va_ptr", "vb_ptr", "vm_ptr", "kg_ptr", "kc_ptr", "k0_ptr")
+    for mode, channels_last, (dtype, name) in itertools.product(
+        (bn.MOMENTS, bn.FORWARD, bn.GRAD_SUMS, bn.INPUT_GRAD), (False, True),
+        ((tl.float32, "fp32"), (tl.bfloat16, "bf16"), (tl.float16, "fp16")),
+    ):
+        types = {"x_ptr": f"*{name}", "dy_ptr": f"*{name}", "out_ptr": f"*{name}", "N": "i32", "C": "i32",
+                 "S": "i32", "SPLITS": "i32", **{v: "*fp32" for v in vectors}}
+        block_c, block_j = bn._blocks(64, 49, channels_last)
+        compile_one(bn._bn_relu_pass_kernel, {"MODE": mode, "CHANNELS_LAST": channels_last, "OUT_DTYPE": dtype,
+                                              "BLOCK_C": block_c, "BLOCK_J": block_j}, target, types)
         count += 1
     print(f"compiled {count} kernel specializations for sm_{arch}")
 
