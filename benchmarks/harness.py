@@ -194,7 +194,7 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def plot_rows(rows: list[Row], out_dir: str) -> list[str]:
+def plot_rows(rows: list[Row], out_dir: str, prefix: str = "") -> list[str]:
     """Two PNGs from the rows: fastopt's speedup over the best torch.optim variant, and % of copy
     bandwidth, per case and provider. Returns the paths ([] without matplotlib)."""
     try:
@@ -208,8 +208,8 @@ def plot_rows(rows: list[Row], out_dir: str) -> list[str]:
     providers = list(dict.fromkeys(r.provider for r in rows))
     paths = []
     for metric, title, fname in (
-        ("speedup_vs_best_torch", "speedup over the best torch.optim variant (x)", "speedup.png"),
-        ("pct_copy_bw", "% of copy bandwidth measured in the same run", "bandwidth.png"),
+        ("speedup_vs_best_torch", "speedup over the best torch variant (x)", f"{prefix}speedup.png"),
+        ("pct_copy_bw", "% of copy bandwidth measured in the same run", f"{prefix}bandwidth.png"),
     ):
         fig, ax = plt.subplots(figsize=(10, 0.45 * len(cases) * max(1, len(providers)) / 2 + 1.5))
         height = 0.8 / len(providers)

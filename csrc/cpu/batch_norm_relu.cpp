@@ -21,6 +21,28 @@ using bn::Shape;
 constexpr int64_t kBlockRows = 64;      // channels_last: rows summed in the accumulation dtype
 constexpr int64_t kGrainElems = 32768;  // elements per task of the elementwise passes
 
+// Note [row lanes]: a row of an NCHW tensor (one sample, one channel) is summed into kLanes
+// independent float lanes (a vector register), which are then added to the channel's double
+// lanes: no horizontal reduction per row, which costs more than the row itself when rows are
+// short (7x7 feature maps). The lanes are reduced once per channel at the end.
+constexpr int kLanes = 16;
+
+template <typename T, typename Add>
+inline void row_into_lanes(int64_t len, const Add& add, double* __restrict__ da, double* __restrict__ db) {
+  T la[kLanes] = {}, lb[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) add(i + j, la[j], lb[j]);
+  }
+  for (int j = 0; i + j < len; ++j) add(i + j, la[j], lb[j]);
+#pragma omp simd
+  for (int j = 0; j < kLanes; ++j) {
+    da[j] += la[j];
+    db[j] += lb[j];
+  }
+}
+
 // Per-channel sums over every value of the channel, Note [shifted sums]: for each channel c,
 // out_a[c] = sum(fa(i)) and out_b[c] = sum(fb(i)) over its values i, where `term(row, c, i, a, b)`
 // adds value i of a row to the running row sums a and b (float within a row or block, double
@@ -31,20 +53,23 @@ void channel_sums(const Shape& sh, Term&& term, std::vector<double>& out_a, std:
   out_b.assign(sh.c, 0.0);
   if (sh.count() == 0) return;
   if (!sh.channels_last) {
-    // n outer, channels inner: each thread streams through its channel range of every sample.
-    // Sums in thread-local vectors: neighbouring channels of two threads share cache lines.
+    // n outer, channels inner: each thread streams through its channel range of every sample,
+    // keeping kLanes double lanes per channel (thread-local: neighbouring channels of two threads
+    // would share cache lines); a row adds its float lanes to them (Note [row lanes]).
     at::parallel_for(0, sh.c, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<double> la(c1 - c0, 0.0), lb(c1 - c0, 0.0);
+      std::vector<double> la((c1 - c0) * kLanes, 0.0), lb((c1 - c0) * kLanes, 0.0);
       for (int64_t n = 0; n < sh.n; ++n) {
-        for (int64_t c = c0; c < c1; ++c) {
-          T ra = 0, rb = 0;
-          term.row_ncs(n, c, ra, rb);
-          la[c - c0] += ra;
-          lb[c - c0] += rb;
-        }
+        for (int64_t c = c0; c < c1; ++c) term.row_ncs(n, c, &la[(c - c0) * kLanes], &lb[(c - c0) * kLanes]);
       }
-      std::copy(la.begin(), la.end(), out_a.begin() + c0);
-      std::copy(lb.begin(), lb.end(), out_b.begin() + c0);
+      for (int64_t c = c0; c < c1; ++c) {
+        double a = 0.0, b = 0.0;
+        for (int j = 0; j < kLanes; ++j) {
+          a += la[(c - c0) * kLanes + j];
+          b += lb[(c - c0) * kLanes + j];
+        }
+        out_a[c] = a;
+        out_b[c] = b;
+      }
     });
     return;
   }
@@ -83,18 +108,14 @@ struct MomentTerm {
   const S* x;
   const T* k;
   const Shape& sh;
-  void row_ncs(int64_t n, int64_t c, T& ra, T& rb) const {
+  void row_ncs(int64_t n, int64_t c, double* da, double* db) const {
     const S* __restrict__ row = x + (n * sh.c + c) * sh.s;
     const T kc = k[c];
-    T a = 0, b = 0;  // locals: GCC does not vectorize a simd reduction into reference parameters
-#pragma omp simd reduction(+ : a, b)
-    for (int64_t i = 0; i < sh.s; ++i) {
+    row_into_lanes<T>(sh.s, [&](int64_t i, T& a, T& b) {
       const T d = static_cast<T>(row[i]) - kc;
       a += d;
       b += d * d;
-    }
-    ra = a;
-    rb = b;
+    }, da, db);
   }
   void row_cl(int64_t r, T* __restrict__ fa, T* __restrict__ fb) const {
     const S* __restrict__ row = x + r * sh.c;
@@ -116,21 +137,17 @@ struct GradTerm {
   const T* scale;
   const T* shift;
   const Shape& sh;
-  void row_ncs(int64_t n, int64_t c, T& ra, T& rb) const {
+  void row_ncs(int64_t n, int64_t c, double* da, double* db) const {
     const int64_t off = (n * sh.c + c) * sh.s;
     const S* __restrict__ xr = x + off;
     const S* __restrict__ gr = dy + off;
     const T m = mean[c], sc = scale[c], sf = shift[c];
-    T a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-    for (int64_t i = 0; i < sh.s; ++i) {
+    row_into_lanes<T>(sh.s, [&](int64_t i, T& a, T& b) {
       const T xi = static_cast<T>(xr[i]);
       const T g = std::fma(xi, sc, sf) > T(0) ? static_cast<T>(gr[i]) : T(0);
       a += g;
       b += g * (xi - m);
-    }
-    ra = a;
-    rb = b;
+    }, da, db);
   }
   void row_cl(int64_t r, T* __restrict__ fa, T* __restrict__ fb) const {
     const S* __restrict__ xr = x + r * sh.c;

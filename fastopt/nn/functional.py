@@ -71,9 +71,21 @@ _AUTO = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 def resolve(backend: str, device: torch.device, dtype: torch.dtype):
     """The implementation for ``backend`` on ``device`` and inputs of ``dtype`` (``"auto"``: the
     fastest one available that supports it)."""
+    compiling = torch.compiler.is_compiling()
+    key = (backend, device.type, dtype, compiling)
+    impl = _RESOLVED.get(key)
+    if impl is None:  # availability does not change within a process: resolved once per key
+        impl = _RESOLVED[key] = _resolve(backend, device, dtype, compiling)
+    return impl
+
+
+_RESOLVED: dict = {}
+
+
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype, compiling: bool):
     if backend == "auto":
         for name in _AUTO.get(device.type, ("reference",)):
-            if torch.compiler.is_compiling() and name == "triton":
+            if compiling and name == "triton":
                 continue  # Note [BatchNormReLU under torch.compile]
             if dtype in _IMPLS[name].dtypes and _backends.why_unavailable(name, device) is None:
                 return _IMPLS[name]
@@ -118,6 +130,14 @@ def _layout(x: Tensor) -> torch.memory_format:
         if x.is_contiguous(memory_format=fmt):
             return fmt
     return torch.contiguous_format
+
+
+def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t`` itself when it is already a contiguous ``dtype`` tensor (the common case, no dispatch),
+    else a contiguous ``dtype`` copy."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
 
 
 def _check_per_channel(name: str, t: Optional[Tensor], channels: int, x: Tensor) -> None:
@@ -177,10 +197,8 @@ def batch_norm_relu(
     stat_dtype = compute_dtype(x.dtype)
     # weight and bias in the statistics dtype (a differentiable cast: grads flow back to e.g. bf16
     # params); running statistics of another dtype are updated through a copy and written back.
-    weight = weight.to(stat_dtype) if weight is not None else None
-    bias = bias.to(stat_dtype) if bias is not None else None
-    rm = running_mean.to(stat_dtype).contiguous() if running_mean is not None else None
-    rv = running_var.to(stat_dtype).contiguous() if running_var is not None else None
+    weight, bias = _as(weight, stat_dtype), _as(bias, stat_dtype)
+    rm, rv = _as(running_mean, stat_dtype), _as(running_var, stat_dtype)
     y = BatchNormReLUFunction.apply(x, weight, bias, rm, rv, bool(training), float(momentum), float(eps), impl)
     if training:
         for mine, theirs in ((rm, running_mean), (rv, running_var)):
