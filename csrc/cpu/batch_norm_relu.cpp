@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "fastopt/bn_relu_host.h"
@@ -21,26 +22,63 @@ using bn::Shape;
 constexpr int64_t kBlockRows = 64;      // channels_last: rows summed in the accumulation dtype
 constexpr int64_t kGrainElems = 32768;  // elements per task of the elementwise passes
 
-// Note [row lanes]: a row of an NCHW tensor (one sample, one channel) is summed into kLanes
-// independent float lanes (a vector register), which are then added to the channel's double
-// lanes: no horizontal reduction per row, which costs more than the row itself when rows are
-// short (7x7 feature maps). The lanes are reduced once per channel at the end.
+// Note [row lanes]: the rows of one channel of an NCHW tensor (one per sample) are summed into
+// kLanes independent float lanes (a vector register), flushed to double lanes every
+// kFlushValues values: no horizontal reduction per row, which costs more than the row itself when
+// rows are short (7x7 feature maps). The lanes are reduced once per channel at the end.
 constexpr int kLanes = 16;
 
-template <typename T, typename Add>
-inline void row_into_lanes(int64_t len, const Add& add, double* __restrict__ da, double* __restrict__ db) {
-  T la[kLanes] = {}, lb[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
+constexpr int64_t kFlushValues = 4096;  // at most this many values per float lane set
+
+// kLanes values of T in one vector-typed variable (GCC/Clang vector extension), so the lanes
+// live in registers across a row rather than in a stack array reloaded every step.
+template <typename T>
+struct LaneType;
+template <>
+struct LaneType<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
+};
+template <>
+struct LaneType<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
+};
+template <typename T>
+using LaneVec = typename LaneType<T>::type;
+
+// Adds the terms (a, b) = term(i) of values i < len of one row to the lanes.
+template <typename T, typename Term>
+inline void row_into_lanes(int64_t len, const Term& term, LaneVec<T>& la, LaneVec<T>& lb) {
+  for (int64_t i = 0; i < len; i += kLanes) {
+    T ta[kLanes], tb[kLanes];
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, len - i));
+    if (n == kLanes) {
 #pragma omp simd
-    for (int j = 0; j < kLanes; ++j) add(i + j, la[j], lb[j]);
+      for (int j = 0; j < kLanes; ++j) term(i + j, ta[j], tb[j]);
+    } else {  // the row's last values: lanes j >= n read value 0 of the step and add zero
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        T u, v;
+        term(i + (j < n ? j : 0), u, v);
+        ta[j] = j < n ? u : T(0);
+        tb[j] = j < n ? v : T(0);
+      }
+    }
+    LaneVec<T> va, vb;  // never indexed by a variable: la and lb stay in registers
+    std::memcpy(&va, ta, sizeof(va));
+    std::memcpy(&vb, tb, sizeof(vb));
+    la += va;
+    lb += vb;
   }
-  for (int j = 0; i + j < len; ++j) add(i + j, la[j], lb[j]);
-#pragma omp simd
+}
+
+template <typename T>
+inline void flush_lanes(LaneVec<T>& la, LaneVec<T>& lb, double* __restrict__ da, double* __restrict__ db) {
   for (int j = 0; j < kLanes; ++j) {
     da[j] += la[j];
     db[j] += lb[j];
   }
+  la = LaneVec<T>{};
+  lb = LaneVec<T>{};
 }
 
 // Per-channel sums over every value of the channel, Note [shifted sums]: for each channel c,
@@ -53,19 +91,26 @@ void channel_sums(const Shape& sh, Term&& term, std::vector<double>& out_a, std:
   out_b.assign(sh.c, 0.0);
   if (sh.count() == 0) return;
   if (!sh.channels_last) {
-    // n outer, channels inner: each thread streams through its channel range of every sample,
-    // keeping kLanes double lanes per channel (thread-local: neighbouring channels of two threads
-    // would share cache lines); a row adds its float lanes to them (Note [row lanes]).
+    // One channel at a time: its rows (one per sample) go into kLanes float lanes, which are
+    // added to double lanes whenever they hold kFlushValues values and at the channel's end
+    // (Note [row lanes]).
     at::parallel_for(0, sh.c, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<double> la((c1 - c0) * kLanes, 0.0), lb((c1 - c0) * kLanes, 0.0);
-      for (int64_t n = 0; n < sh.n; ++n) {
-        for (int64_t c = c0; c < c1; ++c) term.row_ncs(n, c, &la[(c - c0) * kLanes], &lb[(c - c0) * kLanes]);
-      }
       for (int64_t c = c0; c < c1; ++c) {
+        double da[kLanes] = {}, db[kLanes] = {};
+        LaneVec<T> la{}, lb{};
+        int64_t held = 0;
+        for (int64_t n = 0; n < sh.n; ++n) {
+          term.row_ncs(n, c, la, lb);
+          held += sh.s;
+          if (held >= kFlushValues || n + 1 == sh.n) {
+            flush_lanes<T>(la, lb, da, db);
+            held = 0;
+          }
+        }
         double a = 0.0, b = 0.0;
         for (int j = 0; j < kLanes; ++j) {
-          a += la[(c - c0) * kLanes + j];
-          b += lb[(c - c0) * kLanes + j];
+          a += da[j];
+          b += db[j];
         }
         out_a[c] = a;
         out_b[c] = b;
@@ -108,14 +153,14 @@ struct MomentTerm {
   const S* x;
   const T* k;
   const Shape& sh;
-  void row_ncs(int64_t n, int64_t c, double* da, double* db) const {
+  void row_ncs(int64_t n, int64_t c, LaneVec<T>& la, LaneVec<T>& lb) const {
     const S* __restrict__ row = x + (n * sh.c + c) * sh.s;
     const T kc = k[c];
     row_into_lanes<T>(sh.s, [&](int64_t i, T& a, T& b) {
       const T d = static_cast<T>(row[i]) - kc;
-      a += d;
-      b += d * d;
-    }, da, db);
+      a = d;
+      b = d * d;
+    }, la, lb);
   }
   void row_cl(int64_t r, T* __restrict__ fa, T* __restrict__ fb) const {
     const S* __restrict__ row = x + r * sh.c;
@@ -137,7 +182,7 @@ struct GradTerm {
   const T* scale;
   const T* shift;
   const Shape& sh;
-  void row_ncs(int64_t n, int64_t c, double* da, double* db) const {
+  void row_ncs(int64_t n, int64_t c, LaneVec<T>& la, LaneVec<T>& lb) const {
     const int64_t off = (n * sh.c + c) * sh.s;
     const S* __restrict__ xr = x + off;
     const S* __restrict__ gr = dy + off;
@@ -145,9 +190,9 @@ struct GradTerm {
     row_into_lanes<T>(sh.s, [&](int64_t i, T& a, T& b) {
       const T xi = static_cast<T>(xr[i]);
       const T g = std::fma(xi, sc, sf) > T(0) ? static_cast<T>(gr[i]) : T(0);
-      a += g;
-      b += g * (xi - m);
-    }, da, db);
+      a = g;
+      b = g * (xi - m);
+    }, la, lb);
   }
   void row_cl(int64_t r, T* __restrict__ fa, T* __restrict__ fb) const {
     const S* __restrict__ xr = x + r * sh.c;
