@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu_suite.sh                 # build, tests, sanitizer, quick benchmark (< 10 min)
 #   SKIP_TESTS=1 FULL=1 bash benchmarks/gpu_suite.sh   # build and the full benchmark (256M params, GPT set)
+#   SKIP_TESTS=1 BN=1 bash benchmarks/gpu_suite.sh      # build and the BatchNorm+ReLU benchmark
 #
 # Each phase has its own time limit, so that one call fits the device tool's 10 minutes even when
 # a phase hangs; a phase that runs out says so in the summary (rc 124).
@@ -41,18 +42,25 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
       timeout 75 compute-sanitizer --tool "$tool" --error-exitcode 99 \
-        "$PY" -m pytest -q -p no:cacheprovider -x tests/test_optim.py -k "cuda and default and fp32" \
+        "$PY" -m pytest -q -p no:cacheprovider -x tests/test_optim.py tests/test_batch_norm_relu.py \
+        -k "cuda and ((default and fp32) or sizes_beyond_one_tile or gradcheck)" \
         >"$OUT/sanitizer-$tool.log" 2>&1
       note "compute-sanitizer $tool (rc $?): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$tool.log" | tail -1)"
     done
   fi
 fi
 
-# 4. the benchmark (the full one with FULL=1)
+# 4. the benchmark (the full one with FULL=1; BN=1: the BatchNorm+ReLU benchmark instead)
 bench_limit=170; [ -n "${FULL:-}" ] && bench_limit=420
-timeout "$bench_limit" "$PY" benchmarks/bench_optim.py --device cuda ${FULL:+--full} --csv "$OUT/results.csv" >"$OUT/bench.log" 2>&1
-note "benchmark (rc $?)"
-cp benchmarks/out/report.md "$OUT/report.md" 2>/dev/null
+if [ -z "${BN:-}" ]; then
+  timeout "$bench_limit" "$PY" benchmarks/bench_optim.py --device cuda ${FULL:+--full} --csv "$OUT/results.csv" >"$OUT/bench.log" 2>&1
+  note "benchmark (rc $?)"
+  cp benchmarks/out/report.md "$OUT/report.md" 2>/dev/null
+else
+  timeout 420 "$PY" benchmarks/bench_bn_relu.py --device cuda ${FULL:+--full} --csv "$OUT/results.csv" >"$OUT/bench.log" 2>&1
+  note "BatchNorm+ReLU benchmark (rc $?)"
+  cp benchmarks/out/report_bn_relu.md "$OUT/report_bn_relu.md" 2>/dev/null
+fi
 
 echo
 echo "================ summary ================"
