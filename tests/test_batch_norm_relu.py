@@ -238,3 +238,36 @@ def test_sizes_beyond_one_tile(backend, device):
         torch.relu(theirs(x2)).backward(dy)
         assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4, what=f"grad of x (channels_last={cl})")
     assert_close(ours.running_var, theirs.running_var, **TOL[torch.float32], what="running_var")
+
+
+def test_low_precision_module(backend, device):
+    """A module converted with .to(bfloat16) (bf16 weight, bias and running statistics) computes in
+    float32 and writes its bf16 state back; grads reach the bf16 parameters."""
+    m = BatchNormReLU2d(4, backend=backend).to(device=device, dtype=torch.bfloat16)
+    exact = nn.BatchNorm2d(4).to(device=device, dtype=torch.float64)
+    x = _input((3, 4, 5, 5), False, torch.bfloat16, device)
+    m(x).float().sum().backward()
+    torch.relu(exact(x.double())).sum().backward()
+    assert m.weight.dtype == m.running_var.dtype == m.weight.grad.dtype == torch.bfloat16
+    # bf16 storage of O(1) values: 2^-8 relative rounding, plus the sum of 75 rounded grads
+    assert_close(m.running_var.double(), exact.running_var, rtol=1e-2, atol=1e-2, what="running_var")
+    assert_close(m.weight.grad.double(), exact.weight.grad, rtol=2e-2, atol=5e-2, what="grad of weight")
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
+def test_torch_compile(backend_name):
+    if fastopt.backends.why_unavailable(backend_name, "cpu"):
+        pytest.skip(f"{backend_name} unavailable")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormReLU2d(4, backend=backend_name))
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    plain[0].load_state_dict(model[0].state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    ya = torch.compile(model)(x)
+    yb = plain(x)
+    ya.sum().backward()
+    yb.sum().backward()
+    tol = TOL[torch.float32]
+    assert_close(ya, yb, **tol, what="compiled output")
+    assert_close(model[0].weight.grad, plain[0].weight.grad, **tol, what="compiled conv weight grad")
+    assert_close(model[1].running_var, plain[1].running_var, **tol, what="compiled running_var")
+    assert int(model[1].num_batches_tracked) == 1
