@@ -54,13 +54,13 @@ inline void row_into_lanes(int64_t len, const Term& term, LaneVec<T>& la, LaneVe
     if (n == kLanes) {
 #pragma omp simd
       for (int j = 0; j < kLanes; ++j) term(i + j, ta[j], tb[j]);
-    } else {  // the row's last values: lanes j >= n read value 0 of the step and add zero
+    } else {  // the row's last values: masked (AVX-512 masked loads), lanes j >= n add zero
 #pragma omp simd
       for (int j = 0; j < kLanes; ++j) {
-        T u, v;
-        term(i + (j < n ? j : 0), u, v);
-        ta[j] = j < n ? u : T(0);
-        tb[j] = j < n ? v : T(0);
+        T u = 0, v = 0;
+        if (j < n) term(i + j, u, v);
+        ta[j] = u;
+        tb[j] = v;
       }
     }
     LaneVec<T> va, vb;  // never indexed by a variable: la and lb stay in registers
