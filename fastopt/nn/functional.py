@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _ext
 from .. import backends as _backends
 from ..reference import batch_norm_relu as _ref
 from ..reference import compute_dtype
@@ -199,7 +200,11 @@ def batch_norm_relu(
     # params); running statistics of another dtype are updated through a copy and written back.
     weight, bias = _as(weight, stat_dtype), _as(bias, stat_dtype)
     rm, rv = _as(running_mean, stat_dtype), _as(running_var, stat_dtype)
-    y = BatchNormReLUFunction.apply(x, weight, bias, rm, rv, bool(training), float(momentum), float(eps), impl)
+    if isinstance(impl, _Compiled) and not torch.compiler.is_compiling():
+        # the autograd node in C++ (Note [BatchNorm+ReLU autograd in C++], csrc/ops.cpp)
+        y = _ext._C.bn_relu(x, weight, bias, rm, rv, bool(training), float(momentum), float(eps))
+    else:
+        y = BatchNormReLUFunction.apply(x, weight, bias, rm, rv, bool(training), float(momentum), float(eps), impl)
     if training:
         for mine, theirs in ((rm, running_mean), (rv, running_var)):
             if mine is not None and mine is not theirs:
