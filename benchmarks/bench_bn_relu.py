@@ -119,7 +119,7 @@ def main() -> None:
     write_csv(rows, env, args.csv)
     os.makedirs(OUT_DIR, exist_ok=True)
     goal_lines = ["| case | provider | vs eager | vs torch.compile |", "|---|---|---|---|"]
-    goal_lines += [f"| {c} | {p} | {e:.2f}x | {k:.2f}x |" for c, p, e, k in goals]
+    goal_lines += [f"| {c} | {p} | {e:.2f}x | {'-' if k != k else f'{k:.2f}x'} |" for c, p, e, k in goals]
     with open(os.path.join(OUT_DIR, "report_bn_relu.md"), "w") as f:
         f.write(f"# fastopt BatchNorm+ReLU forward+backward\n\n{env['device']}; torch {env['torch']}, CUDA "
                 f"{env['cuda']}, Triton {env['triton']}; {env['date']}\n\n"
