@@ -82,9 +82,11 @@ inline void flush_lanes(LaneVec<T>& la, LaneVec<T>& lb, double* __restrict__ da,
 }
 
 // Per-channel sums over every value of the channel, Note [shifted sums]: for each channel c,
-// out_a[c] = sum(fa(i)) and out_b[c] = sum(fb(i)) over its values i, where `term(row, c, i, a, b)`
-// adds value i of a row to the running row sums a and b (float within a row or block, double
-// across). The order is fixed by the shape and thread count, so results are reproducible.
+// out_a[c] and out_b[c] are the sums of the two terms `term` computes per value. NCHW: threads
+// split the channels, each channel's rows go through float lanes (Note [row lanes]);
+// channels_last: threads split the rows, summed per channel in float over blocks of kBlockRows
+// rows, then in double. The order is fixed by the shape and thread count, so results are
+// reproducible.
 template <typename T, typename Term>
 void channel_sums(const Shape& sh, Term&& term, std::vector<double>& out_a, std::vector<double>& out_b) {
   out_a.assign(sh.c, 0.0);
