@@ -307,6 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_forward(
   at::Tensor mean = at::empty({sh.c}, stat_opts), invstd = at::empty({sh.c}, stat_opts);
   at::Tensor vec = at::empty({2 * sh.c}, stat_opts);  // scale, shift
   at::Tensor y = at::empty_like(x);
+  if (sh.c == 0) return {y, mean, invstd};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_forward_cuda", [&] {
     using S = scalar_t;
@@ -321,9 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_forward(
     }
     finalize_forward_kernel<T><<<channel_grid(sh.c), kThreads, 0, stream>>>(
         sh, training ? part.data_ptr<T>() : nullptr, splits, k.data_ptr<T>(), bn::data_or_null<T>(weight),
-        bn::data_or_null<T>(bias), training ? bn::data_or_null<T>(running_mean) : nullptr,
-        training ? bn::data_or_null<T>(running_var) : nullptr, training, momentum, eps, mean.data_ptr<T>(),
-        invstd.data_ptr<T>(), vec.data_ptr<T>(), vec.data_ptr<T>() + sh.c);
+        bn::data_or_null<T>(bias), bn::data_or_null<T>(running_mean), bn::data_or_null<T>(running_var), training,
+        momentum, eps, mean.data_ptr<T>(), invstd.data_ptr<T>(), vec.data_ptr<T>(), vec.data_ptr<T>() + sh.c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     elementwise<S, false>(xp, nullptr, y.data_ptr<S>(), sh, vec, nullptr);
   });
@@ -347,6 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
   at::Tensor dx = need_input_grad ? at::empty_like(x) : at::empty({0}, x.options());
   // [scale, shift, mean] per channel, as the reduction and dx passes read them
   at::Tensor vec = at::empty({3 * sh.c}, stat_opts), coef = at::empty({3 * sh.c}, stat_opts);
+  if (sh.c == 0) return {dx, dweight, dbias};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_backward_cuda", [&] {
     using S = scalar_t;
