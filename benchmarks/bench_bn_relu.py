@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastopt  # noqa: E402
 from harness import (  # noqa: E402
     OUT_DIR, Row, copy_bandwidth_gbs, environment, format_table, launches_per_call, markdown_table,
-    peak_memory_mb, plot_rows, time_alternating, write_csv,
+    peak_memory_mb, plot_rows, progress, time_alternating, write_csv,
 )
 
 # (channels, height = width) of ResNet-50's BatchNorm -> ReLU layers, one of each size.
@@ -112,7 +112,7 @@ def main() -> None:
                 compiled = timings.get("torch compile")
                 goals.append((label, provider, timings["torch eager"].median_ms / t.median_ms,
                               compiled.median_ms / t.median_ms if compiled else float("nan")))
-        print(f"# [{i + 1}/{len(todo)}] {label}: copy {copy_bw:.1f} GB/s; "
+        print(f"# {progress(i + 1, len(todo))} {label}: copy {copy_bw:.1f} GB/s; "
               + ", ".join(f"{p} {t.median_ms:.3f} ms" for p, t in timings.items()), flush=True)
         del fns
 

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastopt  # noqa: E402
 from harness import (  # noqa: E402
     OUT_DIR, Row, copy_bandwidth_gbs, environment, format_table, launches_per_call, markdown_table,
-    peak_memory_mb, plot_rows, time_alternating, write_csv,
+    peak_memory_mb, plot_rows, progress, time_alternating, write_csv,
 )
 
 TORCH_FLAGS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -233,7 +233,7 @@ def main() -> None:
                 peak_memory_mb(steps[provider], args.device),
             ))
         del steps
-        print(f"# [{i + 1}/{len(cases)}] {label}: copy {copy_bw[numel]:.1f} GB/s; "
+        print(f"# {progress(i + 1, len(cases))} {label}: copy {copy_bw[numel]:.1f} GB/s; "
               + ", ".join(f"{p} {t.median_ms:.3f} ms" for p, t in timings.items()), flush=True)
 
     for note in sorted(notes):

@@ -158,6 +158,12 @@ class Row:
     extra_mem_mb: Optional[float] = None
 
 
+def progress(done: int, total: int, width: int = 20) -> str:
+    """A text progress bar, ``[#####---------------] 3/12``, printed with each finished case."""
+    filled = round(width * done / max(total, 1))
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
+
+
 def write_csv(rows: list[Row], env: dict, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fields = list(env) + list(asdict(rows[0]))
