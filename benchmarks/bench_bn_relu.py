@@ -96,6 +96,7 @@ def main() -> None:
     rows: list[Row] = []
     goals: list[tuple[str, str, float, float]] = []
     for i, (shape, channels_last, dtype) in enumerate(todo):
+        first_row = len(rows)
         label = "BN+ReLU " + _label(shape, channels_last, dtype)
         numel = torch.Size(shape).numel()
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
@@ -114,9 +115,9 @@ def main() -> None:
                               compiled.median_ms / t.median_ms if compiled else float("nan")))
         print(f"# {progress(i + 1, len(todo))} {label}: copy {copy_bw:.1f} GB/s; "
               + ", ".join(f"{p} {t.median_ms:.3f} ms" for p, t in timings.items()), flush=True)
+        write_csv(rows[first_row:], env, args.csv)  # per case: a run cut short keeps its rows
         del fns
 
-    write_csv(rows, env, args.csv)
     os.makedirs(OUT_DIR, exist_ok=True)
     goal_lines = ["| case | provider | vs eager | vs torch.compile |", "|---|---|---|---|"]
     goal_lines += [f"| {c} | {p} | {e:.2f}x | {'-' if k != k else f'{k:.2f}x'} |" for c, p, e, k in goals]

@@ -212,6 +212,7 @@ def main() -> None:
     notes: set[str] = set()
     copy_bw: dict[int, float] = {}
     for i, case in enumerate(cases):
+        first_row = len(rows)
         shapes = shapes_for(case.sizes, args.device, args.full)
         numel = sum(torch.Size(s).numel() for s in shapes)
         if numel not in copy_bw:  # a copy moving as many bytes as an fp32 Adam step
@@ -235,10 +236,10 @@ def main() -> None:
         del steps
         print(f"# {progress(i + 1, len(cases))} {label}: copy {copy_bw[numel]:.1f} GB/s; "
               + ", ".join(f"{p} {t.median_ms:.3f} ms" for p, t in timings.items()), flush=True)
+        write_csv(rows[first_row:], env, args.csv)  # per case: a run cut short keeps its rows
 
     for note in sorted(notes):
         print(f"# {note}")
-    write_csv(rows, env, args.csv)
     os.makedirs(OUT_DIR, exist_ok=True)
     with open(os.path.join(OUT_DIR, "report.md"), "w") as f:
         f.write(f"# fastopt optimizer step times\n\n{env['device']}; torch {env['torch']}, CUDA "
