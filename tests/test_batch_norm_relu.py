@@ -55,7 +55,8 @@ def _pair(cls, channels, flags, dtype, device, backend):
     if ours.affine:
         with torch.no_grad():
             ours.weight.uniform_(0.5, 1.5)
-            ours.bias.uniform_(-0.5, 0.5)
+            if ours.bias is not None:
+                ours.bias.uniform_(-0.5, 0.5)
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
 
@@ -271,3 +272,20 @@ def test_torch_compile(backend_name):
     assert_close(model[0].weight.grad, plain[0].weight.grad, **tol, what="compiled conv weight grad")
     assert_close(model[1].running_var, plain[1].running_var, **tol, what="compiled running_var")
     assert int(model[1].num_batches_tracked) == 1
+
+
+@pytest.mark.skipif("bias" not in __import__("inspect").signature(nn.BatchNorm2d.__init__).parameters,
+                    reason="this torch's BatchNorm has no bias argument")
+def test_weight_without_bias(backend, device):
+    """BatchNorm2d(bias=False) (torch >= 2.13): same keys, same results, and fuse_bn_relu keeps it so."""
+    ours, theirs = _pair(BatchNormReLU2d, 3, {"bias": False}, torch.float32, device, backend)
+    assert list(ours.state_dict()) == list(theirs.state_dict()) and ours.bias is None
+    x = _input((2, 3, 4, 5), False, torch.float32, device).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    ours(x).sum().backward()
+    torch.relu(theirs(x2)).sum().backward()
+    assert_close(x.grad, x2.grad, **TOL[torch.float32], what="grad of x")
+    _compare_modules(ours, theirs, TOL[torch.float32], "bias=False")
+    fused = fastopt.nn.fuse_bn_relu(nn.Sequential(nn.BatchNorm2d(3, bias=False), nn.ReLU()))
+    assert isinstance(fused[0], BatchNormReLU2d) and fused[0].bias is None
+    assert list(fused.state_dict()) == ["0.weight", "0.running_mean", "0.running_var", "0.num_batches_tracked"]

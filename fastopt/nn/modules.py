@@ -7,6 +7,7 @@ buffers and state-dict keys, so checkpoints move both ways and code that finds n
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -23,14 +24,26 @@ from .functional import batch_norm_relu, verify_batch_size
 # earlier in the same call may have been converted; parameters are never touched.)
 _CONVERT_SYNC = torch.nn.SyncBatchNorm.convert_sync_batchnorm.__func__.__code__
 
+# BatchNorm's keyword-only `bias` (affine with a weight and no bias) is newer than some torch
+# versions fastopt supports; it is passed on only where torch has it.
+_HAS_BIAS_ARG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
 
 class _BatchNormReLU(_BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
-                 track_running_stats: bool = True, *, backend: str = "auto", device=None, dtype=None):
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 backend: str = "auto"):
         if backend not in _backends.NAMES:
             raise ValueError(f"{type(self).__name__}: unknown backend {backend!r}; expected one of "
                              f"{_backends.NAMES}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        extra = {}
+        if not bias:
+            if not _HAS_BIAS_ARG:
+                raise TypeError(f"{type(self).__name__}: bias=False needs a torch whose BatchNorm has "
+                                f"the bias argument (this is torch {torch.__version__})")
+            extra["bias"] = False
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **extra)
         self.backend = backend
 
     @property
@@ -51,8 +64,8 @@ class _BatchNormReLU(_BatchNorm):
     def from_batchnorm(cls, bn: _BatchNorm, *, backend: str = "auto") -> "_BatchNormReLU":
         """A fused module sharing ``bn``'s parameters and buffers (an optimizer holding them keeps
         working) and its mode."""
-        fused = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, backend=backend,
-                    device="meta")
+        fused = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
+                    bias=not bn.affine or bn.bias is not None, backend=backend)
         for name, param in bn.named_parameters(recurse=False):
             setattr(fused, name, param)
         for name, buf in bn.named_buffers(recurse=False):
