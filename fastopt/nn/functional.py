@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import _ext
 from .. import backends as _backends
@@ -115,6 +116,7 @@ class BatchNormReLUFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # no double backward: a clear error rather than a wrong second derivative
     def backward(ctx, dy):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
