@@ -289,3 +289,12 @@ def test_weight_without_bias(backend, device):
     fused = fastopt.nn.fuse_bn_relu(nn.Sequential(nn.BatchNorm2d(3, bias=False), nn.ReLU()))
     assert isinstance(fused[0], BatchNormReLU2d) and fused[0].bias is None
     assert list(fused.state_dict()) == ["0.weight", "0.running_mean", "0.running_var", "0.num_batches_tracked"]
+
+
+def test_double_backward_raises(backend, device):
+    """create_graph=True works; differentiating the gradients again raises (no silent constant)."""
+    m = BatchNormReLU2d(3, backend=backend).to(device)
+    x = _input((2, 3, 4, 4), False, torch.float32, device).requires_grad_()
+    (g,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once differentiable|differentiate twice"):
+        (g * x).sum().backward()

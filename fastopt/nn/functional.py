@@ -15,7 +15,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import _ext
 from .. import backends as _backends
@@ -116,14 +115,27 @@ class BatchNormReLUFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # no double backward: a clear error rather than a wrong second derivative
     def backward(ctx, dy):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
-        dx, dweight, dbias = ctx.impl.backward(dy.contiguous(memory_format=_layout(x)), x, weight, bias,
-                                               mean, invstd, ctx.training, need_dx)
+        dx, dweight, dbias = _BackwardFunction.apply(dy.contiguous(memory_format=_layout(x)), x, weight, bias,
+                                                     mean, invstd, ctx.training, need_dx, ctx.impl)
         return (dx if need_dx else None, dweight if ctx.needs_input_grad[1] else None,
                 dbias if ctx.needs_input_grad[2] else None, None, None, None, None, None, None)
+
+
+class _BackwardFunction(torch.autograd.Function):
+    """The backward as a node of its own whose backward refuses: with create_graph=True,
+    differentiating the gradients again raises instead of treating BatchNorm+ReLU as constant
+    (the C++ node does the same, csrc/ops.cpp)."""
+
+    @staticmethod
+    def forward(ctx, dy, x, weight, bias, mean, invstd, training, need_dx, impl):
+        return impl.backward(dy, x, weight, bias, mean, invstd, training, need_dx)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("fastopt BatchNormReLU has no double backward (its backward is once differentiable)")
 
 
 def _layout(x: Tensor) -> torch.memory_format:
