@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "cpu/ops.h"
+#include "fastopt/bn_relu_host.h"
 #ifdef FASTOPT_WITH_CUDA
 #include "cuda/plan.h"
 #endif
@@ -37,19 +38,17 @@ void rmsprop_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorList
                   const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&) {}
 
 // BatchNorm+ReLU: outputs laid out like the input; per-channel tensors in the statistics dtype.
-at::ScalarType bn_stat_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_forward_meta(
     const at::Tensor& x, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool, double, double) {
-  const auto stats = x.options().dtype(bn_stat_type(x));
+  const auto stats = x.options().dtype(bn::stat_type(x));
   return {at::empty_like(x), at::empty({x.size(1)}, stats), at::empty({x.size(1)}, stats)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_meta(
     const at::Tensor&, const at::Tensor& x, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
     const at::Tensor&, const at::Tensor&, bool, bool need_input_grad) {
-  const auto stats = x.options().dtype(bn_stat_type(x));
+  const auto stats = x.options().dtype(bn::stat_type(x));
   return {need_input_grad ? at::empty_like(x) : at::empty({0}, x.options()), at::empty({x.size(1)}, stats),
           at::empty({x.size(1)}, stats)};
 }

@@ -300,13 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_forward(
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
     double momentum, double eps) {
   constexpr const char* op = "fastopt::bn_relu_forward";
-  const Shape sh = bn::shape_of(x, op);
-  for (auto [what, t] : {std::pair{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean},
-                         {"running_var", &running_var}}) {
-    bn::check_per_channel(op, what, *t, x, sh.c);
-  }
-  const bool has_running = running_mean.has_value() && running_var.has_value();
-  TORCH_CHECK(training || has_running, op, ": running statistics are required when training=False");
+  const Shape sh = bn::check_forward(op, x, weight, bias, running_mean, running_var, training);
   const auto stat_opts = x.options().dtype(bn::stat_type(x));
   at::Tensor mean = at::empty({sh.c}, stat_opts), invstd = at::empty({sh.c}, stat_opts);
   at::Tensor y = at::empty_like(x);
@@ -376,12 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd, bool training,
     bool need_input_grad) {
   constexpr const char* op = "fastopt::bn_relu_backward";
-  const Shape sh = bn::shape_of(x, op);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides() && dy.scalar_type() == x.scalar_type(), op,
-              ": grad_output must have the input's shape, layout and dtype");
-  for (auto [what, t] : {std::pair{"weight", &weight}, {"bias", &bias}}) bn::check_per_channel(op, what, *t, x, sh.c);
-  bn::check_per_channel(op, "mean", mean, x, sh.c);
-  bn::check_per_channel(op, "invstd", invstd, x, sh.c);
+  const Shape sh = bn::check_backward(op, dy, x, weight, bias, mean, invstd);
   const auto stat_opts = x.options().dtype(bn::stat_type(x));
   at::Tensor dweight = at::empty({sh.c}, stat_opts), dbias = at::empty({sh.c}, stat_opts);
   at::Tensor dx = need_input_grad ? at::empty_like(x) : at::empty({0}, x.options());

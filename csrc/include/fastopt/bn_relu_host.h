@@ -34,6 +34,34 @@ inline void check_per_channel(const char* op, const char* what, const c10::optio
               " must be contiguous and on the input's device");
 }
 
+// The argument checks of bn_relu_forward (CPU and CUDA alike); returns x's shape.
+inline Shape check_forward(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                           const c10::optional<at::Tensor>& running_var, bool training) {
+  const Shape sh = shape_of(x, op);
+  check_per_channel(op, "weight", weight, x, sh.c);
+  check_per_channel(op, "bias", bias, x, sh.c);
+  check_per_channel(op, "running_mean", running_mean, x, sh.c);
+  check_per_channel(op, "running_var", running_var, x, sh.c);
+  TORCH_CHECK(training || (running_mean.has_value() && running_var.has_value()), op,
+              ": running statistics are required when training=False");
+  return sh;
+}
+
+// The argument checks of bn_relu_backward; returns x's shape.
+inline Shape check_backward(const char* op, const at::Tensor& dy, const at::Tensor& x,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                            const at::Tensor& mean, const at::Tensor& invstd) {
+  const Shape sh = shape_of(x, op);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides() && dy.scalar_type() == x.scalar_type(), op,
+              ": grad_output must have the input's shape, layout and dtype");
+  check_per_channel(op, "weight", weight, x, sh.c);
+  check_per_channel(op, "bias", bias, x, sh.c);
+  check_per_channel(op, "mean", mean, x, sh.c);
+  check_per_channel(op, "invstd", invstd, x, sh.c);
+  return sh;
+}
+
 template <typename T>
 T* data_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
