@@ -13,7 +13,6 @@ benchmarks/out/results.csv; the report is benchmarks/out/report_bn_relu.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Callable
@@ -24,8 +23,9 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastopt  # noqa: E402
 from harness import (  # noqa: E402
-    OUT_DIR, Row, copy_bandwidth_gbs, environment, format_table, launches_per_call, markdown_table,
-    peak_memory_mb, plot_rows, progress, time_alternating, write_csv,
+    OUT_DIR, Row, argument_parser, copy_bandwidth_gbs, environment, format_table, launches_per_call,
+    markdown_table, peak_memory_mb, plot_rows, print_header, progress, selected_backends, time_alternating,
+    write_csv,
 )
 
 # (channels, height = width) of ResNet-50's BatchNorm -> ReLU layers, one of each size.
@@ -75,23 +75,14 @@ def providers(shape, channels_last, dtype, device, backends, compile_torch: bool
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--full", action="store_true", help="batch 64 on a GPU (16 on a CPU) and bf16 on a CPU")
-    ap.add_argument("--only", default="", help="comma-separated words a case label must contain one of")
-    ap.add_argument("--backend", default="", help="fastopt backends, comma-separated (default: all available)")
+    ap = argument_parser(__doc__.splitlines()[0], "batch 64 on a GPU (16 on a CPU) and bf16 on a CPU")
     ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile (compiling takes a while)")
-    ap.add_argument("--csv", default=os.path.join(OUT_DIR, "results.csv"))
     args = ap.parse_args()
-
-    backends = args.backend.split(",") if args.backend else [
-        b for b in fastopt.available_backends(args.device) if b != "reference"
-    ] or ["reference"]
+    backends = selected_backends(args)
     todo = [c for c in cases(args.device, args.full) if not args.only
             or any(w in _label(*c) for w in args.only.split(","))]
     env = environment(args.device)
-    print(f"# {env['device']} | torch {env['torch']} | cuda {env['cuda']} | triton {env['triton']} | {env['date']}")
-    print(f"# BatchNorm+ReLU forward+backward; fastopt backends: {', '.join(backends)}", flush=True)
+    print_header(env, "BatchNorm+ReLU forward+backward", backends)
 
     rows: list[Row] = []
     goals: list[tuple[str, str, float, float]] = []

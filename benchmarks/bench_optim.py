@@ -11,7 +11,6 @@ report and, when matplotlib is importable, PNG plots.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastopt  # noqa: E402
 from harness import (  # noqa: E402
-    OUT_DIR, Row, copy_bandwidth_gbs, environment, format_table, launches_per_call, markdown_table,
-    peak_memory_mb, plot_rows, progress, time_alternating, write_csv,
+    OUT_DIR, Row, argument_parser, copy_bandwidth_gbs, environment, format_table, launches_per_call,
+    markdown_table, peak_memory_mb, plot_rows, print_header, progress, selected_backends, time_alternating,
+    write_csv,
 )
 
 TORCH_FLAGS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -189,24 +189,14 @@ def torch_variants(case: Case, device: str) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--full", action="store_true", help="larger sizes and the GPT-style parameter set")
-    ap.add_argument("--only", default="", help="comma-separated words a case label must contain one of")
-    ap.add_argument("--backend", default="", help="fastopt backends, comma-separated (default: all available)")
-    ap.add_argument("--csv", default=os.path.join(OUT_DIR, "results.csv"))
-    args = ap.parse_args()
-
-    backends = args.backend.split(",") if args.backend else [
-        b for b in fastopt.available_backends(args.device) if b != "reference"
-    ] or ["reference"]
+    args = argument_parser(__doc__.splitlines()[0], "larger sizes and the GPT-style parameter set").parse_args()
+    backends = selected_backends(args)
     cases = [c for c in CASES if args.full or not c.full_only]
     if args.only:
         words = args.only.split(",")
         cases = [c for c in cases if any(w in f"{c.label} {c.sizes}" for w in words)]
     env = environment(args.device)
-    print(f"# {env['device']} | torch {env['torch']} | cuda {env['cuda']} | triton {env['triton']} | {env['date']}")
-    print(f"# fastopt backends: {', '.join(backends)}", flush=True)
+    print_header(env, "optimizer steps", backends)
 
     rows: list[Row] = []
     notes: set[str] = set()

@@ -10,6 +10,7 @@ slows every provider alike, and the ratios between them hold even when the absol
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import os
@@ -156,6 +157,31 @@ class Row:
     speedup_vs_best_torch: float
     launches: Optional[int] = None
     extra_mem_mb: Optional[float] = None
+
+
+def argument_parser(description: str, full_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: --device, --full, --only, --backend, --csv."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--full", action="store_true", help=full_help)
+    ap.add_argument("--only", default="", help="comma-separated words a case label must contain one of")
+    ap.add_argument("--backend", default="", help="fastopt backends, comma-separated (default: all available)")
+    ap.add_argument("--csv", default=os.path.join(OUT_DIR, "results.csv"))
+    return ap
+
+
+def selected_backends(args: argparse.Namespace) -> list[str]:
+    """--backend, else every fastopt backend available on the device but the reference one."""
+    import fastopt
+
+    if args.backend:
+        return args.backend.split(",")
+    return [b for b in fastopt.available_backends(args.device) if b != "reference"] or ["reference"]
+
+
+def print_header(env: dict, what: str, backends: list[str]) -> None:
+    print(f"# {env['device']} | torch {env['torch']} | cuda {env['cuda']} | triton {env['triton']} | {env['date']}")
+    print(f"# {what}; fastopt backends: {', '.join(backends)}", flush=True)
 
 
 def progress(done: int, total: int, width: int = 20) -> str:
