@@ -9,28 +9,68 @@
   built where it runs). FASTOPT_MARCH=x86-64-v3 (say) picks another target, for a build that
   has to run on other machines.
 * Install with `pip install --no-build-isolation -e .`: the build needs the torch you run with.
+* The CUDA toolkit is the one of $CUDA_HOME, else of the nvcc on PATH as nvcc itself reports it
+  (an `nvcc` on PATH may be a wrapper script far from the toolkit); without one, the CUDA part is
+  skipped with a message.
 """
 
 import glob
 import os
+import re
+import shutil
+import subprocess
+import tempfile
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0")
 
 
+def _is_toolkit(path: str) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home():
+    """The CUDA toolkit's root: $CUDA_HOME (or $CUDA_PATH), else the folder above the directory
+    nvcc runs from, as `nvcc --dryrun` prints it (`_HERE_=`); None when there is no toolkit."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var] if _is_toolkit(os.environ[var]) else None
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cu")
+        open(src, "w").close()
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-c", src, "-o", os.path.join(tmp, "probe.o")],
+                                 capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    here = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
+    home = os.path.realpath(os.path.join(here.group(1), "..")) if here else None
+    return home if _is_toolkit(home) else None
+
+
 ext_modules, cmdclass = [], {}
 if not _flag("FASTOPT_NO_EXT"):
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cuda_home = find_cuda_home() if torch.version.cuda is not None else None
+    if cuda_home is not None:
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when imported
+    elif torch.version.cuda is not None:
+        print("fastopt: torch has CUDA but no CUDA toolkit was found (set CUDA_HOME, or put nvcc on "
+              "PATH): building the CPU part only")
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     root = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    with_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
+    with_cuda = bool(cuda_sources) and cuda_home is not None
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no visible GPU: Ampere and Hopper
     common = dict(
@@ -70,13 +110,7 @@ if not _flag("FASTOPT_NO_EXT"):
     cmdclass = {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 setup(
-    packages=[
-        "fastopt",
-        "fastopt.backends",
-        "fastopt.optim",
-        "fastopt.reference",
-        "fastopt.triton_kernels",
-    ],
+    packages=find_packages(include=["fastopt", "fastopt.*"]) + ["fastopt.triton_kernels"],
     package_dir={"fastopt.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastopt  # noqa: E402
 from harness import (  # noqa: E402
     OUT_DIR, Row, argument_parser, copy_bandwidth_gbs, environment, format_table, launches_per_call,
-    markdown_table, peak_memory_mb, plot_rows, print_header, progress, selected_backends, time_alternating,
+    markdown_table, peak_memory_mb, plot_rows, print_header, progress, runnable, selected_backends,
+    time_alternating,
     write_csv,
 )
 
@@ -86,13 +87,14 @@ def main() -> None:
 
     rows: list[Row] = []
     goals: list[tuple[str, str, float, float]] = []
+    notes: set[str] = set()
     for i, (shape, channels_last, dtype) in enumerate(todo):
         first_row = len(rows)
         label = "BN+ReLU " + _label(shape, channels_last, dtype)
         numel = torch.Size(shape).numel()
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         copy_bw = copy_bandwidth_gbs(nbytes, args.device)
-        fns = providers(shape, channels_last, dtype, args.device, backends, not args.no_compile)
+        fns = runnable(providers(shape, channels_last, dtype, args.device, backends, not args.no_compile), notes)
         timings = time_alternating(fns, args.device)
         best_torch = min(t.median_ms for p, t in timings.items() if p.startswith("torch "))
         for provider, t in timings.items():
@@ -109,6 +111,8 @@ def main() -> None:
         write_csv(rows[first_row:], env, args.csv)  # per case: a run cut short keeps its rows
         del fns
 
+    for note in sorted(notes):
+        print(f"# {note}")
     os.makedirs(OUT_DIR, exist_ok=True)
     goal_lines = ["| case | provider | vs eager | vs torch.compile |", "|---|---|---|---|"]
     goal_lines += [f"| {c} | {p} | {e:.2f}x | {'-' if k != k else f'{k:.2f}x'} |" for c, p, e, k in goals]
@@ -119,6 +123,7 @@ def main() -> None:
                 "timed alternately; GB/s counts 8 accesses per element (the fused op's floor); vs best "
                 "torch is the faster of eager and torch.compile over this provider.\n\n")
         f.write(markdown_table(rows) + "\n\n" + "\n".join(goal_lines) + "\n")
+        f.write("".join(f"\n- {note}" for note in sorted(notes)))
     plots = plot_rows(rows, OUT_DIR, prefix="bn_relu_")
     print()
     print(format_table(rows))

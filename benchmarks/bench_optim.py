@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastopt  # noqa: E402
 from harness import (  # noqa: E402
     OUT_DIR, Row, argument_parser, copy_bandwidth_gbs, environment, format_table, launches_per_call,
-    markdown_table, peak_memory_mb, plot_rows, print_header, progress, selected_backends, time_alternating,
+    markdown_table, peak_memory_mb, plot_rows, print_header, progress, runnable, selected_backends,
+    time_alternating,
     write_csv,
 )
 
@@ -214,6 +215,7 @@ def main() -> None:
         for backend in backends:
             steps[f"fastopt {backend}"] = fastopt_step(case, backend, shapes, args.device)
         steps.update(peer_steps(case, shapes, args.device, notes))
+        steps = runnable(steps, notes)
         timings = time_alternating(steps, args.device)
         best_torch = min(t.median_ms for p, t in timings.items() if p.startswith("torch "))
         for provider, t in timings.items():
@@ -230,6 +232,7 @@ def main() -> None:
 
     for note in sorted(notes):
         print(f"# {note}")
+    report_notes = "".join(f"- {note}\n" for note in sorted(notes))
     os.makedirs(OUT_DIR, exist_ok=True)
     with open(os.path.join(OUT_DIR, "report.md"), "w") as f:
         f.write(f"# fastopt optimizer step times\n\n{env['device']}; torch {env['torch']}, CUDA "
@@ -241,6 +244,8 @@ def main() -> None:
                 "which an in-place update does not, so more than 100% is possible); vs best torch is "
                 "the best torch.optim variant's median over this one's.\n\n")
         f.write(markdown_table(rows) + "\n")
+        if report_notes:
+            f.write("\nNotes:\n\n" + report_notes)
     plots = plot_rows(rows, OUT_DIR)
     print()
     print(format_table(rows))

@@ -55,6 +55,22 @@ def _timing(samples: list[float]) -> Timing:
     return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8))
 
 
+def runnable(steps: dict[str, Callable[[], None]], notes: set[str]) -> dict[str, Callable[[], None]]:
+    """The providers whose step runs: each is called once before it is timed, and one that raises
+    (torch 2.11 accepts ``Adagrad(fused=True)`` for CUDA params at construction and refuses it at
+    the first step) gets a one-line note in the output and the report instead of ending the run."""
+    out = {}
+    for name, step in steps.items():
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - whatever the provider raises, the run goes on
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            notes.add(f"{name} skipped: {type(exc).__name__}: {first[:200]}")
+            continue
+        out[name] = step
+    return out
+
+
 def time_alternating(fns: dict[str, Callable[[], None]], device: str, *, min_time_s: float = 0.25,
                      min_reps: int = 10, warmup: int = 3) -> dict[str, Timing]:
     """Time several providers of the same work, one call of each in turn (Note [alternate timing]):

@@ -108,13 +108,20 @@ using fastopt::cpu::Slots;
 using Tensors = std::vector<at::Tensor>;
 using OptTensor = c10::optional<at::Tensor>;
 
-// Runs `apply` on a plan whose grads were bound this step (bind_grads), without
-// the GIL: the kernels use OpenMP threads and take no Python objects.
 std::shared_ptr<Slots> with_owners(std::shared_ptr<Slots> plan, Tensors owners) {
   plan->set_owners(std::move(owners));
   return plan;
 }
 
+// A plan's bind_grads() to Python: None when the plan is stale (rebuild it), else the counts
+// (bound as they are, relaid, without a grad) of fastopt::BindResult.
+py::object bind_result(const fastopt::BindResult& r) {
+  if (r.stale) return py::none();
+  return py::make_tuple(r.bound, r.relaid, r.no_grad);
+}
+
+// Runs `apply` on a plan whose grads were bound this step (bind_grads), without
+// the GIL: the kernels use OpenMP threads and take no Python objects.
 template <typename Apply>
 void planned_step(const GradArgs& ga, Apply&& apply) {
   if (ga.skip()) return;
@@ -191,7 +198,7 @@ void bind_cuda(py::module& m) {
   namespace fc = fastopt::cuda;
   using fc::CudaPlan;
   py::class_<CudaPlan, std::shared_ptr<CudaPlan>>(m, "CudaPlan")
-      .def("bind_grads", &CudaPlan::bind_grads)
+      .def("bind_grads", [](CudaPlan& plan) { return bind_result(plan.bind_grads()); })
       .def("grad_norm", [](const CudaPlan& plan, double norm_type, OptTensor grad_scale, c10::optional<double> clip,
                            c10::optional<double> max_norm) {
         return fc::grad_norm(plan, norm_type, grad_scale, clip, max_norm);
@@ -242,7 +249,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // same kernels as the ops above.
   using fastopt::cpu::kGradSlot;
   py::class_<Slots, std::shared_ptr<Slots>>(m, "CpuPlan")
-      .def("bind_grads", [](Slots& sl) { return sl.bind_grads(kGradSlot); })
+      .def("bind_grads", [](Slots& sl) { return bind_result(sl.bind_grads()); })
       .def("grad_norm", [](const Slots& sl, double norm_type, OptTensor inv_scale, c10::optional<double> clip) {
         py::gil_scoped_release no_gil;
         return fastopt::cpu::grad_norm(sl, kGradSlot, norm_type, inv_scale, clip);

@@ -1,15 +1,31 @@
 """The step plan: the optimizer's tensors grouped by (device, dtype), built once and reused.
 
-Note [the plan cache]: building the per-bucket tensor lists (and, in the compiled backends, the
-chunk and pointer tables) costs host time proportional to the number of tensors. It is built when
-the set of parameters with gradients changes (or after ``add_param_group`` / ``load_state_dict``)
-and reused otherwise; each step only binds the gradients (``backend.bind``), because
-``zero_grad(set_to_none=True)`` reallocates them. Checking that the plan still holds is O(1) in
-the common case: a planned param that lost its grad fails the bind, a param left out of the plan
-for want of a grad is in ``Plan.absent``, and the state keys of every group are compared.
-A param given new storage (``p.data = ...``) is noticed by the compiled backends, which compare
-data pointers. Not noticed: a state tensor *replaced* in ``optimizer.state[p]`` by hand (changing
-it in place is fine); call ``optimizer.load_state_dict`` instead, which rebuilds the plan.
+Note [the plan life cycle]: building the per-bucket tensor lists (and, in the compiled backends,
+the chunk and pointer tables) costs host time proportional to the number of tensors, so a plan is
+built once and reused. Its states:
+
+* **build** (``FusedOptimizer._build_plan``): params with a grad are grouped into buckets by
+  (device, storage dtype) and, inside a bucket, into segments by param group. A compiled backend
+  then splits each segment (``PlannedBackend._plans``): the params whose state is laid out like
+  the param (dense, same strides, the dtypes the kernels expect) go into the segment's compiled
+  plan; any other param is the segment's *rest*, which takes the fallback path every step (the
+  backend's list op or the reference rules) without ever sending the others there.
+* **bind** (every step, before anything is written): each plan reads its owners' grads. A grad
+  laid out like its param is bound as it is; a dense grad of another layout (``p.grad =
+  contiguous_tensor`` for a permuted param) is copied into the param's layout for this step
+  (*relaid*: the kernels still run, the plan stays); a param without a grad is skipped by the
+  kernels this step (Note [absent grads]: no update, no step count, as torch.optim); a grad of
+  another dtype, shape or device raises torch's kind of error with nothing written.
+* **stale**: a param whose storage, dtype, shape or strides changed since the build
+  (``p.data = ...``, ``model.half()``), a grad that became sparse, a param without a grad at the
+  build that now has one, new state keys (a group flag such as amsgrad turned on),
+  ``add_param_group`` or ``load_state_dict``: the whole plan is rebuilt, once, at the next step.
+* **fall back**: the rest of a segment (above), and every segment under ``torch.compile`` (Dynamo
+  cannot trace the host side of a plan; the list ops or the reference rules run instead).
+
+Each step counts how many params went through which path (``FusedOptimizer.step_stats``), so
+tests can tell a kernel from a fallback. Not noticed: a state tensor *replaced* in
+``optimizer.state[p]`` by hand (changing it in place is fine); ``load_state_dict`` rebuilds.
 """
 
 from __future__ import annotations
@@ -26,6 +42,65 @@ def real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory in some order of dims."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def walks_with(t: Tensor, ref: Tensor) -> bool:
+    """``t`` can be walked linearly alongside ``ref``: strided, dense, the same shape and strides."""
+    return t.layout == torch.strided and t.shape == ref.shape and t.stride() == ref.stride() and dense(t)
+
+
+# Note [absent grads]: the grad address of a planned param without a grad this step (the kernels
+# skip it). Not 0: an empty tensor's address may be 0. csrc/include/fastopt/grad_binding.h has the
+# C++ twin of what follows.
+NO_GRAD = -1
+STALE = object()  # bind_grad's answer for a grad that makes the plan stale
+
+
+class OwnerRecord:
+    """A param as its plan was built; ``matches`` is False once its storage, dtype, shape or
+    strides changed. The alias keeps the old storage alive, so its address cannot be reused."""
+
+    __slots__ = ("alias", "ptr", "dtype", "shape", "stride")
+
+    def __init__(self, p: Tensor) -> None:
+        self.alias = p.detach()
+        self.ptr, self.dtype, self.shape, self.stride = p.data_ptr(), p.dtype, p.shape, p.stride()
+
+    def matches(self, p: Tensor) -> bool:
+        return (p.data_ptr() == self.ptr and p.dtype == self.dtype and p.shape == self.shape
+                and p.stride() == self.stride)
+
+
+def bind_grad(g: Optional[Tensor], tmpl: Tensor, index: int, backend: str):
+    """The grad ``g`` as a plan binds it against ``tmpl`` (the param as planned, real view for
+    complex): None without a grad, STALE for a sparse one, else ``g`` (real view); raises for a
+    grad of another dtype, shape or device. The caller relays a grad of another layout."""
+    if g is None:
+        return None
+    if g.layout != torch.strided:
+        return STALE
+    if g.is_complex():
+        g = torch.view_as_real(g)
+    if g.dtype != tmpl.dtype:
+        raise RuntimeError(f"fastopt ({backend}): expected the grad of param {index} to have dtype "
+                           f"{tmpl.dtype} (the param's), but got {g.dtype}")
+    if g.device != tmpl.device:
+        raise RuntimeError(f"fastopt ({backend}): expected the grad of param {index} on {tmpl.device} "
+                           f"(the param's device), but got {g.device}")
+    if g.shape != tmpl.shape:
+        raise RuntimeError(f"fastopt ({backend}): the grad of param {index} has shape {list(g.shape)}, "
+                           f"the param {list(tmpl.shape)}")
+    return g
+
+
 @dataclass
 class Segment:
     """The tensors of one param group inside a bucket, in parameter order."""
@@ -39,19 +114,59 @@ class Segment:
     grads: list[Tensor] = field(default_factory=list)  # refreshed every step
     is_complex: bool = False
 
-    def refresh_grads(self) -> bool:
-        """Collect this step's grads; False when one is missing or sparse (the plan is stale)."""
-        grads = [p.grad for p in self.owners]
-        for g in grads:
-            if g is None or g.is_sparse:
-                return False
-        self.grads = [real_view(g) for g in grads] if self.is_complex else grads
-        return True
+    def subset(self, indices: list[int]) -> "Segment":
+        """The entries at ``indices``, in order."""
+        return Segment(
+            self.group,
+            owners=[self.owners[i] for i in indices],
+            params=[self.params[i] for i in indices],
+            masters=None if self.masters is None else [self.masters[i] for i in indices],
+            states={k: [v[i] for i in indices] for k, v in self.states.items()},
+            steps=[self.steps[i] for i in indices],
+            is_complex=any(self.owners[i].is_complex() for i in indices),
+        )
+
+    def with_grads(self, backend: str) -> Optional["Segment"]:
+        """This step's entries that have a grad, with ``grads`` set (``self`` when all have);
+        None when a grad is sparse (the plan is stale). A grad of another dtype, shape or device
+        raises (bind_grad)."""
+        grads = [bind_grad(p.grad, t, i, backend) for i, (p, t) in enumerate(zip(self.owners, self.params))]
+        if any(g is STALE for g in grads):
+            return None
+        if all(g is not None for g in grads):
+            seg = self
+        else:
+            seg = self.subset([i for i, g in enumerate(grads) if g is not None])
+            grads = [g for g in grads if g is not None]
+        seg.grads = grads
+        return seg
 
     @property
     def targets(self) -> list[Tensor]:
         """The tensors the update math runs on: the fp32 masters when there are, else the params."""
         return self.masters if self.masters is not None else self.params
+
+
+@dataclass
+class StepStats:
+    """How the params of a step were updated (Note [the plan life cycle]): a test of a kernel
+    asserts on it that the kernel ran, not a fallback."""
+
+    kernel: int = 0  # by compiled kernels: a backend's plan or its list ops
+    relaid: int = 0  # of those, params whose grad was first copied into the param's layout
+    reference: int = 0  # by the reference rules: backend="reference", or a fallback to them
+    skipped: int = 0  # planned params without a grad this step (not updated, as in torch)
+
+    def count_kernel(self, bound: int, relaid: int, absent: int) -> None:
+        self.kernel += bound + relaid
+        self.relaid += relaid
+        self.skipped += absent
+
+    def count_fallback(self, kind: str, n: int) -> None:
+        if kind == "kernel":
+            self.kernel += n
+        else:
+            self.reference += n
 
 
 @dataclass
@@ -64,10 +179,6 @@ class Bucket:
     rule: str  # the update rule ("adam", "adagrad", "rmsprop")
     segments: list[Segment] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # backend-private data (pointer tables, ...)
-
-    @property
-    def grads(self) -> list[Tensor]:
-        return [g for s in self.segments for g in s.grads]
 
 
 @dataclass

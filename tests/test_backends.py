@@ -34,7 +34,7 @@ def test_backend_in_use_is_the_requested_one(backend, device):
     opt = fastopt.Adam([p], backend=backend)
     p.grad = torch.ones_like(p)
     opt.step()
-    assert [b.backend.name for b in opt._plan.buckets] == [backend]
+    assert [b.backend.name for b in opt._run.plan.buckets] == [backend]
 
 
 def test_package_works_without_the_extension():

@@ -24,7 +24,14 @@ def _torch_clipped_step(opt_t, theirs):
     opt_t.step()
 
 
+# What runs the math of a compiled step: the list ops of the compiled backends, the reference
+# rules for the others (Dynamo cannot trace the host side of a plan; Note [the plan life cycle]).
+COMPILED_PATH = {"cpu": "kernel", "cuda": "kernel", "triton": "reference", "reference": "reference"}
+
+
 def test_torch_compile_of_a_clipped_step(backend, device):
+    """Fails on torch 2.11 when step() sets attributes of the optimizer (Note [step state
+    outside the optimizer]); last_grad_norm must be there as in eager mode."""
     params, ours, theirs, opt_f, opt_t = _clipped_pair(backend, device)
     step = torch.compile(opt_f.step)
     for _ in range(3):
@@ -32,7 +39,41 @@ def test_torch_compile_of_a_clipped_step(backend, device):
         set_grads(ours, grads)
         set_grads(theirs, grads)
         step()
-        _torch_clipped_step(opt_t, theirs)
+        expected_norm = torch.nn.utils.clip_grad_norm_([p for p in theirs if p.numel()], 1.0)
+        opt_t.step()
+        assert opt_f.last_grad_norm is not None, "a compiled clipped step left last_grad_norm unset"
+        torch.testing.assert_close(opt_f.last_grad_norm.cpu(), expected_norm.cpu(), rtol=1e-6, atol=0)
+        stats = opt_f.step_stats
+        assert getattr(stats, COMPILED_PATH[backend]) == len(params), stats
+    assert_same_params(ours, theirs, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Adagrad", "RMSprop"])
+def test_torch_compile_with_an_lr_scheduler_compiles_once_per_lr_kind(name, backend, device):
+    """A float lr changed by a scheduler every step: Dynamo recompiles once (the lr becomes a
+    graph input, as for torch.optim), not at every new value until the recompile limit
+    (Note [no recompiles for new hyperparameter values])."""
+    import torch._dynamo.utils as dynamo_utils
+
+    torch._dynamo.reset()
+    params = make_params(torch.float32, device)
+    ours, theirs = clone_params(params), clone_params(params)
+    spec = SPEC_BY_NAME[name]
+    opt_f = spec.fastopt_cls(ours, lr=0.01, backend=backend)
+    opt_t = spec.torch_cls(theirs, lr=0.01, foreach=False)
+    scheds = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9) for o in (opt_f, opt_t)]
+    step = torch.compile(opt_f.step)
+    graphs = []
+    for _ in range(7):
+        grads = random_grads(params)
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        step()
+        opt_t.step()
+        for s in scheds:
+            s.step()
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    assert graphs[2:] == [graphs[2]] * len(graphs[2:]), f"graphs compiled after each step: {graphs}"
     assert_same_params(ours, theirs, **TOL[torch.float32])
 
 

@@ -140,7 +140,6 @@ def test_cpu_eager_steps_reuse_one_plan():
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-        bucket = opt._plan.buckets[0]
-        assert bucket.cache["bound"] == [True]
-        plans.append(bucket.cache["plans"][0])
+        assert (opt.step_stats.kernel, opt.step_stats.reference) == (3, 0)
+        plans.append(opt._run.plan.buckets[0].cache["plans"][0].plan)
     assert plans[0] is plans[1] is plans[2]

@@ -10,7 +10,6 @@ loop variable whose type changed between loops); this catches those before a GPU
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 
 import triton
@@ -18,9 +17,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from triton_kernels import adagrad, adam, batch_norm_relu, norm, rmsprop  # noqa: E402
-from triton_kernels.multi_tensor import BLOCK, CHUNK  # noqa: E402
+from fastopt.triton_kernels import adagrad, adam, batch_norm_relu, norm, rmsprop  # noqa: E402
+from fastopt.triton_kernels.multi_tensor import BLOCK, CHUNK  # noqa: E402
 
 # Pointer arguments and their element types; every other non-constexpr argument is a float,
 # except n_chunks.

@@ -29,11 +29,20 @@ def typed_ptr(table, t, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def skipped(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
-    """GradScaler found inf/NaN: the step changes nothing."""
+def has_grad(g_ptrs, t):
+    """Whether tensor ``t`` has a grad this step (Note [absent grads], fastopt/_plan.py: NO_GRAD
+    is -1 in the grad table)."""
+    return tl.load(g_ptrs + t) != -1
+
+
+@triton.jit
+def skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF: tl.constexpr):
+    """This program changes nothing: GradScaler found inf/NaN, or its tensor has no grad this
+    step (then it is not updated and keeps its step count, as torch.optim skips it)."""
+    absent = not has_grad(g_ptrs, tl.load(tensor_of_chunk + tl.program_id(0)))
     if HAS_FOUND_INF:
-        return tl.load(found_inf_ptr) != 0
-    return False
+        return absent | (tl.load(found_inf_ptr) != 0)
+    return absent
 
 
 @triton.jit

@@ -21,22 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._plan import NO_GRAD, STALE, OwnerRecord, bind_grad, walks_with
+
 CHUNK = 16384  # elements per program
 BLOCK = 1024  # elements per iteration of a program's loop
-
-
-def _dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill one block of memory in some order of dims."""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _walks_with(t: Tensor, ref: Tensor) -> bool:
-    return t.layout == torch.strided and t.shape == ref.shape and t.stride() == ref.stride() and _dense(t)
 
 
 def _upload(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -68,9 +56,8 @@ class MultiTensorPlan:
             for i, t in enumerate(tensors):
                 if t.dtype != self.dtypes[name] or t.device != self.device:
                     raise ValueError(f"fastopt (triton): slot {name!r} mixes dtypes or devices")
-                if not _walks_with(t, first[i]):
+                if not walks_with(t, first[i]):
                     raise ValueError(f"fastopt (triton): tensor {i} of slot {name!r} is laid out unlike its param")
-        self.strides = [t.stride() for t in first]
         self.numel_list = [t.numel() for t in first]
         tensor_of_chunk, start_of_chunk, chunks_of_tensor = [], [], []
         for t, numel in enumerate(self.numel_list):
@@ -95,9 +82,10 @@ class MultiTensorPlan:
             values = [t.data_ptr() for t in tensors] if tensors else [0]
             self.ptr_values[name] = values
             self.ptrs[name] = _upload(values, torch.int64, dev)
-        self._grads: list[Tensor] = list(slots[grad_slot])
+        self.templates: list[Tensor] = list(slots[grad_slot])  # the layout a bound grad has
+        self._grads: list[Optional[Tensor]] = list(self.templates)
         self.owners = list(owners)  # the user's params, whose .grad bind_grads() reads
-        self.owner_ptrs = [p.data_ptr() for p in self.owners]
+        self.records = [OwnerRecord(p) for p in self.owners]
         # the norm kernel's scratch: one partial per chunk, a counter, the norm and the coefficient
         self.partials = torch.empty(max(self.n_chunks, 1), dtype=torch.float32, device=dev)
         self.norm_counter = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -105,27 +93,33 @@ class MultiTensorPlan:
     def __len__(self) -> int:
         return len(self.numel_list)
 
-    def bind_grads(self) -> bool:
-        """Point the grad table at the owners' grads of this step, in one pass over the owners.
-        False, changing nothing, when an owner has no grad, a grad cannot be walked with its param
-        (another layout), or an owner got new storage (``p.data = ...``): the caller then takes
-        another path and rebuilds the plan. State tensors change storage only through
-        load_state_dict, which rebuilds the plan."""
+    def bind_grads(self) -> Optional[tuple[int, int, int]]:
+        """Point the grad table at the owners' grads of this step, in one pass over the owners
+        (Note [the plan life cycle], fastopt/_plan.py). None, binding nothing, when an owner
+        changed since the plan was built (the plan is stale); else how many grads were bound as
+        they are, relaid (copied into the param's layout), or absent (NO_GRAD: the kernels skip
+        that param). A grad of another dtype, shape or device raises before anything is bound."""
         grads, values = [], []
-        for p, stride, address in zip(self.owners, self.strides, self.owner_ptrs):
-            g = p.grad
-            # torch keeps a grad's shape, dtype and device equal to its param's; the same strides
-            # as the (dense) param then make it dense too.
-            if g is None or g.layout != torch.strided or p.data_ptr() != address:
-                return False
-            if g.is_complex():
-                g = torch.view_as_real(g)
-            if g.stride() != stride:
-                return False
+        bound = relaid = absent = 0
+        for i, (p, record, tmpl) in enumerate(zip(self.owners, self.records, self.templates)):
+            if not record.matches(p):
+                return None
+            g = bind_grad(p.grad, tmpl, i, "triton")
+            if g is STALE:
+                return None
+            if g is None:
+                absent += 1
+                values.append(NO_GRAD)
+            else:
+                if walks_with(g, tmpl):
+                    bound += 1
+                else:
+                    g = torch.empty_like(tmpl).copy_(g)
+                    relaid += 1
+                values.append(g.data_ptr())
             grads.append(g)
-            values.append(g.data_ptr())
         if values != self.ptr_values[self.grad_slot]:
             self.ptrs[self.grad_slot].copy_(_upload(values, torch.int64, self.device), non_blocking=True)
             self.ptr_values[self.grad_slot] = values
         self._grads = grads  # keep this step's grads alive while the kernels read them
-        return True
+        return bound, relaid, absent

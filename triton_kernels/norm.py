@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import chunk_bounds, grad_scalars, prepare_grad, typed_ptr
+from .common import chunk_bounds, grad_scalars, has_grad, prepare_grad, typed_ptr
 from .launch import tl_dtype
 from .multi_tensor import BLOCK, CHUNK
 
@@ -37,6 +37,7 @@ def _norm_kernel(
     WRITE_COEF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
+    end = tl.where(has_grad(g_ptrs, t), end, start)  # an absent grad adds nothing
     inv_scale, _ = grad_scalars(grad_scale_ptr, grad_scale_ptr, HAS_SCALE, False)
     g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
     acc = tl.zeros([BLOCK], dtype=tl.float32)

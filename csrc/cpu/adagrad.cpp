@@ -50,7 +50,7 @@ void adagrad_apply(const Slots& sl, const Lr& lr, const AdagradArgs& a, const Gr
         per_step_scalars<AdagradScalars<T>>(t, [&](double step) { return adagrad_scalars<T>(hyper, lr, step); });
     with_bools(
         [&](auto kL2, auto kPrep) {
-          for_each_chunk(sl.chunks(), [&](const Chunk& c) {
+          sl.for_each_active_chunk([&](const Chunk& c) {
             adagrad_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kPrep)::value>(
                 sl, c, sc[c.tensor], gp);
           });

@@ -62,7 +62,7 @@ void adam_apply(const Slots& sl, const Lr& lr, const AdamArgs& a, const GradArgs
     const auto sc = per_step_scalars<AdamScalars<T>>(t, [&](double step) { return adam_scalars<T>(hyper, lr, step); });
     with_bools(
         [&](auto kL2, auto kAms, auto kPrep) {
-          for_each_chunk(sl.chunks(), [&](const Chunk& c) {
+          sl.for_each_active_chunk([&](const Chunk& c) {
             adam_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kAms)::value,
                        decltype(kPrep)::value>(sl, c, sc[c.tensor], gp);
           });

@@ -10,12 +10,16 @@
 #include <utility>
 #include <vector>
 
+#include "fastopt/grad_binding.h"
+
 namespace fastopt {
 namespace cpu {
 
 // Note [chunk size]: 32K elements is large enough to amortize the per-chunk bookkeeping and
 // small enough to balance across threads and stay in L2.
 constexpr int64_t kChunkElems = 32 * 1024;
+
+constexpr size_t kGradSlot = 1;  // every update op lists the grads second
 
 struct Chunk {
   int64_t tensor;  // index into the tensor lists
@@ -72,6 +76,12 @@ class Slots {
       TORCH_CHECK(list.empty() || static_cast<int64_t>(list.size()) == n, "fastopt: `",
                   lists[s].first, "` has ", list.size(), " tensors, `", lists[0].first, "` has ", n);
       work_[s].assign(list.begin(), list.end());
+      // every tensor of a slot has one dtype: the kernels read the whole slot as that type
+      dtypes_.push_back(list.empty() ? at::kFloat : list.front().scalar_type());
+      for (size_t i = 0; i < list.size(); ++i) {
+        TORCH_CHECK(list[i].scalar_type() == dtypes_.back(), "fastopt (cpu): `", lists[s].first, "` tensor ", i,
+                    " is ", list[i].scalar_type(), ", tensor 0 is ", dtypes_.back(), " (one dtype per list)");
+      }
     }
     numels_.resize(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -110,37 +120,54 @@ class Slots {
     chunks_ = make_chunks(numels_);
   }
 
-  // The owners (the user's parameters, whose .grad() each step reads), for bind_grads().
+  // The owners (the user's parameters, whose .grad() each step reads), for bind_grads(). The
+  // plan's own tensors must walk linearly (the caller plans only such params): a plan whose
+  // indices were copied cannot be bound.
   void set_owners(std::vector<at::Tensor> owners) {
     TORCH_CHECK(owners.size() == numels_.size(), "fastopt: one owner per param");
+    TORCH_CHECK(copy_back_.empty(), "fastopt (cpu): a planned param is laid out unlike its state");
     owners_ = std::move(owners);
+    records_.clear();
+    for (const auto& p : owners_) records_.emplace_back(p);
+    templates_ = work_[kGradSlot];
   }
 
   // Note [binding grads in C++]: an eager step reads every owner's .grad() here instead of
-  // building a Python list: a few ns per tensor. Returns false, changing nothing, when a grad is
-  // missing, sparse or laid out differently from its param, or when a param or state tensor no
-  // longer has the storage it had when the plan was built (`p.data = ...`): the caller then falls
-  // back to the list op, which takes any layout, and rebuilds its plan.
-  bool bind_grads(size_t slot) {
-    if (owners_.empty() || !copy_back_.empty() || !storage_unchanged(slot)) return false;
+  // building a Python list: a few ns per tensor (fastopt/grad_binding.h says what each grad
+  // becomes). Stale (nothing bound) when an owner changed since the plan was built.
+  BindResult bind_grads() {
+    TORCH_CHECK(!owners_.empty() || numels_.empty(), "fastopt (cpu): this plan has no owners to bind");
+    std::vector<at::Tensor> grads;
+    const BindResult r = fastopt::bind_grads(owners_, records_, templates_, grads, "cpu");
+    if (r.stale) return r;
     for (size_t i = 0; i < owners_.size(); ++i) {
-      if (!bindable(owners_[i].grad(), slot, i)) return false;
+      work_[kGradSlot][i] = grads[i];
+      ptrs_[kGradSlot][i] = grads[i].defined() ? grads[i].data_ptr() : no_grad_address();
     }
-    for (size_t i = 0; i < owners_.size(); ++i) {
-      work_[slot][i] = owners_[i].grad();
-      ptrs_[slot][i] = work_[slot][i].data_ptr();
-    }
-    return true;
+    return r;
   }
 
-  // Increments every step count and returns the new values.
+  // Whether tensor i takes part in this step (Note [absent grads]).
+  bool active(int64_t i) const { return ptrs_[kGradSlot][i] != no_grad_address(); }
+
+  // Increments the step count of every active tensor and returns the new values.
   std::vector<double> increment_steps() const {
     std::vector<double> out(step_ptrs_.size());
-    for (size_t i = 0; i < step_ptrs_.size(); ++i) out[i] = (*step_ptrs_[i] += 1.0f);
+    for (size_t i = 0; i < step_ptrs_.size(); ++i) {
+      out[i] = active(static_cast<int64_t>(i)) ? (*step_ptrs_[i] += 1.0f) : 0.0;
+    }
     return out;
   }
 
-  at::ScalarType dtype(size_t slot) const { return work_[slot].front().scalar_type(); }
+  // Runs fn(chunk) for every chunk of an active tensor, in parallel.
+  template <typename Fn>
+  void for_each_active_chunk(const Fn& fn) const {
+    for_each_chunk(chunks_, [&](const Chunk& c) {
+      if (active(c.tensor)) fn(c);
+    });
+  }
+
+  at::ScalarType dtype(size_t slot) const { return dtypes_[slot]; }
   bool present(size_t slot) const { return !work_[slot].empty(); }
   int64_t size() const { return static_cast<int64_t>(numels_.size()); }
   const std::vector<Chunk>& chunks() const { return chunks_; }
@@ -158,28 +185,11 @@ class Slots {
   }
 
  private:
-  bool bindable(const at::Tensor& t, size_t slot, size_t i) const {
-    return t.defined() && t.device().is_cpu() && walks_with(t, work_[0][i]) && t.numel() == numels_[i] &&
-           t.scalar_type() == work_[slot][i].scalar_type();
-  }
-
-  // Every slot but `except` still points at the storage the plan was built with.
-  bool storage_unchanged(size_t except) const {
-    for (size_t s = 0; s < work_.size(); ++s) {
-      if (s == except) continue;
-      for (size_t i = 0; i < work_[s].size(); ++i) {
-        if (work_[s][i].data_ptr() != ptrs_[s][i]) return false;
-      }
-    }
-    for (size_t i = 0; i < steps_.size(); ++i) {
-      if (steps_[i].data_ptr() != step_ptrs_[i]) return false;
-    }
-    return true;
-  }
-
-  std::vector<at::Tensor> owners_;
+  std::vector<at::Tensor> owners_, templates_;
+  std::vector<OwnerRecord> records_;
   std::vector<std::vector<at::Tensor>> work_;
   std::vector<std::vector<void*>> ptrs_;
+  std::vector<at::ScalarType> dtypes_;
   std::vector<bool> written_;
   std::vector<int64_t> numels_;
   std::vector<Chunk> chunks_;

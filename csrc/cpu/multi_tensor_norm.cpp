@@ -81,6 +81,7 @@ at::Tensor norm_of_chunks(at::ScalarType dtype, const std::vector<void*>& ptrs, 
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const Chunk& c = chunks[i];
+        if (ptrs[c.tensor] == no_grad_address()) continue;  // Note [absent grads]: partial stays 0
         const scalar_t* data = static_cast<const scalar_t*>(ptrs[c.tensor]) + c.begin;
         partials[i] = l2 ? reduce_chunk<true>(data, c.end - c.begin, scale, clip)
                          : reduce_chunk<false>(data, c.end - c.begin, scale, clip);

@@ -42,8 +42,6 @@ std::shared_ptr<Slots> rmsprop_slots(at::TensorList params, at::TensorList grads
                                      at::TensorList grad_avgs, at::TensorList momentum_buffers,
                                      at::TensorList steps, at::TensorList params_out);
 
-constexpr size_t kGradSlot = 1;  // every op lists the grads second
-
 // The norm (2.0 or inf) of the gradients bound in `sl`, after unscale and the value clip.
 at::Tensor grad_norm(const Slots& sl, size_t slot, double norm_type, const c10::optional<at::Tensor>& inv_scale,
                      c10::optional<double> clip_value);

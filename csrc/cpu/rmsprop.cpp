@@ -58,7 +58,7 @@ void rmsprop_apply(const Slots& sl, const Lr& lr, const RMSpropArgs& a, const Gr
     const RMSpropScalars<T> sc = rmsprop_scalars<T>({a.alpha, a.eps, a.weight_decay, a.momentum}, lr);
     with_bools(
         [&](auto kL2, auto kCentered, auto kMomentum, auto kPrep) {
-          for_each_chunk(sl.chunks(), [&](const Chunk& c) {
+          sl.for_each_active_chunk([&](const Chunk& c) {
             rmsprop_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kCentered)::value,
                           decltype(kMomentum)::value, decltype(kPrep)::value>(sl, c, sc, gp);
           });

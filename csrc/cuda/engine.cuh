@@ -42,6 +42,11 @@ struct Tables {
   __device__ X* slot(int s, int32_t t) const {
     return static_cast<X*>(ptrs[s * n_tensors + t]);
   }
+
+  // Note [absent grads] (fastopt/grad_binding.h): a param without a grad this step is skipped.
+  __device__ bool has_grad(int32_t t) const { return slot<void>(kGradSlot, t) != no_grad_address(); }
+
+  static constexpr int kGradSlot = 1;  // every update op lists the grads second
 };
 
 inline Tables tables(const CudaPlan& plan) {
@@ -217,6 +222,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, Params prm)
   if (prm.ga.found_inf != nullptr && *prm.ga.found_inf != 0.0f) return;  // GradScaler: skip the step
   for (int64_t c = blockIdx.x; c < tb.n_chunks; c += gridDim.x) {
     const int32_t t = tb.chunk_tensor[c];
+    if (!tb.has_grad(t)) continue;  // the whole block sees the same t: no divergence at the barrier
     const int64_t start = tb.chunk_start[c];
     const int64_t end = min(tb.numels[t], start + kChunk);
     const float step = *tb.steps[t] + 1.0f;

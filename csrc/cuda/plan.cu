@@ -22,16 +22,10 @@ at::Tensor upload(const std::vector<V>& values, at::ScalarType dtype, const at::
   return host.to(device, /*non_blocking=*/true);
 }
 
-// Non-overlapping and dense with the same strides as `ref`: one block of memory walked in the
-// same order (Note [dense tensors, any layout], csrc/cpu/multi_tensor.h).
-bool walks_with(const at::Tensor& t, const at::Tensor& ref) {
-  return t.layout() == at::kStrided && t.is_non_overlapping_and_dense() && t.strides() == ref.strides() &&
-         t.sizes() == ref.sizes();
-}
-
-// Vector loads of 4 elements need every slot's address aligned to 4 elements of its dtype.
+// Vector loads of 4 elements need every slot's address aligned to 4 elements of its dtype (an
+// absent grad is never read).
 bool aligned4(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % (4 * t.element_size()) == 0;
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % (4 * t.element_size()) == 0;
 }
 
 }  // namespace
@@ -57,7 +51,7 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
                   t.device(), ", the params on ", device_);
       TORCH_CHECK(t.scalar_type() == dtypes_.back(), "fastopt (cuda): `", name, "` mixes ", dtypes_.back(),
                   " and ", t.scalar_type());
-      TORCH_CHECK(walks_with(t, first[i]), "fastopt (cuda): `", name, "` tensor ", i,
+      TORCH_CHECK(walks_like(t, first[i]), "fastopt (cuda): `", name, "` tensor ", i,
                   " is not laid out like its param (dense, same strides)");
     }
     slots_.push_back(tensors);
@@ -72,7 +66,6 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
   for (size_t i = 0; i < n; ++i) {
     const int64_t numel = first[i].numel();
     numels_.push_back(numel);
-    strides_.push_back(first[i].strides().vec());
     const int64_t count = std::max<int64_t>(1, (numel + kChunk - 1) / kChunk);  // empty tensors too
     for (int64_t c = 0; c < count; ++c) {
       chunk_tensor.push_back(static_cast<int32_t>(i));
@@ -81,7 +74,8 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
     chunks_of_tensor.push_back(static_cast<int32_t>(count));
   }
   n_chunks_ = static_cast<int64_t>(chunk_tensor.size());
-  for (const auto& o : owners_) owner_ptrs_.push_back(o.data_ptr());
+  for (const auto& o : owners_) records_.emplace_back(o);
+  templates_ = slots_[grad_slot_];
   ptr_host_.assign(slots_.size() * n, 0);
   aligned_host_.assign(n, 1);
   for (size_t s = 0; s < slots_.size(); ++s) {
@@ -105,18 +99,12 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
   norm_counter_ = at::zeros({1}, on_device.dtype(at::kInt));
 }
 
-bool CudaPlan::bindable(const at::Tensor& g, size_t i) const {
-  // torch keeps a grad's shape, dtype and device equal to its param's; the strides it does not.
-  return g.defined() && g.layout() == at::kStrided && g.device() == device_ &&
-         g.scalar_type() == dtypes_[grad_slot_] && g.strides() == c10::IntArrayRef(strides_[i]) &&
-         g.sizes() == slots_[0][i].sizes() && g.is_non_overlapping_and_dense();
-}
-
 void CudaPlan::upload_grads(const std::vector<at::Tensor>& grads) {
   const size_t n = numels_.size();
   bool changed = false;
   for (size_t i = 0; i < n; ++i) {
-    const int64_t address = reinterpret_cast<int64_t>(grads[i].data_ptr());
+    const int64_t address =
+        reinterpret_cast<int64_t>(grads[i].defined() ? grads[i].data_ptr() : no_grad_address());
     changed = changed || address != ptr_host_[grad_slot_ * n + i];
     ptr_host_[grad_slot_ * n + i] = address;
   }
@@ -136,20 +124,12 @@ void CudaPlan::upload_grads(const std::vector<at::Tensor>& grads) {
   }
 }
 
-bool CudaPlan::bind_grads() {
-  if (owners_.empty()) return false;
-  for (size_t i = 0; i < owners_.size(); ++i) {
-    if (owners_[i].data_ptr() != owner_ptrs_[i]) return false;  // `p.data = ...`: the plan is stale
-  }
+BindResult CudaPlan::bind_grads() {
+  TORCH_CHECK(!owners_.empty() || numels_.empty(), "fastopt (cuda): this plan has no owners to bind");
   std::vector<at::Tensor> grads;
-  grads.reserve(owners_.size());
-  for (size_t i = 0; i < owners_.size(); ++i) {
-    const at::Tensor& g = owners_[i].grad();
-    if (!bindable(g, i)) return false;
-    grads.push_back(g);
-  }
-  upload_grads(grads);
-  return true;
+  const BindResult r = fastopt::bind_grads(owners_, records_, templates_, grads, "cuda");
+  if (!r.stale) upload_grads(grads);
+  return r;
 }
 
 }  // namespace cuda

@@ -16,6 +16,8 @@
 #include <memory>
 #include <vector>
 
+#include "fastopt/grad_binding.h"
+
 namespace fastopt {
 namespace cuda {
 
@@ -29,10 +31,9 @@ class CudaPlan {
   CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tensor>>>& lists, size_t grad_slot,
            std::vector<at::Tensor> steps, std::vector<at::Tensor> owners);
 
-  // Reads every owner's .grad(); false, changing nothing, when one is missing, sparse, or laid
-  // out unlike its param, or when a param got new storage (`p.data = ...`): the caller then
-  // takes another path and rebuilds the plan.
-  bool bind_grads();
+  // Reads every owner's .grad() (fastopt/grad_binding.h: a grad of another layout is relaid, a
+  // missing one skipped, Note [absent grads]); stale, binding nothing, when an owner changed.
+  BindResult bind_grads();
 
   int64_t size() const { return static_cast<int64_t>(numels_.size()); }
   int64_t n_chunks() const { return n_chunks_; }
@@ -53,7 +54,6 @@ class CudaPlan {
   int32_t* norm_counter() const { return norm_counter_.data_ptr<int32_t>(); }
 
  private:
-  bool bindable(const at::Tensor& g, size_t i) const;
   void upload_grads(const std::vector<at::Tensor>& grads);
 
   at::Device device_;
@@ -62,9 +62,9 @@ class CudaPlan {
   std::vector<at::ScalarType> dtypes_;
   std::vector<bool> present_;
   std::vector<at::Tensor> steps_, owners_;
-  std::vector<void*> owner_ptrs_;  // the owners' storage when the plan was built
+  std::vector<OwnerRecord> records_;  // the owners as the plan was built
+  std::vector<at::Tensor> templates_;  // the grads slot as built: the layout a bound grad has
   std::vector<int64_t> numels_;
-  std::vector<std::vector<int64_t>> strides_;
   std::vector<int64_t> ptr_host_;  // [slot][tensor] addresses, as uploaded
   std::vector<uint8_t> aligned_host_;
   int64_t n_chunks_ = 0;

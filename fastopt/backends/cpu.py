@@ -31,8 +31,9 @@ from .reference import GradTransform
 
 
 def _lr(lr: Union[float, Tensor]) -> Tensor:
-    # A tensor lr keeps its dtype: the ops reproduce torch's arithmetic in that dtype.
-    return lr.detach() if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
+    # A tensor lr keeps its dtype: the ops reproduce torch's arithmetic in that dtype. A float is
+    # filled in as it is (Note [no recompiles for new hyperparameter values], reference/_scalars.py).
+    return lr.detach() if isinstance(lr, Tensor) else torch.ones((), dtype=torch.float64) * lr
 
 
 def _grad_args(x: GradTransform) -> tuple:
@@ -82,17 +83,12 @@ _RULES = {
 
 
 def compiled_plan(prefix: str, bucket: Bucket, seg: Segment):
-    """A plan of ``fastopt._C`` (``prefix`` "cpu" or "cuda") for the segment; None for complex params
-    (their grads need a real view each step) and for layouts a plan refuses (the fallbacks take
-    those). The grads slot holds the params as placeholders (the layout and dtype of the grads a
-    plan can take); bind_grads() fills it every step from the owners' grads."""
-    if seg.is_complex:
-        return None
+    """A plan of ``fastopt._C`` (``prefix`` "cpu" or "cuda") for the segment (params that
+    PlannedBackend._can_plan accepted). The grads slot holds the params as placeholders (the
+    layout and dtype of the grads a plan takes); bind_grads() fills it every step from the owners'
+    grads (a real view for complex params)."""
     lists, _, name = _RULES[bucket.rule]
-    try:
-        return getattr(_ext._C, f"{prefix}_{name}_plan")(*lists(seg, seg.params), list(seg.owners))
-    except RuntimeError:
-        return None
+    return getattr(_ext._C, f"{prefix}_{name}_plan")(*lists(seg, seg.params), list(seg.owners))
 
 
 class CpuBackend(PlannedBackend):
@@ -104,6 +100,9 @@ class CpuBackend(PlannedBackend):
         if not _ext.has_cpu_ops():
             return _ext.load_error
         return None
+
+    def fallback_kind(self, bucket: Bucket, seg: Segment) -> str:
+        return "kernel"  # the list ops run the same C++ kernels, on contiguous copies if need be
 
     def _build(self, bucket: Bucket, seg: Segment):
         return compiled_plan("cpu", bucket, seg)

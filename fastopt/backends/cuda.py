@@ -6,9 +6,8 @@ was reallocated) and runs one persistent-grid launch, plus one for the norm and 
 when clipping. Every per-step scalar is read on the device (a tensor lr too), so a step is
 CUDA-graph safe. Params of any floating dtype; complex params as their real view.
 
-A group whose tensors the plan cannot walk linearly (a param and its state laid out differently),
-or whose grads this step are laid out unlike their params, takes the reference path for that step:
-correct, slower. Under ``torch.compile`` the steps call the ``torch.ops.fastopt.*`` list ops, which
+A param whose state the plan cannot walk with it (laid out differently) takes the reference path
+(Note [the plan life cycle]); a grad laid out unlike its param is copied into its layout. Under ``torch.compile`` the steps call the ``torch.ops.fastopt.*`` list ops, which
 Dynamo sees as opaque, mutating custom ops (their meta kernels are in csrc/ops.cpp).
 """
 
@@ -55,6 +54,9 @@ class CudaBackend(PlannedBackend):
         if not torch.cuda.is_available():
             return "no CUDA GPU is available"
         return None
+
+    def fallback_kind(self, bucket: Bucket, seg: Segment) -> str:
+        return "kernel" if bucket.cache.get("compiling") and not seg.is_complex else "reference"
 
     def _build(self, bucket: Bucket, seg: Segment):
         return compiled_plan("cuda", bucket, seg)

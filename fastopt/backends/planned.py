@@ -1,34 +1,43 @@
 """What the compiled backends (cpu, triton, cuda) share: a cached plan per param group, bound to
-each step's grads, and the fallbacks when a plan cannot take them (Note [the plan cache]).
+each step's grads, and the fallback for the params a plan cannot take (Note [the plan life
+cycle], fastopt/_plan.py).
 
-A subclass says how to build a plan for a segment (``_build``, None when the segment's tensors
-cannot be planned; every plan has ``bind_grads()``), how a plan computes the norm
-(``_plan_norm``) and how it steps (``_plan_step``). A segment that is not bound this step takes
-``_fallback_step``: the reference rules, or a backend's list ops.
+A subclass says how to build a plan for a segment (``_build``; every plan has ``bind_grads()``,
+which returns None when the plan is stale, else the counts (bound, relaid, absent)), how a plan
+computes the norm (``_plan_norm``) and how it steps (``_plan_step``). The params a plan cannot take
+(a segment's *rest*) and every segment under ``torch.compile`` take ``_fallback_step``: the
+reference rules, or a backend's list ops.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference as ref
-from .._plan import Bucket, Segment
+from .._plan import Bucket, OwnerRecord, Segment, StepStats, dense, walks_with
 from .reference import GradTransform, ReferenceBackend, RULES, _step_segment
+
+
+@dataclass
+class SegmentPlan:
+    """A segment as a compiled backend runs it: the compiled plan of the params it can take, and
+    the rest, which takes the fallback path every step."""
+
+    plan: Any  # None when no param of the segment can be planned
+    rest: Optional[Segment]
+    rest_records: list  # OwnerRecord of each rest param: a changed one makes the plan stale
+    rest_now: Optional[Segment] = None  # this step's rest params that have a grad
 
 
 class PlannedBackend(ReferenceBackend):
     # -- what a subclass provides ------------------------------------------------------------
 
-    def _build(self, bucket: Bucket, seg: Segment) -> Optional[Any]:
+    def _build(self, bucket: Bucket, seg: Segment) -> Any:
         raise NotImplementedError
-
-    def _bind(self, plan: Any, seg: Segment) -> bool:
-        """Bind this step's grads (read from the plan's owners); False when the plan cannot take
-        them (a missing grad, another layout, a param with new storage)."""
-        return plan.bind_grads()
 
     def _plan_norm(self, plan: Any, norm_type: float, xform: GradTransform,
                    max_norm: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
@@ -44,33 +53,83 @@ class PlannedBackend(ReferenceBackend):
     def _fallback_step(self, rule: str, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
         _step_segment(RULES[rule], seg, hp, xform)
 
-    # -- binding this step's grads ---------------------------------------------------------------
+    # -- build ---------------------------------------------------------------------------------
 
-    def _plans(self, bucket: Bucket) -> list:
+    @staticmethod
+    def _can_plan(seg: Segment, i: int) -> bool:
+        """Whether the kernels can walk param ``i`` of ``seg`` linearly with its state: every
+        tensor dense, laid out like the param, in the dtype the kernels expect."""
+        p = seg.params[i]
+        if p.layout != torch.strided or not dense(p):
+            return False
+        state_dtype = torch.float32 if seg.masters is not None else p.dtype
+        others = [v[i] for v in seg.states.values()] + ([seg.masters[i]] if seg.masters is not None else [])
+        step = seg.steps[i]
+        return (all(walks_with(t, p) and t.dtype == state_dtype and t.device == p.device for t in others)
+                and step.numel() == 1 and step.dtype == torch.float32 and step.device == p.device)
+
+    def _plan_segment(self, bucket: Bucket, seg: Segment) -> SegmentPlan:
+        ok = [i for i in range(len(seg.params)) if self._can_plan(seg, i)]
+        others = [i for i in range(len(seg.params)) if i not in set(ok)]
+        plan = None
+        if ok:
+            try:
+                plan = self._build(bucket, seg if not others else seg.subset(ok))
+            except (RuntimeError, ValueError, TypeError):  # refused by the plan: the fallback takes all
+                others = list(range(len(seg.params)))
+        rest = None if not others else (seg if len(others) == len(seg.params) else seg.subset(others))
+        return SegmentPlan(plan, rest, [OwnerRecord(p) for p in rest.owners] if rest is not None else [])
+
+    def _plans(self, bucket: Bucket) -> list[SegmentPlan]:
         plans = bucket.cache.get("plans")
         if plans is None:
-            plans = bucket.cache["plans"] = [self._build(bucket, seg) for seg in bucket.segments]
+            plans = bucket.cache["plans"] = [self._plan_segment(bucket, seg) for seg in bucket.segments]
         return plans
 
-    def bind(self, bucket: Bucket) -> bool:
-        bucket.cache["bound"] = [False] * len(bucket.segments)
+    # -- bind ----------------------------------------------------------------------------------
+
+    def bind(self, bucket: Bucket, stats: StepStats) -> bool:
         bucket.cache["compiling"] = torch.compiler.is_compiling()
         if bucket.cache["compiling"]:  # Dynamo cannot trace the host side of a plan
-            return super().bind(bucket)
-        bound, stale = [], False
-        for seg, plan in zip(bucket.segments, self._plans(bucket)):
-            ok = plan is not None and self._bind(plan, seg)
-            bound.append(ok)
-            if not ok:
-                stale = stale or plan is not None
-                if not seg.refresh_grads():
-                    return False  # a planned param lost its grad: the optimizer rebuilds its plan
-        if stale:  # new param storage, or grads a plan cannot take: plans are rebuilt next step
-            bucket.cache.pop("plans")
-        bucket.cache["bound"] = bound
+            return super().bind(bucket, stats)
+        for sp in self._plans(bucket):
+            if sp.plan is not None:
+                counts = sp.plan.bind_grads()
+                if counts is None:
+                    return self._stale(bucket)
+                stats.count_kernel(*counts)
+            if sp.rest is not None:
+                sp.rest_now = sp.rest.with_grads(self.name)
+                if sp.rest_now is None or not all(r.matches(p) for r, p in zip(sp.rest_records, sp.rest.owners)):
+                    return self._stale(bucket)
+                stats.count_fallback(self.fallback_kind(bucket, sp.rest_now), len(sp.rest_now.params))
         return True
 
+    @staticmethod
+    def _stale(bucket: Bucket) -> bool:
+        bucket.cache.pop("plans", None)
+        return False
+
     # -- the step --------------------------------------------------------------------------------
+
+    def _parts(self, bucket: Bucket) -> tuple[list, list[Segment]]:
+        """This step's bound plans and the segments that take the fallback path."""
+        if bucket.cache["compiling"]:
+            return [], bucket.cache["now"]
+        plans = bucket.cache["plans"]
+        return ([sp.plan for sp in plans if sp.plan is not None],
+                [sp.rest_now for sp in plans if sp.rest_now is not None and sp.rest_now.params])
+
+    def _norm(self, bucket: Bucket, norm_type: float, xform: GradTransform,
+              max_norm: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
+        plans, rest = self._parts(bucket)
+        if len(plans) == 1 and not rest:  # the common case: the plan may compute the coefficient too
+            return self._plan_norm(plans[0], norm_type, xform, max_norm)
+        norms = ([self._plan_norm(plan, norm_type, xform, None)[0] for plan in plans]
+                 + [self._fallback_norm(bucket, seg, norm_type, xform) for seg in rest])
+        if not norms:
+            return torch.zeros((), device=bucket.device), None
+        return (norms[0] if len(norms) == 1 else ref.norm_of_norms(norms, norm_type)), None
 
     def grad_norm(self, bucket: Bucket, norm_type: float, xform: GradTransform) -> Tensor:
         return self._norm(bucket, norm_type, xform, None)[0]
@@ -80,23 +139,13 @@ class PlannedBackend(ReferenceBackend):
         norm, coef = self._norm(bucket, norm_type, xform, max_norm)
         return norm, (coef if coef is not None else ref.clip_coefficient(norm, max_norm))
 
-    def _norm(self, bucket: Bucket, norm_type: float, xform: GradTransform,
-              max_norm: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
-        bound = bucket.cache["bound"]
-        plans = bucket.cache.get("plans") or [None] * len(bound)
-        if len(bound) == 1 and bound[0]:  # the common case: the plan may compute the coefficient too
-            return self._plan_norm(plans[0], norm_type, xform, max_norm)
-        norms = [
-            self._plan_norm(plan, norm_type, xform, None)[0] if ok
-            else self._fallback_norm(bucket, seg, norm_type, xform)
-            for seg, plan, ok in zip(bucket.segments, plans, bound)
-        ]
-        return (norms[0] if len(norms) == 1 else ref.norm_of_norms(norms, norm_type)), None
-
     def step(self, rule: str, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
-        plans = bucket.cache.get("plans") or [None] * len(bucket.segments)
-        for seg, plan, ok, hp in zip(bucket.segments, plans, bucket.cache["bound"], hparams):
-            if ok:
-                self._plan_step(rule, plan, bucket, hp, xform)
-            else:
+        if bucket.cache["compiling"]:
+            for seg, hp in zip(bucket.cache["now"], hparams):
                 self._fallback_step(rule, bucket, seg, hp, xform)
+            return
+        for sp, hp in zip(bucket.cache["plans"], hparams):
+            if sp.plan is not None:
+                self._plan_step(rule, sp.plan, bucket, hp, xform)
+            if sp.rest_now is not None and sp.rest_now.params:
+                self._fallback_step(rule, bucket, sp.rest_now, hp, xform)

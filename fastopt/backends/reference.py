@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from .._plan import Bucket, Segment
+from .._plan import Bucket, Segment, StepStats
 
 
 @dataclass
@@ -55,14 +55,25 @@ class ReferenceBackend:
     def unavailable_reason(self, device_type: str) -> Optional[str]:
         return None
 
-    def bind(self, bucket: Bucket) -> bool:
-        """Take this step's gradients; False when a planned param has no dense grad any more
-        (the plan is stale and gets rebuilt)."""
-        return all([seg.refresh_grads() for seg in bucket.segments])
+    def fallback_kind(self, bucket: Bucket, seg: Segment) -> str:
+        """What runs a fallback step of ``seg``: "kernel" (compiled list ops) or "reference"."""
+        return "reference"
+
+    def bind(self, bucket: Bucket, stats: StepStats) -> bool:
+        """Take this step's gradients (params without one are left out, as torch does); False
+        when one became sparse (the plan is stale and gets rebuilt)."""
+        now = [seg.with_grads(self.name) for seg in bucket.segments]
+        if any(seg is None for seg in now):
+            return False
+        bucket.cache["now"] = now
+        for seg in now:
+            stats.count_fallback(self.fallback_kind(bucket, seg), len(seg.params))
+        return True
 
     def grad_norm(self, bucket: Bucket, norm_type: float, xform: GradTransform) -> Tensor:
         """The norm of the bucket's unscaled, value-clipped gradients."""
-        grads = ref.prepare_grads(bucket.grads, inv_scale=xform.inv_scale, clip_value=xform.clip_value)
+        grads = [g for seg in bucket.cache["now"] for g in seg.grads]
+        grads = ref.prepare_grads(grads, inv_scale=xform.inv_scale, clip_value=xform.clip_value)
         return ref.grad_norm(grads, norm_type)
 
     def norm_and_coef(self, bucket: Bucket, norm_type: float, xform: GradTransform,
@@ -77,7 +88,7 @@ class ReferenceBackend:
         return True
 
     def step(self, rule: str, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
-        for segment, hp in zip(bucket.segments, hparams):
+        for segment, hp in zip(bucket.cache["now"], hparams):
             _step_segment(RULES[rule], segment, hp, xform)
 
 

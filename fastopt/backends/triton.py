@@ -7,9 +7,9 @@ float32, float16 or bfloat16 (float64 groups resolve to another backend under ``
 Per param group, a ``MultiTensorPlan`` (Note [multi-tensor tables]) is built once and cached in
 the bucket; each step binds the grads (re-uploading the grad pointer table only when a grad was
 reallocated), then launches the norm kernel when clipping (it also writes the clip coefficient)
-and one update kernel. A segment whose tensors a plan cannot walk linearly (a param and its state
-laid out differently), or whose grads this step are laid out unlike their params, takes the
-reference path for that step: correct, slower.
+and one update kernel. A param whose state a plan cannot walk with it (laid out differently)
+takes the reference path (Note [the plan life cycle]); a grad laid out unlike its param is copied
+into its layout for the step.
 """
 
 from __future__ import annotations
@@ -86,10 +86,7 @@ class TritonBackend(PlannedBackend):
         return dtype in self.DTYPES
 
     def _build(self, bucket: Bucket, seg: Segment):
-        try:
-            return kernels().MultiTensorPlan(_slots(bucket.rule, seg), seg.steps, seg.owners)
-        except ValueError:  # a layout the tables cannot walk: the reference path
-            return None
+        return kernels().MultiTensorPlan(_slots(bucket.rule, seg), seg.steps, seg.owners)
 
     def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
         return kernels().grad_norm(plan, norm_type, grad_scale=xform.grad_scale, clip_value=xform.clip_value,

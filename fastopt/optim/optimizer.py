@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from .. import backends
 from .. import reference as ref
-from .._plan import Bucket, Plan, Segment, real_view
+from .._plan import Bucket, Plan, Segment, StepStats, real_view
 from ._options import FusedOptions
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -26,6 +26,22 @@ def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return None if t is None else t.to(device, non_blocking=True)
 
 
+class _StepState:
+    """What a step changes on the host, kept in an object the optimizer owns.
+
+    Note [step state outside the optimizer]: torch.compile of ``step`` may not set attributes of
+    the optimizer itself (Dynamo in torch 2.11 refuses it: "Attempted setattr on a user-defined
+    object that does not have an AttributeMutation mutation_type"; 2.13 drops some of them), while
+    attributes of a plain object it owns are tracked side effects on every torch. So the plan, the
+    last grad norm and the step's counts live here, and the optimizer exposes them as properties.
+    """
+
+    def __init__(self) -> None:
+        self.plan: Optional[Plan] = None
+        self.last_grad_norm: Optional[Tensor] = None
+        self.stats = StepStats()
+
+
 class FusedOptimizer(Optimizer):
     _rule: str = ""
     _supports_sparse = False
@@ -33,8 +49,7 @@ class FusedOptimizer(Optimizer):
 
     def __init__(self, params: Any, defaults: dict, options: FusedOptions) -> None:
         self._options = options
-        self._plan: Optional[Plan] = None
-        self.last_grad_norm: Optional[Tensor] = None
+        self._run = _StepState()
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale and found_inf instead of unscaling (see step()).
         self._step_supports_amp_scaling = True
@@ -60,6 +75,19 @@ class FusedOptimizer(Optimizer):
         """The fastopt extras this optimizer was built with (max_grad_norm, master_weights, ...)."""
         return self._options
 
+    @property
+    def last_grad_norm(self) -> Optional[Tensor]:
+        """The total gradient norm before clipping of the last step (a device tensor; None
+        without ``max_grad_norm``)."""
+        return self._run.last_grad_norm
+
+    @property
+    def step_stats(self) -> StepStats:
+        """How the params of the last step were updated: by compiled kernels (``kernel``, of
+        which ``relaid`` had their grad copied into the param's layout first), by the reference
+        rules (``reference``), or not at all for want of a grad (``skipped``)."""
+        return self._run.stats
+
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else params
@@ -73,14 +101,19 @@ class FusedOptimizer(Optimizer):
         super().add_param_group({**param_group, "params": params})
         for p in self.param_groups[-1]["params"]:
             backends.resolve(self._options.backend, p.device, real_view(p).dtype)  # a clear error now
-        self._plan = None
+        self._run.plan = None
+
+    def __getstate__(self) -> dict:
+        # torch keeps defaults, state and param_groups; the fastopt options go along (the plan
+        # and the step state are rebuilt)
+        return {**super().__getstate__(), "_options": self._options}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        self._plan = None
+        self._run = _StepState()
 
     def _uses_master(self, p: Tensor) -> bool:
         return self._options.master_weights and p.dtype in LOW_PRECISION
@@ -111,18 +144,20 @@ class FusedOptimizer(Optimizer):
     def _state_key(self) -> tuple:
         return tuple(self._state_keys(g) for g in self.param_groups)
 
-    def _bound_plan(self) -> Plan:
-        """The plan, rebuilt if stale, with this step's grads bound (Note [the plan cache])."""
-        plan = self._plan
+    def _bound_plan(self) -> tuple[Plan, StepStats]:
+        """The plan, rebuilt if stale, with this step's grads bound (Note [the plan life cycle])."""
+        plan = self._run.plan
         if plan is not None and plan.still_holds(self._state_key()):
-            if all([b.backend.bind(b) for b in plan.buckets]):  # a list: bind every bucket
-                return plan
-        plan = self._plan = self._build_plan()
+            stats = StepStats()
+            if all(b.backend.bind(b, stats) for b in plan.buckets):
+                return plan, stats
+        plan = self._run.plan = self._build_plan()
+        stats = StepStats()
         for b in plan.buckets:
-            if not b.backend.bind(b):
+            if not b.backend.bind(b, stats):
                 raise RuntimeError(f"fastopt: {type(self).__name__} could not bind the gradients of a "
                                    "fresh plan (a gradient changed during the step?)")
-        return plan
+        return plan, stats
 
     def _build_plan(self) -> Plan:
         buckets: dict[tuple, Bucket] = {}
@@ -189,7 +224,8 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
 
         opts = self._options
-        plan = self._bound_plan()
+        plan, stats = self._bound_plan()
+        stats.reference += len(plan.sparse)
         grad_scale, found_inf = self._amp_tensors()
         if plan.sparse and (grad_scale is not None or found_inf is not None or opts.clips_norm
                             or opts.clip_value is not None):
@@ -206,13 +242,12 @@ class FusedOptimizer(Optimizer):
         if opts.clips_norm:
             if len(plan.buckets) == 1:  # the common case: the backend may fuse norm and coefficient
                 b = plan.buckets[0]
-                self.last_grad_norm, clip_coef = b.backend.norm_and_coef(
-                    b, opts.norm_type, xforms[0], opts.max_grad_norm
-                )
+                norm, clip_coef = b.backend.norm_and_coef(b, opts.norm_type, xforms[0], opts.max_grad_norm)
             else:
                 norms = [b.backend.grad_norm(b, opts.norm_type, x) for b, x in zip(plan.buckets, xforms)]
-                self.last_grad_norm = ref.norm_of_norms(norms, opts.norm_type)
-                clip_coef = ref.clip_coefficient(self.last_grad_norm, opts.max_grad_norm)
+                norm = ref.norm_of_norms(norms, opts.norm_type)
+                clip_coef = ref.clip_coefficient(norm, opts.max_grad_norm)
+            self._run.last_grad_norm = norm
             for b, x in zip(plan.buckets, xforms):
                 x.clip_coef = _on(clip_coef, b.device)
 
@@ -220,6 +255,7 @@ class FusedOptimizer(Optimizer):
             b.backend.step(self._rule, b, [self._hparams(s.group) for s in b.segments], x)
         for p, group in plan.sparse:
             self._sparse_step(p, group)
+        self._run.stats = stats
         return loss
 
     # -- state dict ----------------------------------------------------------------------------
@@ -266,4 +302,4 @@ class FusedOptimizer(Optimizer):
                         state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
             else:
                 state.pop("master_param", None)
-        self._plan = None
+        self._run.plan = None

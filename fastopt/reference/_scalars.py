@@ -21,8 +21,12 @@ def as_scalar(value: Scalar, device: torch.device) -> Tensor:
     its own dtype, because torch.optim computes ``lr / bias_correction`` in the lr tensor's dtype."""
     if isinstance(value, Tensor):
         return value.detach().reshape(()).to(device=device, non_blocking=True)
-    # torch.full launches a fill kernel: no host-to-device copy, no sync.
-    return torch.full((), float(value), dtype=torch.float64, device=device)
+    # No host-to-device copy, no sync. Note [no recompiles for new hyperparameter values]: a
+    # multiplication, not torch.tensor(value) or torch.full (whose fill value Dynamo specializes),
+    # so that under torch.compile a float that changes between steps (an lr driven by a
+    # scheduler) becomes a graph input after one recompile, as in torch.optim, instead of a
+    # constant that Dynamo guards on at every new value.
+    return torch.ones((), dtype=torch.float64, device=device) * value
 
 
 def stacked_steps(steps: list[Tensor]) -> Tensor:

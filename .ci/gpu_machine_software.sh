@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# CI, second environment: the GPU machine's software on a machine without a GPU, installed the way
+# a new user would. torch 2.11.0 as the package index serves it for Linux (the cu130 build, 4.7 GB;
+# it imports without a GPU) and Triton 3.6, in a clean environment (no PIP_FIND_LINKS or other
+# settings of this machine); a fresh clone; the extension built WITH CUDA (TORCH_CUDA_ARCH_LIST=9.0,
+# the toolkit found from nvcc, as setup.py does for everyone) into a wheel; the wheel installed into
+# the venv and the whole suite run against the installed package from outside the source tree.
+#
+# The venv and pip's download cache live under $FASTOPT_CI_CACHE (default ~/.cache/fastopt-ci),
+# outside the source tree, and are reused by later runs on the same machine.
+set -euo pipefail
+src=$(cd "$(dirname "$0")/.." && pwd)
+cache=${FASTOPT_CI_CACHE:-$HOME/.cache/fastopt-ci}
+venv=$cache/venv-torch2.11
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+clean=(env -i HOME="$HOME" PATH="$PATH" LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1)
+
+mkdir -p "$cache"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"${clean[@]}" "$venv/bin/pip" install -q torch==2.11.0 triton==3.6.0 pytest numpy ninja setuptools wheel packaging
+"${clean[@]}" "$venv/bin/python" -c "import torch, triton; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)"
+
+git clone -q "$src" "$work/src"
+cd "$work/src"
+"${clean[@]}" TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=2 FASTOPT_REQUIRE_EXT=1 \
+  "$venv/bin/pip" wheel -q --no-build-isolation --no-deps -w "$work/dist" .
+"$venv/bin/pip" uninstall -q -y fastopt 2>/dev/null || true
+"${clean[@]}" "$venv/bin/pip" install -q --no-deps "$work"/dist/fastopt-*.whl
+cd "$work"  # outside the source tree: `import fastopt` is the installed package
+"${clean[@]}" "$venv/bin/python" -c "
+import fastopt, fastopt.nn, fastopt.triton_kernels
+assert fastopt._ext.has_cuda_ops(), fastopt._ext.load_error
+print('fastopt installed at', fastopt.__file__, '| built with CUDA')"
+"${clean[@]}" FASTOPT_REQUIRE_EXT=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$work/src" \
+  -c "$work/src/pyproject.toml" "$work/src/tests"

@@ -1,0 +1,199 @@
+"""Note [the plan life cycle] (fastopt/_plan.py) as a state machine: build, bind, stale, fall back.
+
+Each test drives an optimizer through user actions and checks, after every step, whether the plan
+was rebuilt or reused, how many params went through the kernels, the fallback or were skipped
+(``step_stats``), and at the end that every param and state tensor is torch.optim's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastopt
+from harness import assert_matches
+from specs import SPEC_BY_NAME, clone_params
+
+PLANNED = ("cpu", "triton", "cuda")
+
+
+def _params(device):
+    """Two groups' worth: a permuted (non-contiguous, dense) param among ordinary ones."""
+    return [
+        torch.nn.Parameter(torch.randn(4, 5, device=device)),
+        torch.nn.Parameter(torch.randn(5, 4, device=device).t()),  # strides (1, 4)
+        torch.nn.Parameter(torch.randn(3, device=device)),
+        torch.nn.Parameter(torch.randn(0, device=device)),
+        torch.nn.Parameter(torch.randn(6, 2, device=device)),
+    ]
+
+
+def _groups(params, lr):
+    return [{"params": params[:3]}, {"params": params[3:], "lr": lr * 3}]
+
+
+class Pair:
+    """fastopt and torch.optim on the same params, stepped with the same grads."""
+
+    def __init__(self, name, backend, device, **config):
+        spec = SPEC_BY_NAME[name]
+        base = _params(device)
+        self.ours, self.theirs = clone_params(base), clone_params(base)
+        self.opt_f = spec.fastopt_cls(_groups(self.ours, spec.lr), backend=backend, lr=spec.lr, **config)
+        self.opt_t = spec.torch_cls(_groups(self.theirs, spec.lr), foreach=False, lr=spec.lr, **config)
+        self.backend = backend
+
+    def grads(self, contiguous=(), absent=()):
+        """Fresh grads as autograd lays them out (like the param), or contiguous for the indices
+        in ``contiguous`` (what ``p.grad = tensor`` gives), or none for ``absent``."""
+        out = []
+        for i, p in enumerate(self.ours):
+            if i in absent:
+                out.append(None)
+            elif i in contiguous:
+                out.append(torch.randn(p.shape, device=p.device))
+            else:
+                out.append(torch.randn_like(p))
+        return out
+
+    def step(self, grads):
+        for params in (self.ours, self.theirs):
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.clone()
+        self.opt_f.step()
+        self.opt_t.step()
+        return self.opt_f._run.plan, self.opt_f.step_stats
+
+    def check(self):
+        assert_matches(self.opt_f, self.opt_t, self.ours, self.theirs, torch.float32)
+
+
+def _on_kernels(backend, stats, n):
+    """All ``n`` params of the step went where this backend sends them: its kernels (planned
+    backends) or the reference rules (backend='reference')."""
+    if backend in PLANNED:
+        assert (stats.kernel, stats.reference) == (n, 0), stats
+    else:
+        assert (stats.kernel, stats.reference) == (0, n), stats
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_two_groups_with_a_contiguous_grad_for_a_permuted_param(name, backend, device):
+    """The first GPU run's failure: every step raised on cpu, cuda and triton. Now the grad is
+    relaid into the param's layout, the kernels update every param and the plan is built once."""
+    pair = Pair(name, backend, device, **({"momentum": 0.5} if name == "RMSprop" else {}))
+    plans = []
+    for _ in range(5):
+        plan, stats = pair.step(pair.grads(contiguous={1}))
+        plans.append(plan)
+        _on_kernels(backend, stats, 5)
+        if backend in PLANNED:
+            assert stats.relaid == 1, stats
+    assert all(p is plans[0] for p in plans), "the plan was rebuilt"
+    pair.check()
+
+
+def test_the_plan_as_a_state_machine(backend, device):
+    """build -> bind (same plan) -> relaid grad (same plan) -> absent grads (same plan, skipped)
+    -> new storage (stale: a compiled plan is rebuilt once) -> bind again (same plan)."""
+    pair = Pair("Adam", backend, device, weight_decay=0.1)
+    plan0, stats = pair.step(pair.grads())  # build
+    _on_kernels(backend, stats, 5)
+
+    plan, stats = pair.step(pair.grads())  # bind
+    assert plan is plan0
+    _on_kernels(backend, stats, 5)
+
+    plan, stats = pair.step(pair.grads(contiguous={1, 4}))  # relaid (index 4 is contiguous already)
+    assert plan is plan0
+    _on_kernels(backend, stats, 5)
+    assert stats.relaid == (1 if backend in PLANNED else 0)
+
+    steps_before = [float(pair.opt_f.state[p]["step"]) for p in pair.ours]
+    values_before = [p.detach().clone() for p in pair.ours]
+    plan, stats = pair.step(pair.grads(absent={0, 3}))  # params without grads are skipped
+    assert plan is plan0
+    _on_kernels(backend, stats, 3)
+    if backend in PLANNED:
+        assert stats.skipped == 2
+    for i in (0, 3):
+        assert float(pair.opt_f.state[pair.ours[i]]["step"]) == steps_before[i]
+        assert torch.equal(pair.ours[i].detach(), values_before[i])
+
+    for params in (pair.ours, pair.theirs):  # new storage: the plan must not write the old one
+        params[2].data = params[2].data.clone()
+    plan1, stats = pair.step(pair.grads())
+    assert (plan1 is not plan0) == (backend in PLANNED)  # the reference reads the tensors as they are
+    _on_kernels(backend, stats, 5)
+
+    plan, stats = pair.step(pair.grads())
+    assert plan is plan1
+    pair.check()
+
+
+def test_a_param_the_kernels_cannot_take_falls_back_alone(backend, device):
+    """A param whose state is laid out unlike it (loaded from a checkpoint of a contiguous copy)
+    takes the fallback path every step; the other params stay on the kernels, and the plan is
+    not rebuilt."""
+    pair = Pair("Adam", backend, device)
+    pair.step(pair.grads())
+    sd = pair.opt_f.state_dict()
+    for key in ("exp_avg", "exp_avg_sq"):  # param 1 is permuted; its state becomes contiguous
+        sd["state"][1][key] = sd["state"][1][key].contiguous()
+    pair.opt_f.load_state_dict(sd)
+    assert pair.opt_f.state[pair.ours[1]]["exp_avg"].is_contiguous()  # unlike the param
+    plans = []
+    for _ in range(4):
+        plan, stats = pair.step(pair.grads())
+        plans.append(plan)
+        if backend == "cpu":  # its fallback is the list op: the same C++ kernels on copies
+            assert (stats.kernel, stats.reference) == (5, 0), stats
+        elif backend in PLANNED:
+            assert (stats.kernel, stats.reference) == (4, 1), stats
+        else:
+            assert (stats.kernel, stats.reference) == (0, 5), stats
+    assert all(p is plans[0] for p in plans)
+    pair.check()
+
+
+@pytest.mark.parametrize("bad", ["dtype", "shape_via_view"])
+def test_a_grad_the_kernels_must_not_read_raises_and_changes_nothing(bad, backend, device):
+    """A grad of another dtype is refused before anything is written (torch.optim raises too)."""
+    pair = Pair("Adam", backend, device)
+    pair.step(pair.grads())
+    before = {id(p): (p.detach().clone(), {k: v.clone() for k, v in pair.opt_f.state[p].items()})
+              for p in pair.ours}
+    grads = pair.grads()
+    for p, g in zip(pair.ours, grads):
+        p.grad = g
+    # torch refuses such grads at assignment (or needs grad_dtype=None); .data gets them past it
+    if bad == "dtype":
+        pair.ours[2].grad.data = pair.ours[2].grad.double()
+        match = "dtype"
+    else:  # the same element count, another shape
+        pair.ours[4].grad.data = torch.randn(3, 4, device=device)
+        match = "shape"
+    with pytest.raises(RuntimeError, match=match):
+        pair.opt_f.step()
+    for p in pair.ours:
+        value, state = before[id(p)]
+        assert torch.equal(p.detach(), value)
+        for k, v in state.items():
+            assert torch.equal(pair.opt_f.state[p][k], v), k
+
+
+def test_grads_appear_vanish_and_return_without_a_rebuild_per_step(backend, device):
+    """A param that alternates between having and not having a grad (a branch used every other
+    step) costs no rebuild once it has been planned."""
+    pair = Pair("RMSprop", backend, device, momentum=0.5, centered=True)
+    plans = []
+    for step in range(8):
+        plan, stats = pair.step(pair.grads(absent={2} if step % 2 else ()))
+        plans.append(plan)
+    assert all(p is plans[0] for p in plans)
+    pair.check()
+
+
+def test_step_stats_of_a_fresh_optimizer_are_zero():
+    opt = fastopt.Adam([torch.nn.Parameter(torch.randn(3))], backend="reference")
+    assert (opt.step_stats.kernel, opt.step_stats.reference, opt.step_stats.skipped) == (0, 0, 0)
