@@ -18,7 +18,7 @@ clean=(env -i HOME="$HOME" PATH="$PATH" LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHE
 
 mkdir -p "$cache"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"${clean[@]}" "$venv/bin/pip" install -q torch==2.11.0 triton==3.6.0 pytest numpy ninja setuptools wheel packaging
+"${clean[@]}" "$venv/bin/pip" install -q torch==2.11.0 triton==3.6.0 pytest pytest-xdist numpy ninja setuptools wheel packaging
 "${clean[@]}" "$venv/bin/python" -c "import torch, triton; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)"
 
 git clone -q "$src" "$work/src"
@@ -32,5 +32,5 @@ cd "$work"  # outside the source tree: `import fastopt` is the installed package
 import fastopt, fastopt.nn, fastopt.triton_kernels
 assert fastopt._ext.has_cuda_ops(), fastopt._ext.load_error
 print('fastopt installed at', fastopt.__file__, '| built with CUDA')"
-"${clean[@]}" FASTOPT_REQUIRE_EXT=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$work/src" \
+"${clean[@]}" FASTOPT_REQUIRE_EXT=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 --rootdir "$work/src" \
   -c "$work/src/pyproject.toml" "$work/src/tests"

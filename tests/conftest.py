@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,6 +61,37 @@ def skip_unsupported(backend: str, dtype: torch.dtype) -> None:
 @pytest.fixture
 def device(backend) -> str:
     return backend_device(backend)
+
+
+_CONFIG = {}
+
+
+def pytest_configure(config):
+    _CONFIG["rootdir"] = str(config.rootpath)
+    _CONFIG["inifile"] = str(config.inipath) if config.inipath else None
+
+
+def isolated(test):
+    """Runs the test in a child pytest process, for error paths that throw through compiled code:
+    if the process dies (a segfault, an abort), this one test fails with the signal's name and the
+    run goes on (the first GPU run lost its whole test run to one such crash)."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        if os.environ.get("FASTOPT_TEST_CHILD") == "1":
+            return test(*args, **kwargs)
+        nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", nodeid]
+        if _CONFIG.get("inifile"):
+            cmd[3:3] = ["-c", _CONFIG["inifile"], "--rootdir", _CONFIG["rootdir"]]
+        result = subprocess.run(cmd, cwd=_CONFIG["rootdir"], env={**os.environ, "FASTOPT_TEST_CHILD": "1"},
+                                capture_output=True, text=True, timeout=600)
+        if result.returncode < 0:
+            pytest.fail(f"the test's process died with {signal.Signals(-result.returncode).name}:\n"
+                        f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        assert result.returncode == 0, f"{result.stdout[-3000:]}{result.stderr[-2000:]}"
+
+    return wrapper
 
 
 @pytest.fixture(autouse=True)

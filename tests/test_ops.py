@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import isolated
 from fastopt import _ext
 from fastopt import reference as ref
 
@@ -42,6 +43,7 @@ def test_multi_tensor_norm_propagates_nonfinite(norm_type):
     assert math.isnan(torch.ops.fastopt.multi_tensor_norm(g, norm_type, None, None).item())
 
 
+@isolated
 def test_multi_tensor_norm_rejects_bad_input():
     with pytest.raises(RuntimeError, match="norm_type must be 2.0 or inf"):
         torch.ops.fastopt.multi_tensor_norm([torch.randn(3)], 1.0, None, None)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastopt
+from conftest import isolated
 from harness import assert_matches
 from specs import SPEC_BY_NAME, clone_params
 
@@ -157,6 +158,7 @@ def test_a_param_the_kernels_cannot_take_falls_back_alone(backend, device):
 
 
 @pytest.mark.parametrize("bad", ["dtype", "shape_via_view"])
+@isolated
 def test_a_grad_the_kernels_must_not_read_raises_and_changes_nothing(bad, backend, device):
     """A grad of another dtype is refused before anything is written (torch.optim raises too)."""
     pair = Pair("Adam", backend, device)

@@ -35,11 +35,19 @@ KERNELS = {
 }
 
 
-def compile_one(fn, constexprs: dict, target: GPUTarget, types: dict = None) -> None:
+# Instructions that must not appear in the PTX of the update kernels (Note [exact math in Triton]):
+# approximate division, square root, exp and reciprocal (`.approx`), and `div.full` (2 ulp).
+INEXACT = (".approx", "div.full")
+
+
+def compile_one(fn, constexprs: dict, target: GPUTarget, types: dict = None):
     signature = {}
+    annotated = {p.name: p.annotation_type for p in fn.params if p.annotation_type}
     for name in fn.arg_names:
         if types and name in types:
             signature[name] = types[name]
+        elif name in annotated:
+            signature[name] = annotated[name]
         elif name in constexprs:
             signature[name] = "constexpr"
         elif name in POINTERS:
@@ -52,7 +60,11 @@ def compile_one(fn, constexprs: dict, target: GPUTarget, types: dict = None) -> 
             signature[name] = "fp32"
     src = ASTSource(fn=fn, signature=signature,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(src, target=target, options={"enable_fp_fusion": False})
+    return triton.compile(src, target=target, options={"enable_fp_fusion": False})
+
+
+def inexact_instructions(ptx: str) -> list[str]:
+    return [line.strip() for line in ptx.splitlines() if any(word in line for word in INEXACT)]
 
 
 def main(arch: int) -> None:
@@ -64,8 +76,11 @@ def main(arch: int) -> None:
         ):
             values = {f: on for f in COMMON_FLAGS + flags}
             values["MASTER"] = on and g_dtype != p_dtype
-            compile_one(fn, {"P_DTYPE": p_dtype, "G_DTYPE": g_dtype, "OUT_DTYPE": g_dtype, "CHUNK": CHUNK,
-                             "BLOCK": BLOCK, **values}, target)
+            kernel = compile_one(fn, {"P_DTYPE": p_dtype, "G_DTYPE": g_dtype, "OUT_DTYPE": g_dtype, "CHUNK": CHUNK,
+                                      "BLOCK": BLOCK, **values}, target)
+            bad = inexact_instructions(kernel.asm["ptx"])
+            if bad:
+                raise SystemExit(f"{fn.__name__} ({values}) has inexact instructions: {bad[:5]}")
             count += 1
     for l2, on in itertools.product((True, False), (True, False)):
         compile_one(norm._norm_kernel, {"G_DTYPE": tl.bfloat16, "L2": l2, "HAS_SCALE": on, "HAS_CLIP": on,
@@ -84,7 +99,8 @@ def main(arch: int) -> None:
         compile_one(bn._bn_relu_pass_kernel, {"MODE": mode, "CHANNELS_LAST": channels_last, "OUT_DTYPE": dtype,
                                               "BLOCK_C": block_c, "BLOCK_J": block_j}, target, types)
         count += 1
-    print(f"compiled {count} kernel specializations for sm_{arch}")
+    print(f"compiled {count} kernel specializations for sm_{arch}; the update kernels' PTX has no "
+          f"{' or '.join(INEXACT)} instruction")
 
 
 if __name__ == "__main__":

@@ -11,17 +11,17 @@ import triton
 import triton.language as tl
 
 from .common import (
-    chunk_bounds, finish_step, grad_scalars, learning_rate, load_f32, load_grad, read_step, skipped,
+    chunk_bounds, finish_step, grad_scalars, lr_over, load_f32, load_grad, read_step, skipped,
     store_param, to_storage, typed_ptr,
 )
-from .launch import launch_args
+from .launch import f32, launch_args
 
 
 @triton.jit
 def _adagrad_kernel(
     tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
     p_ptrs, g_ptrs, sum_ptrs, out_ptrs,
-    lr_ptr, lr, lr_decay, weight_decay, eps,
+    lr_ptr, lr: tl.float64, lr_decay: tl.float64, weight_decay, eps,
     grad_scale_ptr, clip_value, clip_coef_ptr, found_inf_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, L2: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
@@ -31,9 +31,9 @@ def _adagrad_kernel(
     if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
         step_ptr, step = read_step(step_ptrs, t)
-        lr_ = learning_rate(lr_ptr, lr, LR_IS_PTR)
         inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF)
-        neg_clr = -tl.div_rn(lr_, 1.0 + (step - 1.0) * lr_decay)
+        # lr / (1 + (t - 1) * lr_decay) in float64, rounded once (Note [scalars in float64])
+        neg_clr = (-lr_over(lr_ptr, lr, 1.0 + (step.to(tl.float64) - 1.0) * lr_decay, LR_IS_PTR)).to(tl.float32)
         p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
         g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
         s_ptr = typed_ptr(sum_ptrs, t, P_DTYPE)
@@ -44,7 +44,7 @@ def _adagrad_kernel(
             s = load_f32(s_ptr, idx, mask)
             g = load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HAS_SCALE, HAS_CLIP,
                           HAS_COEF, MAXIMIZE, L2)
-            s = s + g * g
+            s = tl.fma(g, g, s)  # state_sum.addcmul_(grad, grad, value=1)
             p = p + tl.div_rn(neg_clr * g, tl.sqrt_rn(s) + eps)
             tl.store(s_ptr + idx, to_storage(s, P_DTYPE), mask=mask)
             store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
@@ -59,6 +59,6 @@ def adagrad_step(plan, *, lr, lr_decay: float, weight_decay: float, eps: float, 
     args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize)
     _adagrad_kernel[(plan.n_chunks,)](
         *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["state_sums"],
-        plan.ptrs["params_out"], *args["lr"], lr_decay, weight_decay, eps, *args["grad"],
+        plan.ptrs["params_out"], *args["lr"], float(lr_decay), f32(weight_decay), f32(eps), *args["grad"],
         L2=weight_decay != 0, **meta,
     )

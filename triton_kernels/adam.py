@@ -15,17 +15,18 @@ import triton
 import triton.language as tl
 
 from .common import (
-    chunk_bounds, finish_step, grad_scalars, learning_rate, lerp, load_f32, load_grad, one_minus_pow,
-    read_step, skipped, store_param, to_storage, typed_ptr,
+    addcmul_sq, chunk_bounds, decoupled_decay, finish_step, grad_scalars, lerp, load_f32, load_grad, lr_over,
+    one_minus_pow, read_step, skipped, store_param, to_storage, typed_ptr,
 )
-from .launch import launch_args
+from .launch import f32, launch_args
 
 
 @triton.jit
 def _adam_kernel(
     tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
     p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, out_ptrs,
-    lr_ptr, lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay,
+    lr_ptr, lr: tl.float64, lerp_w, lerp_w_c, beta2, one_minus_beta2, log_beta1: tl.float64,
+    log_beta2: tl.float64, eps, weight_decay, decay,
     grad_scale_ptr, clip_value, clip_coef_ptr, found_inf_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, L2: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
@@ -35,11 +36,11 @@ def _adam_kernel(
     if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
         step_ptr, step = read_step(step_ptrs, t)
-        lr_ = learning_rate(lr_ptr, lr, LR_IS_PTR)
         inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF)
-        neg_step_size = -lr_ / one_minus_pow(log_beta1, step)
-        bc2_sqrt = tl.sqrt_rn(one_minus_pow(log_beta2, step))
-        decay = 1.0 - lr_ * weight_decay
+        neg_step_size = (-lr_over(lr_ptr, lr, one_minus_pow(log_beta1, step), LR_IS_PTR)).to(tl.float32)
+        bc2_sqrt = tl.sqrt(one_minus_pow(log_beta2, step)).to(tl.float32)  # float64: IEEE sqrt.rn.f64
+        if DECOUPLED:
+            decay_ = decoupled_decay(lr_ptr, decay, weight_decay, LR_IS_PTR)
         p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
         g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
         m_ptr = typed_ptr(m_ptrs, t, P_DTYPE)
@@ -53,9 +54,9 @@ def _adam_kernel(
             g = load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HAS_SCALE, HAS_CLIP,
                           HAS_COEF, MAXIMIZE, L2)
             if DECOUPLED:
-                p = p * decay
-            m = lerp(m, g, 1.0 - beta1)
-            v = v * beta2 + (1.0 - beta2) * g * g
+                p = p * decay_
+            m = lerp(m, g, lerp_w, lerp_w_c)
+            v = addcmul_sq(v, beta2, g, one_minus_beta2)
             vv = v
             if AMSGRAD:
                 vmax_ptr = typed_ptr(vmax_ptrs, t, P_DTYPE)
@@ -83,8 +84,9 @@ def adam_step(plan, *, lr, beta1: float, beta2: float, eps: float, weight_decay:
         *args["tables"],
         plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["exp_avgs"], plan.ptrs["exp_avg_sqs"],
         plan.ptrs["max_exp_avg_sqs"], plan.ptrs["params_out"],
-        *args["lr"], beta1, beta2, math.log(beta1) if beta1 > 0 else -math.inf,
-        math.log(beta2) if beta2 > 0 else -math.inf, eps, weight_decay,
+        *args["lr"], f32(1.0 - beta1), f32(1.0 - f32(1.0 - beta1)), f32(beta2), f32(1.0 - beta2),
+        math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf, f32(eps),
+        f32(weight_decay), f32(1.0 - float(lr) * weight_decay if not args["lr_is_ptr"] else 1.0),
         *args["grad"],
         L2=weight_decay != 0 and not decoupled_weight_decay,
         DECOUPLED=weight_decay != 0 and decoupled_weight_decay,

@@ -3,7 +3,18 @@ read from device memory, gradient preparation and the step-count protocol.
 
 Note [exact math in Triton]: the update kernels use ``tl.sqrt_rn`` and ``tl.div_rn`` (IEEE
 round-to-nearest, as torch's CUDA kernels do), not the approximate ``tl.sqrt`` and ``/``, and
-follow the order of operations of ``csrc/include/fastopt/update_math.h``.
+follow torch.optim's order of operations (foreach=False on CUDA):
+
+* what torch computes as Python floats (``1 - beta1``, ``1 - beta2``, ``1 - alpha``, a float
+  lr's ``1 - lr * weight_decay``) is computed on the host in float64 and passed in; the per-step
+  scalars (``lr / (1 - beta1^t)``, ``sqrt(1 - beta2^t)``, Adagrad's ``lr / (1 + (t - 1) *
+  lr_decay)``) are computed per program in float64 from the step count (Note [scalars in
+  float64]) and rounded once, from float64 arguments (``tl.float64`` annotations);
+* a multiply-add that torch's CUDA kernels fuse (``grad.add(param, alpha=wd)``, ``addcmul``,
+  ``lerp``) is an explicit ``tl.fma``; nothing else is contracted (Note [no FMA contraction]);
+* float32 arguments reach a GPU kernel rounded to float32, while Triton's interpreter keeps a
+  Python float in float64: ``launch.f32`` rounds them on the host under the interpreter too, and
+  no kernel combines two scalar arguments, so the interpreter computes what a GPU does.
 """
 
 from __future__ import annotations
@@ -46,10 +57,34 @@ def skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF: tl.constexpr)
 
 
 @triton.jit
-def learning_rate(lr_ptr, lr, LR_IS_PTR: tl.constexpr):
+def lr_over(lr_ptr, lr, x, LR_IS_PTR: tl.constexpr):
+    """``lr / x`` (x float64) with torch.optim's arithmetic: in float64 for a float lr (``lr`` is a
+    float64 argument); in the tensor's dtype for a tensor lr (read through ``lr_ptr``). Float64."""
     if LR_IS_PTR:
-        return tl.load(lr_ptr).to(tl.float32)
-    return lr
+        lr_t = tl.load(lr_ptr)
+        if lr_t.dtype == tl.float64:
+            return lr_t / x  # float64 division is IEEE (div.rn.f64)
+        else:
+            return tl.div_rn(lr_t.to(tl.float32), x.to(tl.float32)).to(tl.float64)
+    return lr / x
+
+
+@triton.jit
+def neg_lr(lr_ptr, lr, LR_IS_PTR: tl.constexpr):
+    """-lr in float32 (a float lr rounded once from its float64 argument)."""
+    if LR_IS_PTR:
+        return -tl.load(lr_ptr).to(tl.float32)
+    return -((lr + tl.zeros([], tl.float64)).to(tl.float32))  # (a tensor, also in the interpreter)
+
+
+@triton.jit
+def decoupled_decay(lr_ptr, decay, weight_decay, LR_IS_PTR: tl.constexpr):
+    """``1 - lr * weight_decay``: computed on the host (``decay``) for a float lr, as torch does in
+    Python; in the lr tensor's dtype for a tensor lr."""
+    if LR_IS_PTR:
+        lr_t = tl.load(lr_ptr)
+        return (1.0 - lr_t * weight_decay).to(tl.float32)
+    return decay
 
 
 @triton.jit
@@ -83,20 +118,26 @@ def prepare_grad(g, inv_scale, clip_value, coef, HAS_SCALE: tl.constexpr, HAS_CL
 
 
 @triton.jit
-def lerp(start, end, weight):
-    """torch.lerp's formula (two branches on the weight)."""
+def lerp(start, end, weight, one_minus_weight):
+    """torch.lerp with a scalar weight (its two branches, each a fused multiply-add as in torch's
+    CUDA kernel); ``one_minus_weight`` is ``1 - weight`` as torch's kernel computes it in float32
+    (from the host: f32(1 - f32(weight)))."""
     diff = end - start
-    return tl.where(weight < 0.5, start + weight * diff, end - diff * (1.0 - weight))
+    return tl.where(weight < 0.5, tl.fma(diff, weight, start), tl.fma(-diff, one_minus_weight, end))
+
+
+@triton.jit
+def addcmul_sq(v, beta, g, one_minus_beta):
+    """``v.mul_(beta).addcmul_(g, g, value=1 - beta)`` as torch runs it: a rounded product, then
+    one fused multiply-add."""
+    return tl.fma(one_minus_beta * g, g, v * beta)
 
 
 @triton.jit
 def one_minus_pow(log_beta, step):
-    """1 - beta**step from log(beta), accurate to a few fp32 ulps also when beta**step is close to
-    1 (where 1 - exp(x) would cancel): a Taylor series of -expm1(x) for |x| < 0.5."""
-    x = step * log_beta
-    series = x * (1.0 + x / 2.0 * (1.0 + x / 3.0 * (1.0 + x / 4.0 * (1.0 + x / 5.0 * (
-        1.0 + x / 6.0 * (1.0 + x / 7.0 * (1.0 + x / 8.0 * (1.0 + x / 9.0))))))))
-    return tl.where(x > -0.5, -series, 1.0 - tl.exp(x))
+    """1 - beta**step in float64 from log(beta) (a float64 argument) and the float32 step count;
+    exact to ~1e-16 relative, rounded by the caller once (Note [scalars in float64])."""
+    return 1.0 - tl.exp(step.to(tl.float64) * log_beta)
 
 
 @triton.jit
@@ -147,7 +188,7 @@ def load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HA
     g = prepare_grad(load_f32(g_ptr, idx, mask), inv_scale, clip_value, coef, HAS_SCALE, HAS_CLIP, HAS_COEF,
                      MAXIMIZE)
     if L2:
-        g = g + weight_decay * p
+        g = tl.fma(p, weight_decay, g)  # grad.add(param, alpha=weight_decay): one fused multiply-add
     return g
 
 

@@ -3,6 +3,7 @@ the constexpr specialization (dtypes and flags)."""
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -22,6 +23,17 @@ def tl_dtype(dtype: Optional[torch.dtype]):
     return TL_DTYPES[dtype]
 
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def f32(x: float) -> float:
+    """A float32 kernel argument as the kernel sees it (Note [exact math in Triton], common.py): a
+    GPU launch rounds it to float32; Triton's interpreter would keep the float64, so it is rounded
+    here. Unchanged on a GPU (the launch rounds it the same way)."""
+    x = float(x)
+    return torch.tensor(x, dtype=torch.float32).item() if _INTERPRETED else x
+
+
 def _device_scalar(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return None if t is None else t.to(device, non_blocking=True)
 
@@ -34,7 +46,7 @@ def launch_args(plan, lr: Union[float, Tensor], grad_scale: Optional[Tensor], cl
         lr_args, lr_is_ptr = (lr, 0.0), True  # read on the device each launch: CUDA-graph safe
     else:
         # a Python float, or a CPU tensor for device params (reading it is no device sync)
-        lr_args, lr_is_ptr = (dummy, float(lr)), False
+        lr_args, lr_is_ptr = (dummy, float(lr)), False  # a float64 argument (tl.float64)
     grad_scale = _device_scalar(grad_scale, dev)
     clip_coef = _device_scalar(clip_coef, dev)
     found_inf = _device_scalar(found_inf, dev)
@@ -42,7 +54,8 @@ def launch_args(plan, lr: Union[float, Tensor], grad_scale: Optional[Tensor], cl
         "tables": (plan.tensor_of_chunk, plan.start_of_chunk, plan.numels, plan.chunks_of_tensor, plan.done,
                    plan.step_ptrs),
         "lr": lr_args,
-        "grad": (dummy if grad_scale is None else grad_scale, 0.0 if clip_value is None else float(clip_value),
+        "lr_is_ptr": lr_is_ptr,
+        "grad": (dummy if grad_scale is None else grad_scale, 0.0 if clip_value is None else f32(clip_value),
                  dummy if clip_coef is None else clip_coef, dummy if found_inf is None else found_inf),
     }
     meta = {

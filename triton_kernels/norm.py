@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import chunk_bounds, grad_scalars, has_grad, prepare_grad, typed_ptr
-from .launch import tl_dtype
+from .launch import f32, tl_dtype
 from .multi_tensor import BLOCK, CHUNK
 
 RBLOCK = 1024  # partials reduced per iteration by the last program
@@ -73,7 +73,8 @@ def _norm_kernel(
             norm = tl.max(total, axis=0) + tl.sum(carry, axis=0)
         tl.store(out, norm)
         if WRITE_COEF:
-            coef = tl.minimum(tl.div_rn(max_norm, norm + 1e-6), 1.0, propagate_nan=tl.PropagateNan.ALL)
+            # torch: max_norm / (norm + 1e-6) is Tensor.__rtruediv__, reciprocal() * max_norm
+            coef = tl.minimum(tl.div_rn(1.0, norm + 1e-6) * max_norm, 1.0, propagate_nan=tl.PropagateNan.ALL)
             tl.store(out + 1, coef)
         tl.store(counter, 0)
 
@@ -91,7 +92,7 @@ def grad_norm(plan, norm_type: float, *, grad_scale: Optional[Tensor] = None, cl
     _norm_kernel[(plan.n_chunks,)](
         plan.tensor_of_chunk, plan.start_of_chunk, plan.numels, plan.ptrs[plan.grad_slot], plan.partials,
         plan.norm_counter, out, plan.n_chunks, plan.done if grad_scale is None else grad_scale,
-        0.0 if clip_value is None else float(clip_value), 0.0 if max_norm is None else float(max_norm),
+        0.0 if clip_value is None else f32(clip_value), 0.0 if max_norm is None else f32(max_norm),
         G_DTYPE=tl_dtype(plan.dtypes[plan.grad_slot]), L2=norm_type == 2.0, HAS_SCALE=grad_scale is not None,
         HAS_CLIP=clip_value is not None, WRITE_COEF=max_norm is not None, CHUNK=CHUNK, BLOCK=BLOCK,
         RBLOCK=RBLOCK, enable_fp_fusion=False,  # Note [no FMA contraction]

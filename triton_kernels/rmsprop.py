@@ -13,17 +13,17 @@ import triton
 import triton.language as tl
 
 from .common import (
-    chunk_bounds, finish_step, grad_scalars, learning_rate, lerp, load_f32, load_grad, read_step, skipped,
+    chunk_bounds, finish_step, grad_scalars, addcmul_sq, lerp, load_f32, load_grad, neg_lr, read_step, skipped,
     store_param, to_storage, typed_ptr,
 )
-from .launch import launch_args
+from .launch import f32, launch_args
 
 
 @triton.jit
 def _rmsprop_kernel(
     tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
     p_ptrs, g_ptrs, v_ptrs, ga_ptrs, buf_ptrs, out_ptrs,
-    lr_ptr, lr, alpha, eps, weight_decay, momentum,
+    lr_ptr, lr: tl.float64, alpha, one_minus_alpha, lerp_w_c, eps, weight_decay, momentum,
     grad_scale_ptr, clip_value, clip_coef_ptr, found_inf_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, L2: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
@@ -33,7 +33,7 @@ def _rmsprop_kernel(
     if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
         step_ptr, step = read_step(step_ptrs, t)  # RMSprop keeps the count (as torch) but does not use it
-        neg_lr = -learning_rate(lr_ptr, lr, LR_IS_PTR)
+        neg_lr_ = neg_lr(lr_ptr, lr, LR_IS_PTR)
         inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF)
         p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
         g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
@@ -45,13 +45,13 @@ def _rmsprop_kernel(
             v = load_f32(v_ptr, idx, mask)
             g = load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HAS_SCALE, HAS_CLIP,
                           HAS_COEF, MAXIMIZE, L2)
-            v = v * alpha + (1.0 - alpha) * g * g
+            v = addcmul_sq(v, alpha, g, one_minus_alpha)
             if CENTERED:
                 ga_ptr = typed_ptr(ga_ptrs, t, P_DTYPE)
                 ga = load_f32(ga_ptr, idx, mask)
-                ga = lerp(ga, g, 1.0 - alpha)
+                ga = lerp(ga, g, one_minus_alpha, lerp_w_c)
                 tl.store(ga_ptr + idx, to_storage(ga, P_DTYPE), mask=mask)
-                avg = tl.sqrt_rn(v + -1.0 * ga * ga)
+                avg = tl.sqrt_rn(tl.fma(-ga, ga, v))  # square_avg.addcmul(grad_avg, grad_avg, value=-1)
             else:
                 avg = tl.sqrt_rn(v)
             avg = avg + eps
@@ -60,9 +60,9 @@ def _rmsprop_kernel(
                 buf = load_f32(buf_ptr, idx, mask)
                 buf = buf * momentum + tl.div_rn(g, avg)
                 tl.store(buf_ptr + idx, to_storage(buf, P_DTYPE), mask=mask)
-                p = p + neg_lr * buf
+                p = tl.fma(buf, neg_lr_, p)  # param.add_(buf, alpha=-lr)
             else:
-                p = p + tl.div_rn(neg_lr * g, avg)
+                p = p + tl.div_rn(neg_lr_ * g, avg)
             tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
             store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
@@ -78,6 +78,7 @@ def rmsprop_step(plan, *, lr, alpha: float, eps: float, weight_decay: float, mom
     _rmsprop_kernel[(plan.n_chunks,)](
         *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["square_avgs"],
         plan.ptrs["grad_avgs"], plan.ptrs["momentum_buffers"], plan.ptrs["params_out"],
-        *args["lr"], alpha, eps, weight_decay, momentum, *args["grad"],
+        *args["lr"], f32(alpha), f32(1.0 - alpha), f32(1.0 - f32(1.0 - alpha)), f32(eps), f32(weight_decay),
+        f32(momentum), *args["grad"],
         L2=weight_decay != 0, CENTERED=centered, MOMENTUM=momentum > 0, **meta,
     )

@@ -96,8 +96,9 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(Tables tb, NormParams pr
     const T norm = static_cast<T>(kL2 ? sqrt(total) : total);
     out[0] = norm;
     if (prm.write_coef) {
-      // torch: clamp(max_norm / (norm + 1e-6), max=1) in the norm's dtype; NaN stays NaN
-      const T q = static_cast<T>(prm.max_norm) / (norm + static_cast<T>(1e-6));
+      // torch: clamp(max_norm / (norm + 1e-6), max=1) in the norm's dtype, where the division is
+      // Tensor.__rtruediv__: reciprocal() * max_norm (two roundings); NaN stays NaN
+      const T q = (T(1) / (norm + static_cast<T>(1e-6))) * static_cast<T>(prm.max_norm);
       out[1] = q > T(1) ? T(1) : q;
     }
     *prm.counter = 0;
