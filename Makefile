@@ -27,7 +27,7 @@ $(PY):
 
 deps: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	@for mod in pytest numpy ninja setuptools wheel packaging; do \
+	@for mod in pytest numpy ninja setuptools wheel packaging expecttest; do \
 	  $(PY) -c "import $$mod" 2>/dev/null || missing="$$missing $$mod"; \
 	done; \
 	if [ -n "$$missing" ]; then $(PY) -m pip install -q $$missing; fi

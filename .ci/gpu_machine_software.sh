@@ -18,7 +18,7 @@ clean=(env -i HOME="$HOME" PATH="$PATH" LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHE
 
 mkdir -p "$cache"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"${clean[@]}" "$venv/bin/pip" install -q torch==2.11.0 triton==3.6.0 pytest pytest-xdist numpy ninja setuptools wheel packaging
+"${clean[@]}" "$venv/bin/pip" install -q torch==2.11.0 triton==3.6.0 pytest pytest-xdist numpy ninja setuptools wheel packaging expecttest
 "${clean[@]}" "$venv/bin/python" -c "import torch, triton; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)"
 
 git clone -q "$src" "$work/src"

@@ -72,20 +72,24 @@ def main(arch: int) -> None:
     count = 0
     for fn, flags in KERNELS.items():
         for on, (p_dtype, g_dtype) in itertools.product(
-            (True, False), ((tl.float32, tl.float32), (tl.float32, tl.bfloat16), (tl.float16, tl.float16))
+            (True, False), ((tl.float32, tl.float32), (tl.float32, tl.bfloat16), (tl.float16, tl.float16),
+                            (tl.float64, tl.float64))
         ):
             values = {f: on for f in COMMON_FLAGS + flags}
             values["MASTER"] = on and g_dtype != p_dtype
-            kernel = compile_one(fn, {"P_DTYPE": p_dtype, "G_DTYPE": g_dtype, "OUT_DTYPE": g_dtype, "CHUNK": CHUNK,
-                                      "BLOCK": BLOCK, **values}, target)
+            compute = tl.float64 if p_dtype == tl.float64 else tl.float32
+            kernel = compile_one(fn, {"COMPUTE": compute, "P_DTYPE": p_dtype, "G_DTYPE": g_dtype, "OUT_DTYPE": g_dtype,
+                                      "CHUNK": CHUNK, "BLOCK": BLOCK, **values}, target)
             bad = inexact_instructions(kernel.asm["ptx"])
             if bad:
                 raise SystemExit(f"{fn.__name__} ({values}) has inexact instructions: {bad[:5]}")
             count += 1
-    for l2, on in itertools.product((True, False), (True, False)):
-        compile_one(norm._norm_kernel, {"G_DTYPE": tl.bfloat16, "L2": l2, "HAS_SCALE": on, "HAS_CLIP": on,
+    for l2, on, (g_dtype, acc, acc_ptr) in itertools.product(
+        (True, False), (True, False), ((tl.bfloat16, tl.float32, "*fp32"), (tl.float64, tl.float64, "*fp64"))
+    ):
+        compile_one(norm._norm_kernel, {"ACC": acc, "G_DTYPE": g_dtype, "L2": l2, "HAS_SCALE": on, "HAS_CLIP": on,
                                         "WRITE_COEF": on, "CHUNK": CHUNK, "BLOCK": BLOCK, "RBLOCK": norm.RBLOCK},
-                    target)
+                    target, {"partials": acc_ptr, "out": acc_ptr})
         count += 1
     bn = batch_norm_relu
     vectors = ("part_ptr", "va_ptr", "vb_ptr", "vm_ptr", "kg_ptr", "kc_ptr", "k0_ptr")

@@ -11,19 +11,19 @@ import triton
 import triton.language as tl
 
 from .common import (
-    chunk_bounds, finish_step, grad_scalars, lr_over, load_f32, load_grad, read_step, skipped,
+    chunk_bounds, div, finish_step, grad_scalars, load_as, load_grad, lr_over, read_step, scalar, skipped, sqrt,
     store_param, to_storage, typed_ptr,
 )
-from .launch import f32, launch_args
+from .launch import launch_args
 
 
 @triton.jit
 def _adagrad_kernel(
     tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
     p_ptrs, g_ptrs, sum_ptrs, out_ptrs,
-    lr_ptr, lr: tl.float64, lr_decay: tl.float64, weight_decay, eps,
-    grad_scale_ptr, clip_value, clip_coef_ptr, found_inf_ptr,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    lr_ptr, lr: tl.float64, lr_decay: tl.float64, weight_decay: tl.float64, eps: tl.float64,
+    grad_scale_ptr, clip_value: tl.float64, clip_coef_ptr, found_inf_ptr,
+    COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, L2: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -31,21 +31,22 @@ def _adagrad_kernel(
     if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
         step_ptr, step = read_step(step_ptrs, t)
-        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF)
+        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
         # lr / (1 + (t - 1) * lr_decay) in float64, rounded once (Note [scalars in float64])
-        neg_clr = (-lr_over(lr_ptr, lr, 1.0 + (step.to(tl.float64) - 1.0) * lr_decay, LR_IS_PTR)).to(tl.float32)
+        neg_clr = (-lr_over(lr_ptr, lr, 1.0 + (step.to(tl.float64) - 1.0) * lr_decay, LR_IS_PTR)).to(COMPUTE)
+        eps_, wd, clip = scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), scalar(clip_value, COMPUTE)
         p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
         g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
         s_ptr = typed_ptr(sum_ptrs, t, P_DTYPE)
         for off in tl.range(0, end - start, BLOCK):
             idx = start + off + tl.arange(0, BLOCK)
             mask = idx < end
-            p = load_f32(p_ptr, idx, mask)
-            s = load_f32(s_ptr, idx, mask)
-            g = load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HAS_SCALE, HAS_CLIP,
-                          HAS_COEF, MAXIMIZE, L2)
+            p = load_as(p_ptr, idx, mask, COMPUTE)
+            s = load_as(s_ptr, idx, mask, COMPUTE)
+            g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
+                          L2, COMPUTE)
             s = tl.fma(g, g, s)  # state_sum.addcmul_(grad, grad, value=1)
-            p = p + tl.div_rn(neg_clr * g, tl.sqrt_rn(s) + eps)
+            p = p + div(neg_clr * g, sqrt(s) + eps_)
             tl.store(s_ptr + idx, to_storage(s, P_DTYPE), mask=mask)
             store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
@@ -59,6 +60,6 @@ def adagrad_step(plan, *, lr, lr_decay: float, weight_decay: float, eps: float, 
     args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize)
     _adagrad_kernel[(plan.n_chunks,)](
         *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["state_sums"],
-        plan.ptrs["params_out"], *args["lr"], float(lr_decay), f32(weight_decay), f32(eps), *args["grad"],
+        plan.ptrs["params_out"], *args["lr"], lr_decay, weight_decay, eps, *args["grad"],
         L2=weight_decay != 0, **meta,
     )

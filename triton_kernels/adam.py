@@ -15,20 +15,20 @@ import triton
 import triton.language as tl
 
 from .common import (
-    addcmul_sq, chunk_bounds, decoupled_decay, finish_step, grad_scalars, lerp, load_f32, load_grad, lr_over,
-    one_minus_pow, read_step, skipped, store_param, to_storage, typed_ptr,
+    addcmul_sq, chunk_bounds, decoupled_decay, div, finish_step, grad_scalars, lerp, load_as, load_grad, lr_over,
+    one_minus_pow, read_step, scalar, skipped, sqrt, store_param, to_storage, typed_ptr,
 )
-from .launch import f32, launch_args
+from .launch import launch_args
 
 
 @triton.jit
 def _adam_kernel(
     tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
     p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, out_ptrs,
-    lr_ptr, lr: tl.float64, lerp_w, lerp_w_c, beta2, one_minus_beta2, log_beta1: tl.float64,
-    log_beta2: tl.float64, eps, weight_decay, decay,
-    grad_scale_ptr, clip_value, clip_coef_ptr, found_inf_ptr,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    lr_ptr, lr: tl.float64, lerp_weight: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
+    log_beta1: tl.float64, log_beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64, decay: tl.float64,
+    grad_scale_ptr, clip_value: tl.float64, clip_coef_ptr, found_inf_ptr,
+    COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, L2: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -36,11 +36,13 @@ def _adam_kernel(
     if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
         step_ptr, step = read_step(step_ptrs, t)
-        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF)
-        neg_step_size = (-lr_over(lr_ptr, lr, one_minus_pow(log_beta1, step), LR_IS_PTR)).to(tl.float32)
-        bc2_sqrt = tl.sqrt(one_minus_pow(log_beta2, step)).to(tl.float32)  # float64: IEEE sqrt.rn.f64
+        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
+        neg_step_size = (-lr_over(lr_ptr, lr, one_minus_pow(log_beta1, step), LR_IS_PTR)).to(COMPUTE)
+        bc2_sqrt = sqrt(one_minus_pow(log_beta2, step)).to(COMPUTE)
+        lerp_w, beta2_, omb2 = scalar(lerp_weight, COMPUTE), scalar(beta2, COMPUTE), scalar(one_minus_beta2, COMPUTE)
+        eps_, wd, clip = scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), scalar(clip_value, COMPUTE)
         if DECOUPLED:
-            decay_ = decoupled_decay(lr_ptr, decay, weight_decay, LR_IS_PTR)
+            decay_ = decoupled_decay(lr_ptr, decay, weight_decay, LR_IS_PTR, COMPUTE)
         p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
         g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
         m_ptr = typed_ptr(m_ptrs, t, P_DTYPE)
@@ -48,24 +50,24 @@ def _adam_kernel(
         for off in tl.range(0, end - start, BLOCK):
             idx = start + off + tl.arange(0, BLOCK)
             mask = idx < end
-            p = load_f32(p_ptr, idx, mask)
-            m = load_f32(m_ptr, idx, mask)
-            v = load_f32(v_ptr, idx, mask)
-            g = load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HAS_SCALE, HAS_CLIP,
-                          HAS_COEF, MAXIMIZE, L2)
+            p = load_as(p_ptr, idx, mask, COMPUTE)
+            m = load_as(m_ptr, idx, mask, COMPUTE)
+            v = load_as(v_ptr, idx, mask, COMPUTE)
+            g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
+                          L2, COMPUTE)
             if DECOUPLED:
                 p = p * decay_
-            m = lerp(m, g, lerp_w, lerp_w_c)
-            v = addcmul_sq(v, beta2, g, one_minus_beta2)
+            m = lerp(m, g, lerp_w)
+            v = addcmul_sq(v, beta2_, g, omb2)
             vv = v
             if AMSGRAD:
                 vmax_ptr = typed_ptr(vmax_ptrs, t, P_DTYPE)
-                vmax = load_f32(vmax_ptr, idx, mask)
+                vmax = load_as(vmax_ptr, idx, mask, COMPUTE)
                 vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
                 tl.store(vmax_ptr + idx, to_storage(vmax, P_DTYPE), mask=mask)
                 vv = vmax
-            denom = tl.div_rn(tl.sqrt_rn(vv), bc2_sqrt) + eps
-            p = p + tl.div_rn(neg_step_size * m, denom)
+            denom = div(sqrt(vv), bc2_sqrt) + eps_
+            p = p + div(neg_step_size * m, denom)
             tl.store(m_ptr + idx, to_storage(m, P_DTYPE), mask=mask)
             tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
             store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
@@ -84,10 +86,9 @@ def adam_step(plan, *, lr, beta1: float, beta2: float, eps: float, weight_decay:
         *args["tables"],
         plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["exp_avgs"], plan.ptrs["exp_avg_sqs"],
         plan.ptrs["max_exp_avg_sqs"], plan.ptrs["params_out"],
-        *args["lr"], f32(1.0 - beta1), f32(1.0 - f32(1.0 - beta1)), f32(beta2), f32(1.0 - beta2),
-        math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf, f32(eps),
-        f32(weight_decay), f32(1.0 - float(lr) * weight_decay if not args["lr_is_ptr"] else 1.0),
-        *args["grad"],
+        *args["lr"], 1.0 - beta1, beta2, 1.0 - beta2, math.log(beta1) if beta1 > 0 else -math.inf,
+        math.log(beta2) if beta2 > 0 else -math.inf, eps, weight_decay,
+        1.0 if args["lr_is_ptr"] else 1.0 - float(lr) * weight_decay, *args["grad"],
         L2=weight_decay != 0 and not decoupled_weight_decay,
         DECOUPLED=weight_decay != 0 and decoupled_weight_decay,
         AMSGRAD=amsgrad, **meta,

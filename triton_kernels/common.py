@@ -12,9 +12,10 @@ follow torch.optim's order of operations (foreach=False on CUDA):
   float64]) and rounded once, from float64 arguments (``tl.float64`` annotations);
 * a multiply-add that torch's CUDA kernels fuse (``grad.add(param, alpha=wd)``, ``addcmul``,
   ``lerp``) is an explicit ``tl.fma``; nothing else is contracted (Note [no FMA contraction]);
-* float32 arguments reach a GPU kernel rounded to float32, while Triton's interpreter keeps a
-  Python float in float64: ``launch.f32`` rounds them on the host under the interpreter too, and
-  no kernel combines two scalar arguments, so the interpreter computes what a GPU does.
+* every float argument is passed as float64 (``tl.float64`` annotations) and rounded once to the
+  compute dtype on the device (``scalar``): a GPU would otherwise round a Python float to float32
+  at the launch while Triton's interpreter keeps it in float64, so the interpreter would not see
+  what a GPU computes. The compute dtype (``COMPUTE``) is float32, float64 for float64 params.
 """
 
 from __future__ import annotations
@@ -62,41 +63,63 @@ def lr_over(lr_ptr, lr, x, LR_IS_PTR: tl.constexpr):
     float64 argument); in the tensor's dtype for a tensor lr (read through ``lr_ptr``). Float64."""
     if LR_IS_PTR:
         lr_t = tl.load(lr_ptr)
-        if lr_t.dtype == tl.float64:
-            return lr_t / x  # float64 division is IEEE (div.rn.f64)
-        else:
-            return tl.div_rn(lr_t.to(tl.float32), x.to(tl.float32)).to(tl.float64)
+        return div(lr_t, x.to(lr_t.dtype)).to(tl.float64)
     return lr / x
 
 
 @triton.jit
-def neg_lr(lr_ptr, lr, LR_IS_PTR: tl.constexpr):
-    """-lr in float32 (a float lr rounded once from its float64 argument)."""
+def neg_lr(lr_ptr, lr, LR_IS_PTR: tl.constexpr, COMPUTE: tl.constexpr):
+    """-lr in the compute dtype (a float lr rounded once from its float64 argument)."""
     if LR_IS_PTR:
-        return -tl.load(lr_ptr).to(tl.float32)
-    return -((lr + tl.zeros([], tl.float64)).to(tl.float32))  # (a tensor, also in the interpreter)
+        return -tl.load(lr_ptr).to(COMPUTE)
+    return -scalar(lr, COMPUTE)
 
 
 @triton.jit
-def decoupled_decay(lr_ptr, decay, weight_decay, LR_IS_PTR: tl.constexpr):
+def decoupled_decay(lr_ptr, decay, weight_decay, LR_IS_PTR: tl.constexpr, COMPUTE: tl.constexpr):
     """``1 - lr * weight_decay``: computed on the host (``decay``) for a float lr, as torch does in
     Python; in the lr tensor's dtype for a tensor lr."""
     if LR_IS_PTR:
         lr_t = tl.load(lr_ptr)
-        return (1.0 - lr_t * weight_decay).to(tl.float32)
-    return decay
+        return (1.0 - lr_t * scalar(weight_decay, lr_t.dtype)).to(COMPUTE)
+    return scalar(decay, COMPUTE)
 
 
 @triton.jit
-def grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE: tl.constexpr, HAS_COEF: tl.constexpr):
-    """1/scale computed as GradScaler.unscale_ does (in float64, rounded once) and the norm-clip
-    coefficient; 1.0 where absent."""
-    inv_scale = 1.0
-    coef = 1.0
+def scalar(x, COMPUTE: tl.constexpr):
+    """A float64 argument in the compute dtype, rounded once (Note [exact math in Triton])."""
+    return (x + tl.zeros([], tl.float64)).to(COMPUTE)
+
+
+@triton.jit
+def div(a, b):
+    """IEEE round-to-nearest division (tl.div_rn takes float32 only; float64 division is IEEE)."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def sqrt(x):
+    """IEEE round-to-nearest square root (tl.sqrt_rn takes float32 only; float64 sqrt is IEEE)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE: tl.constexpr, HAS_COEF: tl.constexpr,
+                 COMPUTE: tl.constexpr):
+    """1/scale computed as GradScaler.unscale_ does (in float64, rounded once to float32) and the
+    norm-clip coefficient, in the compute dtype; 1 where absent."""
+    inv_scale = tl.full([], 1.0, COMPUTE)
+    coef = tl.full([], 1.0, COMPUTE)
     if HAS_SCALE:
-        inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32)
+        inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32).to(COMPUTE)
     if HAS_COEF:
-        coef = tl.load(clip_coef_ptr).to(tl.float32)
+        coef = tl.load(clip_coef_ptr).to(COMPUTE)
     return inv_scale, coef
 
 
@@ -118,12 +141,11 @@ def prepare_grad(g, inv_scale, clip_value, coef, HAS_SCALE: tl.constexpr, HAS_CL
 
 
 @triton.jit
-def lerp(start, end, weight, one_minus_weight):
-    """torch.lerp with a scalar weight (its two branches, each a fused multiply-add as in torch's
-    CUDA kernel); ``one_minus_weight`` is ``1 - weight`` as torch's kernel computes it in float32
-    (from the host: f32(1 - f32(weight)))."""
+def lerp(start, end, weight):
+    """torch.lerp with a scalar weight (in the compute dtype): its two branches, each a fused
+    multiply-add as in torch's CUDA kernel, which also forms ``1 - weight`` in that dtype."""
     diff = end - start
-    return tl.where(weight < 0.5, tl.fma(diff, weight, start), tl.fma(-diff, one_minus_weight, end))
+    return tl.where(weight < 0.5, tl.fma(diff, weight, start), tl.fma(-diff, 1.0 - weight, end))
 
 
 @triton.jit
@@ -177,16 +199,18 @@ def to_storage(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def load_f32(ptr, idx, mask):
-    return tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32)
+def load_as(ptr, idx, mask, COMPUTE: tl.constexpr):
+    return tl.load(ptr + idx, mask=mask, other=0.0).to(COMPUTE)
 
 
 @triton.jit
 def load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HAS_SCALE: tl.constexpr,
-              HAS_CLIP: tl.constexpr, HAS_COEF: tl.constexpr, MAXIMIZE: tl.constexpr, L2: tl.constexpr):
-    """The gradient the update uses: prepared (prepare_grad), then with the L2 term + wd * p."""
-    g = prepare_grad(load_f32(g_ptr, idx, mask), inv_scale, clip_value, coef, HAS_SCALE, HAS_CLIP, HAS_COEF,
-                     MAXIMIZE)
+              HAS_CLIP: tl.constexpr, HAS_COEF: tl.constexpr, MAXIMIZE: tl.constexpr, L2: tl.constexpr,
+              COMPUTE: tl.constexpr):
+    """The gradient the update uses: prepared (prepare_grad), then with the L2 term + wd * p
+    (clip_value and weight_decay in the compute dtype)."""
+    g = prepare_grad(load_as(g_ptr, idx, mask, COMPUTE), inv_scale, clip_value, coef, HAS_SCALE, HAS_CLIP,
+                     HAS_COEF, MAXIMIZE)
     if L2:
         g = tl.fma(p, weight_decay, g)  # grad.add(param, alpha=weight_decay): one fused multiply-add
     return g

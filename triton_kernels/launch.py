@@ -3,7 +3,6 @@ the constexpr specialization (dtypes and flags)."""
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
@@ -12,26 +11,16 @@ from torch import Tensor
 
 from .multi_tensor import BLOCK, CHUNK
 
-TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+             torch.float64: tl.float64}
 
 
 def tl_dtype(dtype: Optional[torch.dtype]):
     if dtype is None:
         return tl.float32  # an absent slot: never loaded
     if dtype not in TL_DTYPES:
-        raise TypeError(f"fastopt (triton): {dtype} tensors are not supported (float32, float16, bfloat16)")
+        raise TypeError(f"fastopt (triton): {dtype} tensors are not supported (float64, float32, float16, bfloat16)")
     return TL_DTYPES[dtype]
-
-
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def f32(x: float) -> float:
-    """A float32 kernel argument as the kernel sees it (Note [exact math in Triton], common.py): a
-    GPU launch rounds it to float32; Triton's interpreter would keep the float64, so it is rounded
-    here. Unchanged on a GPU (the launch rounds it the same way)."""
-    x = float(x)
-    return torch.tensor(x, dtype=torch.float32).item() if _INTERPRETED else x
 
 
 def _device_scalar(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
@@ -55,10 +44,12 @@ def launch_args(plan, lr: Union[float, Tensor], grad_scale: Optional[Tensor], cl
                    plan.step_ptrs),
         "lr": lr_args,
         "lr_is_ptr": lr_is_ptr,
-        "grad": (dummy if grad_scale is None else grad_scale, 0.0 if clip_value is None else f32(clip_value),
+        "grad": (dummy if grad_scale is None else grad_scale, 0.0 if clip_value is None else float(clip_value),
                  dummy if clip_coef is None else clip_coef, dummy if found_inf is None else found_inf),
     }
     meta = {
+        # float64 params compute in float64, all others in float32 (Note [exact math in Triton])
+        "COMPUTE": tl.float64 if plan.dtypes["params"] == torch.float64 else tl.float32,
         "P_DTYPE": tl_dtype(plan.dtypes["params"]),
         "G_DTYPE": tl_dtype(plan.dtypes["grads"]),
         "OUT_DTYPE": tl_dtype(plan.dtypes["params_out"]),

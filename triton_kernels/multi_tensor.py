@@ -87,7 +87,8 @@ class MultiTensorPlan:
         self.owners = list(owners)  # the user's params, whose .grad bind_grads() reads
         self.records = [OwnerRecord(p) for p in self.owners]
         # the norm kernel's scratch: one partial per chunk, a counter, the norm and the coefficient
-        self.partials = torch.empty(max(self.n_chunks, 1), dtype=torch.float32, device=dev)
+        acc = torch.float64 if self.dtypes[grad_slot] == torch.float64 else torch.float32
+        self.partials = torch.empty(max(self.n_chunks, 1), dtype=acc, device=dev)
         self.norm_counter = torch.zeros(1, dtype=torch.int32, device=dev)
 
     def __len__(self) -> int:

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import chunk_bounds, grad_scalars, has_grad, prepare_grad, typed_ptr
-from .launch import f32, tl_dtype
+from .common import chunk_bounds, div, grad_scalars, has_grad, prepare_grad, scalar, sqrt, typed_ptr
+from .launch import tl_dtype
 from .multi_tensor import BLOCK, CHUNK
 
 RBLOCK = 1024  # partials reduced per iteration by the last program
@@ -32,20 +32,21 @@ def _nan_carrier(x):
 @triton.jit
 def _norm_kernel(
     tensor_of_chunk, start_of_chunk, numels, g_ptrs, partials, counter, out, n_chunks,
-    grad_scale_ptr, clip_value, max_norm,
-    G_DTYPE: tl.constexpr, L2: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    grad_scale_ptr, clip_value: tl.float64, max_norm: tl.float64,
+    ACC: tl.constexpr, G_DTYPE: tl.constexpr, L2: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     WRITE_COEF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
     end = tl.where(has_grad(g_ptrs, t), end, start)  # an absent grad adds nothing
-    inv_scale, _ = grad_scalars(grad_scale_ptr, grad_scale_ptr, HAS_SCALE, False)
+    inv_scale, _ = grad_scalars(grad_scale_ptr, grad_scale_ptr, HAS_SCALE, False, ACC)
+    clip = scalar(clip_value, ACC)
     g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    nans = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    nans = tl.zeros([BLOCK], dtype=ACC)
     for off in tl.range(0, end - start, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
-        g = tl.load(g_ptr + idx, mask=idx < end, other=0.0).to(tl.float32)
-        g = prepare_grad(g, inv_scale, clip_value, 1.0, HAS_SCALE, HAS_CLIP, False, False)
+        g = tl.load(g_ptr + idx, mask=idx < end, other=0.0).to(ACC)
+        g = prepare_grad(g, inv_scale, clip, 1.0, HAS_SCALE, HAS_CLIP, False, False)
         if L2:
             acc += g * g  # NaN and inf propagate through the sum
         else:
@@ -57,8 +58,8 @@ def _norm_kernel(
         partial = tl.max(acc, axis=0) + tl.sum(nans, axis=0)
     tl.store(partials + tl.program_id(0), partial)
     if tl.atomic_add(counter, 1) == n_chunks - 1:  # the last program: reduce the partials
-        total = tl.zeros([RBLOCK], dtype=tl.float32)
-        carry = tl.zeros([RBLOCK], dtype=tl.float32)
+        total = tl.zeros([RBLOCK], dtype=ACC)
+        carry = tl.zeros([RBLOCK], dtype=ACC)
         for first in tl.range(0, n_chunks, RBLOCK):
             ridx = first + tl.arange(0, RBLOCK)
             x = tl.load(partials + ridx, mask=ridx < n_chunks, other=0.0)
@@ -68,13 +69,14 @@ def _norm_kernel(
                 total = tl.maximum(total, x)
                 carry += _nan_carrier(x)
         if L2:
-            norm = tl.sqrt_rn(tl.sum(total, axis=0))
+            norm = sqrt(tl.sum(total, axis=0))
         else:
             norm = tl.max(total, axis=0) + tl.sum(carry, axis=0)
         tl.store(out, norm)
         if WRITE_COEF:
             # torch: max_norm / (norm + 1e-6) is Tensor.__rtruediv__, reciprocal() * max_norm
-            coef = tl.minimum(tl.div_rn(1.0, norm + 1e-6) * max_norm, 1.0, propagate_nan=tl.PropagateNan.ALL)
+            coef = tl.minimum(div(1.0 + tl.zeros([], ACC), norm + 1e-6) * scalar(max_norm, ACC), 1.0,
+                              propagate_nan=tl.PropagateNan.ALL)
             tl.store(out + 1, coef)
         tl.store(counter, 0)
 
@@ -82,8 +84,8 @@ def _norm_kernel(
 def grad_norm(plan, norm_type: float, *, grad_scale: Optional[Tensor] = None, clip_value: Optional[float] = None,
               max_norm: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
     """The norm of ``plan``'s bound grads after unscale and value clip, as a 0-dim float32 device
-    tensor, and with ``max_norm`` the clip coefficient too (else None)."""
-    out = torch.empty(2, dtype=torch.float32, device=plan.device)  # written by the kernel: no fill launch
+    tensor (float64 for float64 grads), and with ``max_norm`` the clip coefficient too (else None)."""
+    out = torch.empty(2, dtype=plan.partials.dtype, device=plan.device)  # written by the kernel: no fill launch
     if len(plan) == 0:
         out[0], out[1] = 0.0, 1.0
         return out[0], (out[1] if max_norm is not None else None)
@@ -92,7 +94,8 @@ def grad_norm(plan, norm_type: float, *, grad_scale: Optional[Tensor] = None, cl
     _norm_kernel[(plan.n_chunks,)](
         plan.tensor_of_chunk, plan.start_of_chunk, plan.numels, plan.ptrs[plan.grad_slot], plan.partials,
         plan.norm_counter, out, plan.n_chunks, plan.done if grad_scale is None else grad_scale,
-        0.0 if clip_value is None else f32(clip_value), 0.0 if max_norm is None else f32(max_norm),
+        0.0 if clip_value is None else float(clip_value), 0.0 if max_norm is None else float(max_norm),
+        ACC=tl.float64 if plan.partials.dtype == torch.float64 else tl.float32,
         G_DTYPE=tl_dtype(plan.dtypes[plan.grad_slot]), L2=norm_type == 2.0, HAS_SCALE=grad_scale is not None,
         HAS_CLIP=clip_value is not None, WRITE_COEF=max_norm is not None, CHUNK=CHUNK, BLOCK=BLOCK,
         RBLOCK=RBLOCK, enable_fp_fusion=False,  # Note [no FMA contraction]

@@ -13,19 +13,20 @@ import triton
 import triton.language as tl
 
 from .common import (
-    chunk_bounds, finish_step, grad_scalars, addcmul_sq, lerp, load_f32, load_grad, neg_lr, read_step, skipped,
-    store_param, to_storage, typed_ptr,
+    addcmul_sq, chunk_bounds, div, finish_step, grad_scalars, lerp, load_as, load_grad, neg_lr, read_step, scalar,
+    skipped, sqrt, store_param, to_storage, typed_ptr,
 )
-from .launch import f32, launch_args
+from .launch import launch_args
 
 
 @triton.jit
 def _rmsprop_kernel(
     tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
     p_ptrs, g_ptrs, v_ptrs, ga_ptrs, buf_ptrs, out_ptrs,
-    lr_ptr, lr: tl.float64, alpha, one_minus_alpha, lerp_w_c, eps, weight_decay, momentum,
-    grad_scale_ptr, clip_value, clip_coef_ptr, found_inf_ptr,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    lr_ptr, lr: tl.float64, alpha: tl.float64, one_minus_alpha: tl.float64, eps: tl.float64,
+    weight_decay: tl.float64, momentum: tl.float64,
+    grad_scale_ptr, clip_value: tl.float64, clip_coef_ptr, found_inf_ptr,
+    COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, L2: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
     MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -33,36 +34,38 @@ def _rmsprop_kernel(
     if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
         step_ptr, step = read_step(step_ptrs, t)  # RMSprop keeps the count (as torch) but does not use it
-        neg_lr_ = neg_lr(lr_ptr, lr, LR_IS_PTR)
-        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF)
+        neg_lr_ = neg_lr(lr_ptr, lr, LR_IS_PTR, COMPUTE)
+        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
+        alpha_, oma, mom = scalar(alpha, COMPUTE), scalar(one_minus_alpha, COMPUTE), scalar(momentum, COMPUTE)
+        eps_, wd, clip = scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), scalar(clip_value, COMPUTE)
         p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
         g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
         v_ptr = typed_ptr(v_ptrs, t, P_DTYPE)
         for off in tl.range(0, end - start, BLOCK):
             idx = start + off + tl.arange(0, BLOCK)
             mask = idx < end
-            p = load_f32(p_ptr, idx, mask)
-            v = load_f32(v_ptr, idx, mask)
-            g = load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HAS_SCALE, HAS_CLIP,
-                          HAS_COEF, MAXIMIZE, L2)
-            v = addcmul_sq(v, alpha, g, one_minus_alpha)
+            p = load_as(p_ptr, idx, mask, COMPUTE)
+            v = load_as(v_ptr, idx, mask, COMPUTE)
+            g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
+                          L2, COMPUTE)
+            v = addcmul_sq(v, alpha_, g, oma)
             if CENTERED:
                 ga_ptr = typed_ptr(ga_ptrs, t, P_DTYPE)
-                ga = load_f32(ga_ptr, idx, mask)
-                ga = lerp(ga, g, one_minus_alpha, lerp_w_c)
+                ga = load_as(ga_ptr, idx, mask, COMPUTE)
+                ga = lerp(ga, g, oma)
                 tl.store(ga_ptr + idx, to_storage(ga, P_DTYPE), mask=mask)
-                avg = tl.sqrt_rn(tl.fma(-ga, ga, v))  # square_avg.addcmul(grad_avg, grad_avg, value=-1)
+                avg = sqrt(tl.fma(-ga, ga, v))  # square_avg.addcmul(grad_avg, grad_avg, value=-1)
             else:
-                avg = tl.sqrt_rn(v)
-            avg = avg + eps
+                avg = sqrt(v)
+            avg = avg + eps_
             if MOMENTUM:
                 buf_ptr = typed_ptr(buf_ptrs, t, P_DTYPE)
-                buf = load_f32(buf_ptr, idx, mask)
-                buf = buf * momentum + tl.div_rn(g, avg)
+                buf = load_as(buf_ptr, idx, mask, COMPUTE)
+                buf = buf * mom + div(g, avg)
                 tl.store(buf_ptr + idx, to_storage(buf, P_DTYPE), mask=mask)
                 p = tl.fma(buf, neg_lr_, p)  # param.add_(buf, alpha=-lr)
             else:
-                p = p + tl.div_rn(neg_lr_ * g, avg)
+                p = p + div(neg_lr_ * g, avg)
             tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
             store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
@@ -78,7 +81,6 @@ def rmsprop_step(plan, *, lr, alpha: float, eps: float, weight_decay: float, mom
     _rmsprop_kernel[(plan.n_chunks,)](
         *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["square_avgs"],
         plan.ptrs["grad_avgs"], plan.ptrs["momentum_buffers"], plan.ptrs["params_out"],
-        *args["lr"], f32(alpha), f32(1.0 - alpha), f32(1.0 - f32(1.0 - alpha)), f32(eps), f32(weight_decay),
-        f32(momentum), *args["grad"],
+        *args["lr"], alpha, 1.0 - alpha, eps, weight_decay, momentum, *args["grad"],
         L2=weight_decay != 0, CENTERED=centered, MOMENTUM=momentum > 0, **meta,
     )

@@ -6,8 +6,7 @@ ops, several passes over memory). Every compiled backend is tested against it.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -26,13 +25,17 @@ class GradTransform:
     clip_coef: Optional[Tensor] = None  # global-norm clipping: min(max_norm / (norm + 1e-6), 1)
     found_inf: Optional[Tensor] = None  # AMP: non-zero skips the step entirely
 
-    @functools.cached_property
+    _inv_scale: Optional[Tensor] = field(default=None, repr=False)
+
+    @property
     def inv_scale(self) -> Optional[Tensor]:
         """1 / grad_scale as GradScaler.unscale_ computes it (float64, rounded once to float32).
-        Computed on first use: the GPU kernels read grad_scale itself and need no extra launches."""
-        if self.grad_scale is None:
-            return None
-        return self.grad_scale.double().reciprocal().float()
+        Computed on first use: the GPU kernels read grad_scale itself and need no extra launches.
+        (Not functools.cached_property: on Python 3.11 it takes an RLock, a graph break under
+        torch.compile.)"""
+        if self.grad_scale is not None and self._inv_scale is None:
+            self._inv_scale = self.grad_scale.double().reciprocal().float()
+        return self._inv_scale
 
 
 Rule = Callable[[list, list, dict, list, dict], None]

@@ -2,7 +2,7 @@
 
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before fastopt was
 imported (Triton's interpreter: how the kernels are tested without a GPU). Params stored in
-float32, float16 or bfloat16 (float64 groups resolve to another backend under ``"auto"``).
+float64 (computed in float64), float32, float16 or bfloat16 (computed in float32).
 
 Per param group, a ``MultiTensorPlan`` (Note [multi-tensor tables]) is built once and cached in
 the bucket; each step binds the grads (re-uploading the grad pointer table only when a grad was
@@ -67,7 +67,7 @@ def _hp_kwargs(rule: str, hp: dict) -> dict:
 
 class TritonBackend(PlannedBackend):
     name = "triton"
-    DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+    DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
     def unavailable_reason(self, device_type: str) -> Optional[str]:
         if device_type == "cuda":

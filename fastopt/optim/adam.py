@@ -53,6 +53,11 @@ class Adam(FusedOptimizer):
         for i, beta in enumerate(betas):
             if isinstance(beta, Tensor) and beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        if flags["foreach"] and not flags["capturable"]:  # torch's refusals, kept for drop-in parity
+            if isinstance(lr, Tensor):
+                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+            if isinstance(betas[0], Tensor):
+                raise ValueError("betas[0] as a Tensor is not supported for capturable=False and foreach=True")
         defaults = {
             "lr": lr,
             "betas": tuple(betas),

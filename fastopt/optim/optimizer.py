@@ -95,8 +95,8 @@ class FusedOptimizer(Optimizer):
             params = list(params)
             if len({id(p) for p in params}) != len(params):
                 raise ValueError(
-                    "a parameter group lists the same parameter more than once; each parameter "
-                    "must appear once (it would be updated twice per step)"
+                    "a parameter group with duplicate parameters: each parameter must appear once "
+                    "(it would be updated twice per step; torch.optim only warns, fastopt refuses)"
                 )
         super().add_param_group({**param_group, "params": params})
         for p in self.param_groups[-1]["params"]:

@@ -1,0 +1,108 @@
+"""torch's own optimizer test database (``optim_db``, the inputs and error inputs of torch's
+test_optim.py) run against every backend.
+
+Params include an empty one, a one-element one, a non-contiguous one and (where torch supports it)
+a complex one; grads are laid out as autograd makes them (like the param) and as people assign
+them (contiguous). Where fastopt deliberately differs from torch, ``DELIBERATE`` says so (the
+README lists the same).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from harness import assert_matches
+from specs import SPEC_BY_NAME, clone_params
+
+common_optimizers = pytest.importorskip(
+    "torch.testing._internal.common_optimizers", reason="torch's test utilities need expecttest"
+)
+OptimizerErrorEnum = common_optimizers.OptimizerErrorEnum
+
+NAMES = ("Adam", "AdamW", "Adagrad", "RMSprop")
+INFOS = {info.optim_cls.__name__: info for info in common_optimizers.optim_db
+         if info.optim_cls.__name__ in NAMES}
+
+# Error inputs where fastopt deliberately does something else (README, "Differences from torch.optim"):
+# a duplicate parameter in a group is an error, not a warning (it would be updated twice per step).
+DELIBERATE = {".*a parameter group with duplicate parameters.*": ValueError}
+
+
+def _params(device, complex_ok):
+    shapes = [(0,), (1,), (3, 4)]
+    params = [torch.randn(s, device=device) for s in shapes]
+    params.append(torch.randn(5, 3, device=device).t())  # non-contiguous
+    if complex_ok:
+        params.append(torch.randn(2, 3, dtype=torch.complex64, device=device))
+    return [torch.nn.Parameter(p) for p in params]
+
+
+def _grads(params, layout):
+    if layout == "autograd":  # laid out like the param, as autograd makes them
+        return [torch.randn_like(p) for p in params]
+    return [torch.randn(p.shape, dtype=p.dtype, device=p.device) for p in params]
+
+
+def _inputs(name, device):
+    return INFOS[name].optim_inputs_func(device=device, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["autograd", "contiguous"])
+@pytest.mark.parametrize("name", NAMES)
+def test_optim_db_inputs_match_torch(name, layout, backend, device):
+    complex_ok = backend != "triton" or device == "cpu"
+    for inp in _inputs(name, device):
+        base = _params(device, complex_ok)
+        ours, theirs = clone_params(base), clone_params(base)
+
+        def kwargs():  # tensors (lr) fresh for each optimizer
+            return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.kwargs.items()}
+        opt_t = INFOS[name].optim_cls(theirs, **kwargs())
+        opt_f = SPEC_BY_NAME[name].fastopt_cls(ours, backend=backend, **kwargs())
+        for _ in range(5):
+            grads = _grads(base, layout)
+            for params in (ours, theirs):
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+            opt_t.step()
+            opt_f.step()
+        try:
+            assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
+        except BaseException as exc:
+            raise AssertionError(f"optim_db input {inp.desc!r} {inp.kwargs}: {exc}") from exc
+        stats = opt_f.step_stats
+        on_kernels = stats.kernel if backend in ("cpu", "cuda", "triton") else stats.reference
+        assert on_kernels == len(base), (inp.desc, stats)
+
+
+def _error_cases() -> list:
+    out = []
+    for name in NAMES:
+        for i, err in enumerate(INFOS[name].optim_error_inputs_func(device="cpu", dtype=torch.float32)):
+            out.append(pytest.param(name, i, id=f"{name}-{i}-{err.optimizer_error_input.desc}"))
+    return out
+
+
+@pytest.mark.parametrize("name,index", _error_cases())
+def test_optim_db_error_inputs_raise_as_torch(name, index, backend, device):
+    err = INFOS[name].optim_error_inputs_func(device=device, dtype=torch.float32)[index]
+    inp = err.optimizer_error_input
+    params = inp.params if inp.params is not None else [torch.nn.Parameter(torch.randn(2, device=device))]
+    cls = SPEC_BY_NAME[name].fastopt_cls
+    error_type = DELIBERATE.get(err.error_regex, err.error_type)
+    regex = "duplicate" if err.error_regex in DELIBERATE else err.error_regex
+    if err.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR:
+        if issubclass(error_type, Warning):
+            with pytest.warns(error_type, match=regex):
+                cls(params, backend=backend, **inp.kwargs)
+        else:
+            with pytest.raises(error_type, match=regex), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cls(params, backend=backend, **inp.kwargs)
+    else:
+        opt = cls(params, backend=backend, **inp.kwargs)
+        with pytest.raises(error_type, match=regex):
+            opt.step()
