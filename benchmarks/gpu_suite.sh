@@ -8,7 +8,8 @@
 #   SKIP_TESTS=1 FULL=1 bash benchmarks/gpu_suite.sh   # build and the full benchmark (256M params, GPT set)
 #   SKIP_TESTS=1 BN=1 bash benchmarks/gpu_suite.sh      # build and the BatchNorm+ReLU benchmark
 #
-# Each phase has its own time limit, so that one call fits the device tool's 10 minutes even when
+# At most 8 files under $OUT: gpu.txt, build.log, probe.log, tests.log, sanitizer.log, bench.log,
+# results.csv and the report. Each phase has its own time limit, so that one call fits the device tool's 10 minutes even when
 # a phase hangs; a phase that runs out says so in the summary (rc 124).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,24 @@ else
   note "build: FAILED (see build.log)"; tail -30 "$OUT/build.log"
 fi
 
+# 1b. the error path that killed the first GPU run (a TORCH_CHECK thrown through the dispatcher from
+# fastopt._C): does it still crash, and with what toolchain and runtimes (issue: "a bad argument
+# segfaults the process")
+{
+  "$PY" -c "import sysconfig; print('python', sysconfig.get_config_var('CC'))"
+  c++ --version | head -1
+  so=$("$PY" -c "import fastopt._C as c; print(c.__file__)" 2>/dev/null)
+  [ -n "$so" ] && ldd "$so" | grep -E "gomp|stdc\+\+|gcc_s"
+  probe="import torch, fastopt
+try:
+    torch.ops.fastopt.multi_tensor_norm([torch.randn(3)], 1.0, None, None)
+except RuntimeError as e:
+    print('raised:', str(e).splitlines()[0])"
+  "$PY" -c "$probe"; echo "probe rc $?"
+  if command -v gdb >/dev/null; then gdb -q -batch -ex run -ex bt --args "$PY" -c "$probe" 2>&1 | tail -40; fi
+} >"$OUT/probe.log" 2>&1
+note "error-path probe: $(grep -E "^probe rc" "$OUT/probe.log")"
+
 # 2. the full test suite (cuda and triton backends run here)
 if [ -z "${SKIP_TESTS:-}" ]; then
   # -n 8: Triton compiles one kernel per specialization; workers compile in parallel
@@ -44,8 +63,9 @@ if [ -z "${SKIP_TESTS:-}" ]; then
       timeout 75 compute-sanitizer --tool "$tool" --error-exitcode 99 \
         "$PY" -m pytest -q -p no:cacheprovider -x tests/test_optim.py tests/test_batch_norm_relu.py \
         -k "cuda and ((default and fp32) or sizes_beyond_one_tile or gradcheck)" \
-        >"$OUT/sanitizer-$tool.log" 2>&1
-      note "compute-sanitizer $tool (rc $?): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$tool.log" | tail -1)"
+        >"$OUT/sanitizer-$tool.tmp" 2>&1
+      note "compute-sanitizer $tool (rc $?): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$tool.tmp" | tail -1)"
+      { echo "==== $tool"; cat "$OUT/sanitizer-$tool.tmp"; } >>"$OUT/sanitizer.log" && rm -f "$OUT/sanitizer-$tool.tmp"
     done
   fi
 fi

@@ -31,7 +31,22 @@ def run_lockstep(spec, config, *, dtype, device, backend, steps=20, extras=None,
             before_torch_step(theirs)
         opt_t.step()
         opt_f.step()
+        assert_ran_on(opt_f, backend)
     return opt_t, opt_f, theirs, ours
+
+
+PLANNED_BACKENDS = ("cpu", "triton", "cuda")
+
+
+def assert_ran_on(opt_f, backend) -> None:
+    """The last step updated every param with a grad where ``backend`` sends it: its compiled
+    kernels for the planned backends (not a silent fallback to the reference), the reference
+    rules for backend='reference' (Note [the plan life cycle])."""
+    stats = opt_f.step_stats
+    if backend in PLANNED_BACKENDS:
+        assert stats.reference == 0 and stats.kernel > 0, f"{backend}: the step fell back: {stats}"
+    else:
+        assert stats.kernel == 0 and stats.reference > 0, stats
 
 
 def assert_same_state(opt_f, opt_t, *, rtol, atol) -> None:

@@ -106,3 +106,29 @@ def test_optim_db_error_inputs_raise_as_torch(name, index, backend, device):
         opt = cls(params, backend=backend, **inp.kwargs)
         with pytest.raises(error_type, match=regex):
             opt.step()
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])  # torch's Adagrad has no capturable flag
+def test_capturable_on_cpu_params_is_accepted_on_purpose(name, backend, device):
+    """A deliberate difference: torch refuses capturable=True for CPU params at the first step
+    (an AssertionError); fastopt accepts it on any device, since its steps never sync with the
+    host anyway, and steps exactly as without it."""
+    if device != "cpu":
+        pytest.skip("the difference concerns CPU params")
+    base = [torch.nn.Parameter(torch.randn(4, 3))]
+    with_flag, without = clone_params(base), clone_params(base)
+    kwargs = {"capturable": True}
+    theirs = clone_params(base)
+    for p in theirs:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(AssertionError, match="capturable"):
+        INFOS[name].optim_cls(theirs, **kwargs).step()
+    opts = [SPEC_BY_NAME[name].fastopt_cls(ps, backend=backend, **kw) for ps, kw in ((with_flag, kwargs), (without, {}))]
+    for _ in range(3):
+        grads = _grads(base, "autograd")
+        for ps in (with_flag, without):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        for opt in opts:
+            opt.step()
+    assert torch.equal(with_flag[0].detach(), without[0].detach())
