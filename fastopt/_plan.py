@@ -133,6 +133,7 @@ class Segment:
         grads = [bind_grad(p.grad, t, i, backend) for i, (p, t) in enumerate(zip(self.owners, self.params))]
         if any(g is STALE for g in grads):
             return None
+        self.check_state(backend)
         if all(g is not None for g in grads):
             seg = self
         else:
@@ -140,6 +141,21 @@ class Segment:
             grads = [g for g in grads if g is not None]
         seg.grads = grads
         return seg
+
+    def check_state(self, backend: str) -> None:
+        """Every state tensor has its param's shape and the dtype the update expects (float32 with
+        master weights, else the param's): a param whose dtype or shape changed after its state
+        was made is refused, as torch.optim refuses it, rather than updated with mismatched state."""
+        for i, p in enumerate(self.params):
+            dtype = torch.float32 if self.masters is not None else p.dtype
+            for key, tensors in self.states.items():
+                t = tensors[i]
+                if t.dtype != dtype or t.shape != p.shape:
+                    raise RuntimeError(
+                        f"fastopt ({backend}): state {key!r} of param {i} is {t.dtype} {list(t.shape)}, the "
+                        f"update needs {dtype} {list(p.shape)} (was the param's dtype or shape changed after "
+                        "its state was made? torch.optim refuses this too; rebuild the optimizer or load a "
+                        "state dict)")
 
     @property
     def targets(self) -> list[Tensor]:

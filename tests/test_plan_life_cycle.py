@@ -199,3 +199,25 @@ def test_grads_appear_vanish_and_return_without_a_rebuild_per_step(backend, devi
 def test_step_stats_of_a_fresh_optimizer_are_zero():
     opt = fastopt.Adam([torch.nn.Parameter(torch.randn(3))], backend="reference")
     assert (opt.step_stats.kernel, opt.step_stats.reference, opt.step_stats.skipped) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("how", ["whole model", "one layer"])
+@isolated
+def test_a_param_dtype_changed_after_the_first_step_is_refused(how, backend, device):
+    """model.bfloat16() after opt.step(): torch.optim raises (its float32 state meets bfloat16
+    grads); fastopt once kept stepping with the old element size (NaNs, a corrupted heap). Now the
+    plan goes stale, the state is found not to fit, and the step raises with nothing written."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(device)
+    opt = fastopt.Adam(model.parameters(), backend=backend)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    (model if how == "whole model" else model[1]).bfloat16()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [float(s["step"]) for s in opt.state.values()]
+    with pytest.raises(RuntimeError, match="state|dtype"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert [float(s["step"]) for s in opt.state.values()] == steps

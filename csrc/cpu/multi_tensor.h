@@ -83,6 +83,15 @@ class Slots {
                     " is ", list[i].scalar_type(), ", tensor 0 is ", dtypes_.back(), " (one dtype per list)");
       }
     }
+    {
+      std::vector<std::string> names;
+      std::vector<bool> present;
+      for (const auto& [name, list] : lists) {
+        names.emplace_back(name);
+        present.push_back(!list.empty());
+      }
+      check_slot_dtypes(names, dtypes_, present, "cpu");
+    }
     numels_.resize(n);
     for (int64_t i = 0; i < n; ++i) {
       const at::Tensor& ref = work_[0][i];

@@ -56,6 +56,11 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
     }
     slots_.push_back(tensors);
   }
+  {
+    std::vector<std::string> names;
+    for (const auto& entry : lists) names.emplace_back(entry.first);
+    check_slot_dtypes(names, dtypes_, present_, "cuda");
+  }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& s = steps_[i];
     TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == device_,

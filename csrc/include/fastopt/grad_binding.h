@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -77,6 +78,24 @@ struct BindResult {
   bool stale = false;
   int64_t bound = 0, relaid = 0, no_grad = 0;
 };
+
+// The dtypes of an update op's slots, in the order every op lists them: params (slot 0), grads
+// (slot 1), state..., params_out (last). The kernels read every state slot as the params' type and
+// write params_out as the grads' type, so a mismatch (a param whose dtype changed after its state
+// was made, say) must be refused here: it would read and write out of bounds. Each slot is one
+// dtype (checked by the caller); an empty slot is absent.
+inline void check_slot_dtypes(const std::vector<std::string>& names, const std::vector<at::ScalarType>& dtypes,
+                              const std::vector<bool>& present, const char* backend) {
+  if (dtypes.size() < 3) return;
+  for (size_t s = 2; s < dtypes.size(); ++s) {
+    if (!present[s]) continue;
+    const bool is_out = s + 1 == dtypes.size();
+    const size_t like = is_out ? 1 : 0;
+    TORCH_CHECK(dtypes[s] == dtypes[like], "fastopt (", backend, "): `", names[s], "` is ", dtypes[s], ", `",
+                names[like], "` ", dtypes[like], is_out ? "" : " (the state has the params' dtype: was a param's dtype "
+                "changed after its state was made?)");
+  }
+}
 
 // Binds the grads of every owner: `grads[i]` gets the tensor to read (undefined without a grad).
 // Validates every grad before it returns anything (a bad grad raises with nothing bound).
