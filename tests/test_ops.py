@@ -56,3 +56,31 @@ def test_multi_tensor_norm_rejects_bad_input():
 def test_multi_tensor_norm_has_a_meta_kernel():
     out = torch.ops.fastopt.multi_tensor_norm([torch.empty(5, device="meta")], 2.0, None, None)
     assert out.device.type == "meta" and out.shape == () and out.dtype == torch.float32
+
+
+def _adam_lists(dtypes):
+    """One list per slot of adam_ (params, grads, exp_avgs, exp_avg_sqs), tensor i of dtype dtypes[slot][i]."""
+    return [[torch.randn(8, dtype=d) for d in slot] for slot in dtypes]
+
+
+@pytest.mark.parametrize("case", ["a grad of another dtype, not the first",
+                                  "state of another dtype than the params",
+                                  "a param of another dtype, not the first"])
+@isolated
+def test_adam_op_checks_every_tensor_not_the_first(case):
+    """The registered ops are public: a list whose later tensors (or whole state slots) have another
+    dtype than the kernel would read them as is refused, not read out of bounds."""
+    f, b = torch.float32, torch.bfloat16
+    dtypes = {
+        "a grad of another dtype, not the first": [[f, f], [f, b], [f, f], [f, f]],
+        "state of another dtype than the params": [[b, b], [b, b], [f, f], [f, f]],
+        "a param of another dtype, not the first": [[f, b], [f, f], [f, f], [f, f]],
+    }[case]
+    params, grads, m, v = _adam_lists(dtypes)
+    steps = [torch.zeros(()) for _ in params]
+    before = [p.clone() for p in params]
+    with pytest.raises(RuntimeError, match="dtype|is BFloat16|is Float|are"):
+        torch.ops.fastopt.adam_(params, grads, m, v, [], steps, [], torch.tensor(0.1, dtype=torch.float64),
+                                0.9, 0.999, 1e-8, 0.0, False, False, False, None, None, None, None)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert all(float(s) == 0.0 for s in steps)
