@@ -77,7 +77,14 @@ def batch_norm_relu_forward(
     invstd = torch.rsqrt(var + eps)
     scale, shift = scale_shift(weight, bias, mean, invstd)
     z = xf * _per_channel(scale, x) + _per_channel(shift, x)
-    y = torch.relu(z).to(x.dtype)
+    y = torch.relu(z)
+    if y.dtype != x.dtype:
+        # Note [no aliasing output]: not an unconditional .to(x.dtype), which returns its input when
+        # the dtype is already x's. Under torch.compile on torch 2.11 that alias, returned from
+        # BatchNormReLUFunction.forward, cut the node from the graph: every gradient through it came
+        # out zero (tests/test_batch_norm_relu.py::test_torch_compile[reference], on the H200 and in
+        # CI's torch 2.11 environment).
+        y = y.to(x.dtype)
     return y, mean, invstd
 
 
