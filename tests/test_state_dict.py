@@ -7,6 +7,8 @@ import io
 import pytest
 import torch
 
+import fastopt
+
 from harness import assert_matches, set_grads
 from specs import SPEC_BY_NAME, clone_params, make_params, materialize, random_grads
 
@@ -141,3 +143,40 @@ def test_param_groups_have_torchs_keys():
         theirs = spec.torch_cls(p).state_dict()["param_groups"][0]
         assert ours.keys() == theirs.keys()
         assert ours == theirs
+
+
+@pytest.mark.parametrize("source", ["Adagrad", "RMSprop", "SGD"])
+def test_another_optimizers_state_dict_is_refused_with_nothing_replaced(source, backend, device):
+    """AdamW once took Adagrad's lr and step counts and kept its dead `sum` state, and an SGD state
+    dict failed halfway through load_state_dict. Now the whole dict is checked first: torch's
+    KeyError for the missing hyperparameter, and the optimizer as it was."""
+    params = [torch.nn.Parameter(torch.randn(4, 3, device=device)), torch.nn.Parameter(torch.randn(5, device=device))]
+    others = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, others):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt = fastopt.AdamW(params, lr=0.01, backend=backend)
+    opt.step()
+    other = getattr(torch.optim, source)(others, lr=0.5, **({"momentum": 0.9} if source == "SGD" else {}))
+    other.step()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params}
+    with pytest.raises(KeyError, match="betas"):
+        opt.load_state_dict(other.state_dict())
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+    for p in params:
+        assert opt.state[p].keys() == state[id(p)].keys()
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state[id(p)].items())
+    opt.step()  # still a working AdamW
+
+
+def test_a_state_dict_with_foreign_state_keys_is_refused():
+    """Groups that look right, state that is not this optimizer's (an Adagrad `sum`)."""
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    opt = fastopt.AdamW([p], backend="reference")
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["sum"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="sum"):
+        opt.load_state_dict(sd)

@@ -14,6 +14,8 @@ from .optimizer import FusedOptimizer
 
 class Adagrad(FusedOptimizer):
     _rule = "adagrad"
+    _group_keys = ("lr", "lr_decay", "weight_decay", "eps", "initial_accumulator_value")
+    _state_names = ("sum",)
     _supports_sparse = True
 
     def __init__(

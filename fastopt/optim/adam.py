@@ -20,6 +20,8 @@ def _scalar(x: Union[float, Tensor]) -> float:
 
 class Adam(FusedOptimizer):
     _rule = "adam"
+    _group_keys = ("lr", "betas", "eps", "weight_decay")
+    _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _sparse_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(

@@ -44,6 +44,11 @@ class _StepState:
 
 class FusedOptimizer(Optimizer):
     _rule: str = ""
+    # What a state dict of this class must hold (load_state_dict refuses another optimizer's):
+    # the group keys its rule reads (torch's __setstate__ defaults the flags) and the state keys
+    # it may keep per param, besides "step" and "master_param".
+    _group_keys: tuple[str, ...] = ()
+    _state_names: tuple[str, ...] = ()
     _supports_sparse = False
     _sparse_message = "{name} does not support sparse gradients"  # torch's wording, per class
 
@@ -268,6 +273,18 @@ class FusedOptimizer(Optimizer):
         with master weights, moments and ``master_param`` of fp16/bf16 params stay float32.
         """
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        name = type(self).__name__
+        for i, saved in enumerate(saved_groups):  # another optimizer's state dict: nothing replaced
+            for key in self._group_keys:
+                if key not in saved:
+                    raise KeyError(f"{key!r}: param group {i} of the loaded state dict has no {key!r}, which "
+                                   f"{name} needs (is it another optimizer's state dict?)")
+        allowed = set(self._state_names) | {"step", "master_param"}
+        for saved_id, saved_state in state_dict["state"].items():
+            extra = sorted(set(saved_state) - allowed)
+            if extra:
+                raise ValueError(f"loaded state dict does not belong to {name}: the state of parameter "
+                                 f"{saved_id} has {extra}, {name} keeps {sorted(allowed)}")
         if len(groups) == len(saved_groups) and all(
             len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)
         ):

@@ -13,6 +13,8 @@ from .optimizer import FusedOptimizer
 
 class RMSprop(FusedOptimizer):
     _rule = "rmsprop"
+    _group_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
+    _state_names = ("square_avg", "momentum_buffer", "grad_avg")
 
     def __init__(
         self,
