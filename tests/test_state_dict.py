@@ -180,3 +180,37 @@ def test_a_state_dict_with_foreign_state_keys_is_refused():
     sd["state"][0]["sum"] = torch.zeros(3)
     with pytest.raises(ValueError, match="sum"):
         opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_optimizer_steps_like_the_original(how, backend, device):
+    """torch's __getstate__ keeps defaults, state and param_groups only: a copy once lacked
+    fastopt's options and failed at its first step (AttributeError: '_options')."""
+    import copy
+    import pickle
+
+    params = [torch.nn.Parameter(torch.randn(4, 3, device=device)), torch.nn.Parameter(torch.randn(5, device=device))]
+    opt = fastopt.AdamW(params, lr=0.01, max_grad_norm=0.5, backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    if how == "deepcopy":
+        twin = copy.deepcopy(opt)
+    elif how == "pickle":
+        twin = pickle.loads(pickle.dumps(opt))
+    else:
+        buf = io.BytesIO()
+        torch.save(opt, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    assert twin.options == opt.options
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, twin_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        twin.step()
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p.detach(), q.detach())
+    torch.testing.assert_close(twin.last_grad_norm, opt.last_grad_norm, rtol=0, atol=0)
