@@ -70,7 +70,8 @@ class PlannedBackend(ReferenceBackend):
 
     def _plan_segment(self, bucket: Bucket, seg: Segment) -> SegmentPlan:
         ok = [i for i in range(len(seg.params)) if self._can_plan(seg, i)]
-        others = [i for i in range(len(seg.params)) if i not in set(ok)]
+        planned = set(ok)
+        others = [i for i in range(len(seg.params)) if i not in planned]
         plan = None
         if ok:
             try:
