@@ -52,10 +52,6 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
   });
 }
 
-// Whether `t` can be walked linearly alongside `ref` (see Note [dense tensors, any layout]).
-inline bool walks_with(const at::Tensor& t, const at::Tensor& ref) {
-  return t.layout() == at::kStrided && t.is_non_overlapping_and_dense() && t.strides() == ref.strides();
-}
 
 // The tensor lists of one update op ("slots": params, grads, exp_avgs, ...), aligned by index,
 // with their data pointers, the element counts and the chunk table.
@@ -105,7 +101,7 @@ class Slots {
                     " is not a dense tensor");
         TORCH_CHECK(t.numel() == ref.numel(), "fastopt: `", lists[s].first, "` tensor ", i, " has ",
                     t.numel(), " elements, `", lists[0].first, "` tensor ", i, " has ", ref.numel());
-        linear = linear && walks_with(t, ref);
+        linear = linear && walks_like(t, ref);  // fastopt/grad_binding.h
       }
       if (!linear) {
         for (size_t s = 0; s < work_.size(); ++s) {
