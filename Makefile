@@ -10,6 +10,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.6,<3.10
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): the suite is mostly single-threaded work, so 2 halves its time on
+# a 2-core machine; PYTEST_JOBS=0 runs it in this process (e.g. under a debugger).
+PYTEST_JOBS ?= 2
 BENCH_ARGS ?=
 
 BUILD_STAMP := $(VENV)/.fastopt-built
@@ -27,8 +30,8 @@ $(PY):
 
 deps: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	@for mod in pytest numpy ninja setuptools wheel packaging expecttest; do \
-	  $(PY) -c "import $$mod" 2>/dev/null || missing="$$missing $$mod"; \
+	@for mod in pytest xdist numpy ninja setuptools wheel packaging expecttest; do \
+	  $(PY) -c "import $$mod" 2>/dev/null || missing="$$missing $$(echo $$mod | sed 's/^xdist$$/pytest-xdist/')"; \
 	done; \
 	if [ -n "$$missing" ]; then $(PY) -m pip install -q $$missing; fi
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
@@ -41,7 +44,7 @@ $(BUILD_STAMP): $(SOURCES) | deps
 build: deps $(BUILD_STAMP)
 
 test: build cuda-check
-	FASTOPT_REQUIRE_EXT=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	FASTOPT_REQUIRE_EXT=1 $(PY) -m pytest -q $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS)) $(PYTEST_ARGS)
 
 # cuda-check: every .cu file compiled by nvcc for sm_80 and sm_90, warnings as errors, on a machine
 # without a GPU or a CUDA build of torch (the CPU wheel's headers; csrc/cuda/check supplies the
