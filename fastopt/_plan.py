@@ -42,6 +42,17 @@ def real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def plain_tensors(*tensors: Any) -> bool:
+    """No tensor among ``tensors`` is a subclass with its own ``__torch_dispatch__`` (FSDP2's
+    DTensor, a fake or functional tensor): such a tensor has no memory of its own for a kernel to
+    walk. Plain subclasses (``nn.Parameter``, a user's subclass without dispatch) are plain."""
+    return all(not isinstance(t, Tensor) or type(t) in _PLAIN
+               or type(t).__torch_dispatch__ is torch._C._disabled_torch_dispatch_impl for t in tensors)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def dense(t: Tensor) -> bool:
     """Non-overlapping and dense: the elements fill one block of memory in some order of dims."""
     expected = 1
@@ -85,7 +96,7 @@ def bind_grad(g: Optional[Tensor], tmpl: Tensor, index: int, backend: str):
     grad of another dtype, shape or device. The caller relays a grad of another layout."""
     if g is None:
         return None
-    if g.layout != torch.strided:
+    if g.layout != torch.strided or not plain_tensors(g):  # re-plan: the sparse or reference path
         return STALE
     if g.is_complex():
         g = torch.view_as_real(g)
@@ -203,6 +214,7 @@ class Plan:
     sparse: list[tuple[Tensor, dict]]  # (param, group) with a sparse grad (Adagrad only)
     absent: list[Tensor]  # params that had no grad when the plan was built
     state_keys: tuple  # the state keys of every param group (they follow the group's flags)
+    masters: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (param, its fp32 master)
 
     def still_holds(self, state_keys: tuple) -> bool:
         """The cheap part of the staleness check (the grads of planned params are checked by the

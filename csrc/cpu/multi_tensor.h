@@ -95,6 +95,7 @@ class Slots {
       for (size_t s = 0; s < work_.size(); ++s) {
         if (work_[s].empty()) continue;
         const at::Tensor& t = work_[s][i];
+        check_plain(t, "fastopt (cpu)", lists[s].first, i);
         TORCH_CHECK(t.device().is_cpu(), "fastopt (cpu): `", lists[s].first, "` tensor ", i, " is on ",
                     t.device());
         TORCH_CHECK(t.layout() == at::kStrided, "fastopt (cpu): `", lists[s].first, "` tensor ", i,
@@ -117,6 +118,7 @@ class Slots {
       for (const auto& t : work_[s]) ptrs_[s].push_back(t.data_ptr());
     }
     for (const auto& st : steps) {
+      check_plain(st, "fastopt (cpu)", "steps", step_ptrs_.size());
       TORCH_CHECK(st.numel() == 1 && st.scalar_type() == at::kFloat && st.device().is_cpu(),
                   "fastopt: step counts must be 1-element float32 CPU tensors");
       steps_.push_back(st);

@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "fastopt/grad_math.h"
+#include "fastopt/tensor_checks.h"
 #include "ops.h"
 
 namespace fastopt {
@@ -109,6 +110,7 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, double norm_type,
   const at::ScalarType dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
   std::vector<void*> ptrs;
   for (const auto& t : tensors) {
+    check_plain(t, "multi_tensor_norm (cpu)", "tensors", ptrs.size());
     TORCH_CHECK(t.device().is_cpu(), "multi_tensor_norm (cpu): tensors must be on the CPU, got ",
                 t.device());
     TORCH_CHECK(t.scalar_type() == dtype, "multi_tensor_norm: all tensors must have one dtype, got ",

@@ -47,6 +47,7 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
     dtypes_.push_back(tensors.empty() ? at::kFloat : tensors.front().scalar_type());
     for (size_t i = 0; i < tensors.size(); ++i) {
       const at::Tensor& t = tensors[i];
+      check_plain(t, "fastopt (cuda)", name, i);
       TORCH_CHECK(t.is_cuda() && t.device() == device_, "fastopt (cuda): `", name, "` tensor ", i, " is on ",
                   t.device(), ", the params on ", device_);
       TORCH_CHECK(t.scalar_type() == dtypes_.back(), "fastopt (cuda): `", name, "` mixes ", dtypes_.back(),
@@ -63,6 +64,7 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
   }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& s = steps_[i];
+    check_plain(s, "fastopt (cuda)", "steps", i);
     TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == device_,
                 "fastopt (cuda): step counts must be 1-element float32 tensors on ", device_);
   }

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from .._plan import Bucket, OwnerRecord, Segment, StepStats, dense, walks_with
+from .._plan import Bucket, OwnerRecord, Segment, StepStats, dense, plain_tensors, walks_with
 from .reference import GradTransform, ReferenceBackend, RULES, _step_segment
 
 
@@ -60,11 +60,11 @@ class PlannedBackend(ReferenceBackend):
         """Whether the kernels can walk param ``i`` of ``seg`` linearly with its state: every
         tensor dense, laid out like the param, in the dtype the kernels expect."""
         p = seg.params[i]
-        if p.layout != torch.strided or not dense(p):
-            return False
         state_dtype = torch.float32 if seg.masters is not None else p.dtype
         others = [v[i] for v in seg.states.values()] + ([seg.masters[i]] if seg.masters is not None else [])
         step = seg.steps[i]
+        if p.layout != torch.strided or not dense(p) or not plain_tensors(p, step, *others):
+            return False
         return (all(walks_with(t, p) and t.dtype == state_dtype and t.device == p.device for t in others)
                 and step.numel() == 1 and step.dtype == torch.float32 and step.device == p.device)
 

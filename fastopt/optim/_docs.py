@@ -10,9 +10,16 @@ EXTRAS_DOC = r"""
         norm_type (float, optional): 2.0 or ``inf`` (default: 2.0)
         clip_value (float, optional): clamp every gradient element to ``[-clip_value,
             clip_value]`` first, as ``clip_grad_value_`` would (default: None)
+        error_if_nonfinite (bool, optional): with ``max_grad_norm``, raise (as
+            ``clip_grad_norm_(..., error_if_nonfinite=True)`` does) when the total norm is inf or
+            NaN, changing nothing; this costs one host sync per step. A step that a GradScaler
+            skips for inf/NaN gradients does not raise. (default: False)
         master_weights (bool, optional): keep an fp32 copy of every fp16/bf16 parameter in
             ``state['master_param']`` and fp32 optimizer state; the update runs on the copy and
-            the parameter becomes the copy rounded to its dtype (default: False)
+            the parameter becomes the copy rounded to its dtype. A parameter written outside the
+            optimizer (``model.load_state_dict``, an in-place op, ``p.data = ...``) re-seeds its
+            copy at the next step; a write through ``p.data`` in place (``p.data.copy_(x)``) is
+            not seen and is undone by the next step (default: False)
         backend (str, optional): ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or
             ``"cuda"``; see ``fastopt.available_backends`` (default: ``"auto"``)
         foreach, fused, capturable: torch.optim's flags, accepted so that code written for

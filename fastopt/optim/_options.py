@@ -13,6 +13,7 @@ _EXTRAS = {
     "max_grad_norm": None,
     "norm_type": 2.0,
     "clip_value": None,
+    "error_if_nonfinite": False,
     "master_weights": False,
     "backend": "auto",
     **_TORCH_FLAGS,
@@ -26,6 +27,7 @@ class FusedOptions:
     max_grad_norm: Optional[float] = None
     norm_type: float = 2.0
     clip_value: Optional[float] = None
+    error_if_nonfinite: bool = False
     master_weights: bool = False
     backend: str = "auto"
 
@@ -57,6 +59,10 @@ def parse_extras(owner: str, extras: dict) -> tuple[FusedOptions, dict]:
         raise ValueError(f"Invalid norm_type: {norm_type} (fastopt supports 2.0 and inf)")
     if clip_value is not None and not (0.0 <= float(clip_value) < math.inf):
         raise ValueError(f"Invalid clip_value: {clip_value} (expected a finite number >= 0 or None)")
+    if not isinstance(values["error_if_nonfinite"], bool):
+        raise TypeError(f"error_if_nonfinite must be a bool, got {values['error_if_nonfinite']!r}")
+    if values["error_if_nonfinite"] and max_grad_norm is None:
+        raise ValueError("error_if_nonfinite=True needs max_grad_norm (it is about the norm that clipping computes)")
     if not isinstance(values["master_weights"], bool):
         raise TypeError(f"master_weights must be a bool, got {values['master_weights']!r}")
     if values["backend"] not in backends.NAMES:
@@ -65,6 +71,7 @@ def parse_extras(owner: str, extras: dict) -> tuple[FusedOptions, dict]:
         max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
         norm_type=float(norm_type),
         clip_value=None if clip_value is None else float(clip_value),
+        error_if_nonfinite=values["error_if_nonfinite"],
         master_weights=values["master_weights"],
         backend=values["backend"],
     )

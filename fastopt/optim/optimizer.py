@@ -8,6 +8,7 @@ weights and the state-dict format — lives here, once.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -16,7 +17,7 @@ from torch.optim import Optimizer
 
 from .. import backends
 from .. import reference as ref
-from .._plan import Bucket, Plan, Segment, StepStats, real_view
+from .._plan import Bucket, Plan, Segment, StepStats, plain_tensors, real_view
 from ._options import FusedOptions
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -24,6 +25,13 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return None if t is None else t.to(device, non_blocking=True)
+
+
+def _write_mark(p: Tensor) -> tuple[int, int]:
+    """What changes when ``p`` is written or replaced: its address and its version counter (of
+    the local shard for a DTensor: in-place ops on a DTensor write its local tensor)."""
+    local = p.to_local() if hasattr(p, "to_local") else p
+    return local.data_ptr(), local._version
 
 
 class _StepState:
@@ -40,6 +48,12 @@ class _StepState:
         self.plan: Optional[Plan] = None
         self.last_grad_norm: Optional[Tensor] = None
         self.stats = StepStats()
+        self.warned_subclass = False
+        # (param, state key) pairs the current step created: a step that raises removes them
+        self.created: list[tuple[Tensor, str]] = []
+        # Note [stale master weights]: per param with a master copy, (address, version) as the
+        # last step left it; a param written since then re-seeds its master before the update
+        self.master_marks: dict[Tensor, tuple[int, int]] = {}
 
 
 class FusedOptimizer(Optimizer):
@@ -127,10 +141,13 @@ class FusedOptimizer(Optimizer):
         """Create whatever state ``p`` lacks (lazily, as torch does); returns ``self.state[p]``."""
         state = self.state[p]
         master = self._uses_master(p)
+        created = self._run.created
         if "step" not in state:
+            created.append((p, "step"))
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for key in self._state_keys(group):
             if key not in state:
+                created.append((p, key))
                 value = self._initial_value(key, group)
                 state[key] = torch.full_like(
                     p,
@@ -139,6 +156,7 @@ class FusedOptimizer(Optimizer):
                     memory_format=torch.preserve_format,
                 )
         if master and "master_param" not in state:
+            created.append((p, "master_param"))
             state["master_param"] = p.detach().to(
                 torch.float32, memory_format=torch.preserve_format, copy=True
             )
@@ -168,6 +186,7 @@ class FusedOptimizer(Optimizer):
         buckets: dict[tuple, Bucket] = {}
         sparse: list[tuple[Tensor, dict]] = []
         absent: list[Tensor] = []
+        masters: list[tuple[Tensor, Tensor]] = []
         for group in self.param_groups:
             keys = self._state_keys(group)
             for p in group["params"]:
@@ -181,11 +200,13 @@ class FusedOptimizer(Optimizer):
                     sparse.append((p, group))
                     continue
                 view = real_view(p)
-                bucket = buckets.get((p.device, view.dtype))
+                backend = backends.resolve(self._options.backend, p.device, view.dtype)
+                if not plain_tensors(p, p.grad, *state.values()):
+                    backend = self._subclass_fallback(p, backend)
+                bucket = buckets.get((p.device, view.dtype, backend.name))
                 if bucket is None:
-                    backend = backends.resolve(self._options.backend, p.device, view.dtype)
                     bucket = Bucket(p.device, view.dtype, backend, self._rule)
-                    buckets[(p.device, view.dtype)] = bucket
+                    buckets[(p.device, view.dtype, backend.name)] = bucket
                 if not bucket.segments or bucket.segments[-1].group is not group:
                     bucket.segments.append(
                         Segment(
@@ -203,7 +224,23 @@ class FusedOptimizer(Optimizer):
                     seg.states[k].append(real_view(state[k]))
                 if seg.masters is not None:
                     seg.masters.append(state["master_param"])
-        return Plan(list(buckets.values()), sparse, absent, self._state_key())
+                    masters.append((p, state["master_param"]))
+        return Plan(list(buckets.values()), sparse, absent, self._state_key(), masters)
+
+    def _subclass_fallback(self, p: Tensor, backend: Any) -> Any:
+        """The backend for a param that is (or whose grad or state is) a tensor subclass with its
+        own dispatch, such as FSDP2's DTensor: the compiled kernels take plain tensors only (their
+        raw memory), so it takes the reference rules, which run on any tensor torch's ops accept,
+        with a warning once per optimizer (the fallback is also counted in ``step_stats``)."""
+        if backend.name == "reference":
+            return backend
+        if not self._run.warned_subclass:
+            self._run.warned_subclass = True
+            warnings.warn(
+                f"fastopt.{type(self).__name__}: {type(p).__name__} params take the reference path, "
+                f"not the {backend.name} kernels (they take plain tensors only); results are the same, "
+                "the step is slower", stacklevel=5)
+        return backends.resolve("reference", p.device)
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -227,7 +264,28 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():  # Dynamo traces the step itself (no try/except to trace)
+            self._step()
+            return loss
+        self._run.created = []
+        try:
+            self._step()
+        except BaseException:
+            # A step that raises changes nothing (DESIGN.md, Safety): every check runs before the
+            # first write, and the state this step created for the first time is removed again.
+            for p, key in self._run.created:
+                state = self.state.get(p)
+                if state is not None:
+                    state.pop(key, None)
+                    if not state:
+                        del self.state[p]
+            self._run.plan = None
+            raise
+        finally:
+            self._run.created = []
+        return loss
 
+    def _step(self) -> None:
         opts = self._options
         plan, stats = self._bound_plan()
         stats.reference += len(plan.sparse)
@@ -252,16 +310,48 @@ class FusedOptimizer(Optimizer):
                 norms = [b.backend.grad_norm(b, opts.norm_type, x) for b, x in zip(plan.buckets, xforms)]
                 norm = ref.norm_of_norms(norms, opts.norm_type)
                 clip_coef = ref.clip_coefficient(norm, opts.max_grad_norm)
+            if opts.error_if_nonfinite:
+                self._check_finite(norm, found_inf)
             self._run.last_grad_norm = norm
             for b, x in zip(plan.buckets, xforms):
                 x.clip_coef = _on(clip_coef, b.device)
 
+        compiling = torch.compiler.is_compiling()
+        if plan.masters and not compiling:
+            self._reseed_masters(plan)
         for b, x in zip(plan.buckets, xforms):
             b.backend.step(self._rule, b, [self._hparams(s.group) for s in b.segments], x)
         for p, group in plan.sparse:
             self._sparse_step(p, group)
+        if plan.masters and not compiling:
+            marks = self._run.master_marks
+            for p, _ in plan.masters:
+                marks[p] = _write_mark(p)
         self._run.stats = stats
-        return loss
+
+    def _check_finite(self, norm: Tensor, found_inf: Optional[Tensor]) -> None:
+        """``error_if_nonfinite``: clip_grad_norm_'s error (one host sync), before anything is
+        written; not when a GradScaler skips the step anyway."""
+        bad = ~torch.isfinite(norm)
+        if found_inf is not None:
+            bad = bad & (found_inf.to(bad.device) == 0)
+        if bool(bad):
+            raise RuntimeError(
+                f"The total norm of order {self._options.norm_type} for gradients from `parameters` is "
+                "non-finite, so it cannot be clipped. To disable this error and scale the gradients by the "
+                "non-finite norm anyway, set `error_if_nonfinite=False`")
+
+    def _reseed_masters(self, plan: Plan) -> None:
+        """Note [stale master weights]: a bf16/fp16 param written since the last step
+        (``model.load_state_dict``, an in-place op under no_grad, ``p.data = ...``) gets its fp32
+        master re-seeded from it; otherwise the update would start from the old master and undo
+        the write. Seen through the param's version counter and address (no pass over memory);
+        not seen: an in-place write through ``p.data``, which has a version counter of its own."""
+        marks = self._run.master_marks
+        for p, master in plan.masters:
+            mark = marks.get(p)
+            if mark is not None and mark != _write_mark(p):
+                master.copy_(p)
 
     # -- state dict ----------------------------------------------------------------------------
 
@@ -320,3 +410,4 @@ class FusedOptimizer(Optimizer):
             else:
                 state.pop("master_param", None)
         self._run.plan = None
+        self._run.master_marks = {}  # the loaded masters are the truth, whatever was written before

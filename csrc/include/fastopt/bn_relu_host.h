@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "bn_relu_math.h"
+#include "tensor_checks.h"
 
 namespace fastopt {
 namespace bn {
@@ -27,6 +28,7 @@ inline at::ScalarType stat_type(const at::Tensor& x) {
 inline void check_per_channel(const char* op, const char* what, const c10::optional<at::Tensor>& t,
                               const at::Tensor& x, int64_t c) {
   if (!t.has_value() || !t->defined()) return;
+  check_plain(*t, op, what, 0);
   TORCH_CHECK(t->numel() == c, op, ": ", what, " has ", t->numel(), " elements for ", c, " channels");
   TORCH_CHECK(t->scalar_type() == stat_type(x), op, ": ", what, " is ", t->scalar_type(), " for a ",
               x.scalar_type(), " input (expected ", stat_type(x), ")");
@@ -38,6 +40,7 @@ inline void check_per_channel(const char* op, const char* what, const c10::optio
 inline Shape check_forward(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
                            const c10::optional<at::Tensor>& running_var, bool training) {
+  check_plain(x, op, "input", 0);
   const Shape sh = shape_of(x, op);
   check_per_channel(op, "weight", weight, x, sh.c);
   check_per_channel(op, "bias", bias, x, sh.c);
@@ -52,6 +55,8 @@ inline Shape check_forward(const char* op, const at::Tensor& x, const c10::optio
 inline Shape check_backward(const char* op, const at::Tensor& dy, const at::Tensor& x,
                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                             const at::Tensor& mean, const at::Tensor& invstd) {
+  check_plain(x, op, "input", 0);
+  check_plain(dy, op, "grad_output", 0);
   const Shape sh = shape_of(x, op);
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides() && dy.scalar_type() == x.scalar_type(), op,
               ": grad_output must have the input's shape, layout and dtype");

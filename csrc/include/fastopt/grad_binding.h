@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "fastopt/tensor_checks.h"
+
 namespace fastopt {
 
 // Note [absent grads]: a planned param without a grad this step keeps its place in the plan; its
@@ -25,7 +27,7 @@ inline void* no_grad_address() { return reinterpret_cast<void*>(~uintptr_t(0)); 
 class OwnerRecord {
  public:
   explicit OwnerRecord(const at::Tensor& p)
-      : storage_(p.storage()), offset_(p.storage_offset()), dtype_(p.scalar_type()),
+      : storage_((check_plain(p, "fastopt", "owners", 0), p.storage())), offset_(p.storage_offset()), dtype_(p.scalar_type()),
         sizes_(p.sizes().vec()), strides_(p.strides().vec()) {}
 
   bool matches(const at::Tensor& p) const {
@@ -60,7 +62,9 @@ inline std::pair<Bound, at::Tensor> bind_grad(const at::Tensor& owner, const at:
                                               const char* backend) {
   at::Tensor g = owner.grad();
   if (!g.defined()) return {Bound::kNoGrad, at::Tensor()};
-  if (g.layout() != at::kStrided) return {Bound::kStale, at::Tensor()};
+  // a sparse grad, or one of a tensor subclass (a DTensor): the optimizer re-plans and sends the
+  // param to the path that takes it (Adagrad's sparse step, the reference rules) or raises
+  if (g.layout() != at::kStrided || !is_plain(g)) return {Bound::kStale, at::Tensor()};
   if (g.is_complex()) g = at::view_as_real(g);
   TORCH_CHECK(g.scalar_type() == tmpl.scalar_type(), "fastopt (", backend, "): expected the grad of param ", index,
               " to have dtype ", tmpl.scalar_type(), " (the param's), but got ", g.scalar_type());
