@@ -47,7 +47,9 @@ def norm_of_norms(norms: list[Tensor], norm_type: float) -> Tensor:
     if not norms:
         return torch.zeros(())
     device = norms[0].device
-    dtype = torch.float64 if all(n.dtype == torch.float64 for n in norms) else torch.float32
+    # float64 as soon as one part is (torch.stack's promotion in clip_grad_norm_: the total norm and
+    # the coefficient are then float64, rounded to float32 where float32 grads are scaled)
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
     return torch.linalg.vector_norm(
         torch.stack([n.reshape(()).to(device=device, dtype=dtype, non_blocking=True) for n in norms]),
         norm_type,
