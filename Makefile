@@ -18,7 +18,7 @@ BENCH_ARGS ?=
 BUILD_STAMP := $(VENV)/.fastopt-built
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: test bench build deps clean cuda-check cuda-objs
+.PHONY: test bench build deps clean cuda-check cuda-objs asan
 
 # The venv sees the packages of the interpreter that made it, even when that interpreter is itself
 # a venv (as on the GPU machines, where torch lives in one): --system-site-packages alone would
@@ -86,3 +86,23 @@ bench: build
 
 clean:
 	rm -rf build *.egg-info fastopt/_C*.so $(BUILD_STAMP)
+
+# asan: the C++ part built with AddressSanitizer into $(ASAN_DIR) (a copy of the package; the
+# in-place build is left alone), then the fuzz test (more sequences than in `make test`) and the
+# tests that throw through the compiled code run against it, with libasan preloaded into Python.
+# Any ASan report fails the run (halt_on_error). Leak checks are off: CPython and torch keep
+# allocations alive until exit by design.
+ASAN_DIR ?= build/asan
+ASAN_SEQUENCES ?= 150
+ASAN_TESTS ?= tests/test_fuzz.py tests/test_failed_step.py tests/test_ops.py tests/test_plan_life_cycle.py
+asan: deps
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
+	cp -r setup.py pyproject.toml README.md csrc triton_kernels $(ASAN_DIR)/
+	cp -r fastopt $(ASAN_DIR)/ && rm -rf $(ASAN_DIR)/fastopt/_C*.so
+	cd $(ASAN_DIR) && FASTOPT_SANITIZE=address FASTOPT_REQUIRE_EXT=1 MAX_JOBS=2 \
+	  $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd $(ASAN_DIR) && LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
+	  FASTOPT_EXPECT_ASAN=1 FASTOPT_FUZZ_SEQUENCES=$(ASAN_SEQUENCES) FASTOPT_REQUIRE_EXT=1 \
+	  $(abspath $(PY)) -m pytest -q -p no:cacheprovider -p no:xdist -k "not triton and not cuda" \
+	  --rootdir $(CURDIR) -c $(CURDIR)/pyproject.toml $(addprefix $(CURDIR)/,$(ASAN_TESTS))

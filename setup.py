@@ -9,6 +9,8 @@
   built where it runs). FASTOPT_MARCH=x86-64-v3 (say) picks another target, for a build that
   has to run on other machines.
 * Install with `pip install --no-build-isolation -e .`: the build needs the torch you run with.
+* FASTOPT_SANITIZE=address builds the C++ part (CPU only) with AddressSanitizer, for `make asan`
+  (run under LD_PRELOAD of libasan, as the Makefile does).
 * The CUDA toolkit is the one of $CUDA_HOME, else of the nvcc on PATH as nvcc itself reports it
   (an `nvcc` on PATH may be a wrapper script far from the toolkit); without one, the CUDA part is
   skipped with a message.
@@ -59,7 +61,8 @@ ext_modules, cmdclass = [], {}
 if not _flag("FASTOPT_NO_EXT"):
     import torch
 
-    cuda_home = find_cuda_home() if torch.version.cuda is not None else None
+    sanitize = os.environ.get("FASTOPT_SANITIZE", "")
+    cuda_home = find_cuda_home() if torch.version.cuda is not None and not sanitize else None
     if cuda_home is not None:
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when imported
     elif torch.version.cuda is not None:
@@ -87,6 +90,11 @@ if not _flag("FASTOPT_NO_EXT"):
         },
         extra_link_args=["-fopenmp"],
     )
+    if sanitize:  # an instrumented CPU build; -O1 keeps reports readable, frames kept for stacks
+        flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+        common["extra_compile_args"]["cxx"] = [f for f in common["extra_compile_args"]["cxx"] if f != "-O3"]
+        common["extra_compile_args"]["cxx"] += ["-O1"] + flags
+        common["extra_link_args"] = common["extra_link_args"] + flags
     if with_cuda:
         ext = CUDAExtension(
             "fastopt._C", sources + cuda_sources, define_macros=[("FASTOPT_WITH_CUDA", None)], **common

@@ -165,8 +165,8 @@ class Segment:
                     raise RuntimeError(
                         f"fastopt ({backend}): state {key!r} of param {i} is {t.dtype} {list(t.shape)}, the "
                         f"update needs {dtype} {list(p.shape)} (was the param's dtype or shape changed after "
-                        "its state was made? torch.optim refuses this too; rebuild the optimizer or load a "
-                        "state dict)")
+                        "its state was made? torch.optim's Adam refuses this too; after a deliberate change, "
+                        "optimizer.load_state_dict(optimizer.state_dict()) casts the state to the params' dtypes)")
 
     @property
     def targets(self) -> list[Tensor]:
