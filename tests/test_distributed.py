@@ -167,3 +167,48 @@ def test_the_compiled_entry_points_refuse_dtensors():
     if not fastopt._ext.has_cpu_ops():
         pytest.skip("the extension is not built")
     _spawn(_entry_points_refuse_dtensors)
+
+
+def _ddp_parity(rank: int, port: int, backend: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _init(rank, port)
+    try:
+        for name in sorted(_OPTIMIZERS):
+            for options in (dict(gradient_as_bucket_view=True), dict(gradient_as_bucket_view=True, static_graph=True),
+                            dict()):
+                base = _model()
+                ours_m, theirs_m = DDP(copy.deepcopy(base), **options), DDP(copy.deepcopy(base), **options)
+                ours = getattr(fastopt, name)(ours_m.parameters(), backend=backend, max_grad_norm=0.5,
+                                              **_OPTIMIZERS[name])
+                theirs = getattr(torch.optim, name)(theirs_m.parameters(), foreach=False, **_OPTIMIZERS[name])
+                torch.manual_seed(100 + rank)
+                for step in range(4):
+                    x = torch.randn(6, 8)
+                    for m in (ours_m, theirs_m):
+                        m(x).square().mean().backward()
+                    norm = torch.nn.utils.clip_grad_norm_(theirs_m.parameters(), 0.5)
+                    theirs.step()
+                    ours.step()
+                    stats = ours.step_stats
+                    expected = (0, 4) if backend == "reference" else (4, 0)
+                    assert (stats.kernel, stats.reference) == expected, (name, options, stats)
+                    torch.testing.assert_close(ours.last_grad_norm, norm, rtol=RTOL, atol=ATOL)
+                    # set_to_none alternately: DDP then makes the grads bucket views again
+                    for opt in (ours, theirs):
+                        opt.zero_grad(set_to_none=step % 2 == 0)
+                for p, q in zip(ours_m.parameters(), theirs_m.parameters()):
+                    torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name} {options}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_ddp_steps_like_torch_on_the_kernels(backend):
+    """#17: DDP-wrapped models, grads as views into DDP's buckets (gradient_as_bucket_view, with and
+    without static_graph) or not: every optimizer with clipping on the backend's kernels (asserted)
+    ends where torch.optim with clip_grad_norm_ ends."""
+    reason = fastopt.backends.why_unavailable(backend, "cpu")
+    if reason:
+        pytest.skip(reason)
+    _spawn(_ddp_parity, backend)
