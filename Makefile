@@ -89,7 +89,9 @@ clean:
 
 # asan: the C++ part built with AddressSanitizer into $(ASAN_DIR) (a copy of the package; the
 # in-place build is left alone), then the fuzz test (more sequences than in `make test`) and the
-# tests that throw through the compiled code run against it, with libasan preloaded into Python.
+# tests that throw through the compiled code run against it, with libasan preloaded into Python
+# (and libstdc++ with it: python itself does not link it, and ASan's interception of C++ throws
+# needs it loaded from the start, or the first exception torch throws aborts the process).
 # Any ASan report fails the run (halt_on_error). Leak checks are off: CPython and torch keep
 # allocations alive until exit by design.
 ASAN_DIR ?= build/asan
@@ -101,7 +103,7 @@ asan: deps
 	cp -r fastopt $(ASAN_DIR)/ && rm -rf $(ASAN_DIR)/fastopt/_C*.so
 	cd $(ASAN_DIR) && FASTOPT_SANITIZE=address FASTOPT_REQUIRE_EXT=1 MAX_JOBS=2 \
 	  $(abspath $(PY)) setup.py -q build_ext --inplace
-	cd $(ASAN_DIR) && LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" \
+	cd $(ASAN_DIR) && LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
 	  FASTOPT_EXPECT_ASAN=1 FASTOPT_FUZZ_SEQUENCES=$(ASAN_SEQUENCES) FASTOPT_REQUIRE_EXT=1 \
 	  $(abspath $(PY)) -m pytest -q -p no:cacheprovider -p no:xdist -k "not triton and not cuda" \

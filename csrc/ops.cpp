@@ -120,6 +120,17 @@ py::object bind_result(const fastopt::BindResult& r) {
   return py::make_tuple(r.bound, r.relaid, r.no_grad);
 }
 
+// bind_grads(owners=None, grads=None): with both given (the local shards of DTensor params and of
+// their grads, None for an absent grad), those are bound instead of the plan's owners' .grad.
+template <typename Plan>
+py::object bind_plan(Plan& plan, c10::optional<Tensors> owners, c10::optional<std::vector<OptTensor>> grads) {
+  TORCH_CHECK(owners.has_value() == grads.has_value(), "bind_grads: give both owners and grads, or neither");
+  if (!owners.has_value()) return bind_result(plan.bind_grads());
+  fastopt::GivenGrads given{std::move(*owners), {}};
+  for (auto& g : *grads) given.grads.push_back(g.has_value() ? std::move(*g) : at::Tensor());
+  return bind_result(plan.bind_grads(&given));
+}
+
 // Runs `apply` on a plan whose grads were bound this step (bind_grads), without
 // the GIL: the kernels use OpenMP threads and take no Python objects.
 template <typename Apply>
@@ -198,7 +209,7 @@ void bind_cuda(py::module& m) {
   namespace fc = fastopt::cuda;
   using fc::CudaPlan;
   py::class_<CudaPlan, std::shared_ptr<CudaPlan>>(m, "CudaPlan")
-      .def("bind_grads", [](CudaPlan& plan) { return bind_result(plan.bind_grads()); })
+      .def("bind_grads", &bind_plan<CudaPlan>, py::arg("owners") = py::none(), py::arg("grads") = py::none())
       .def("grad_norm", [](const CudaPlan& plan, double norm_type, OptTensor grad_scale, c10::optional<double> clip,
                            c10::optional<double> max_norm) {
         return fc::grad_norm(plan, norm_type, grad_scale, clip, max_norm);
@@ -249,7 +260,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // same kernels as the ops above.
   using fastopt::cpu::kGradSlot;
   py::class_<Slots, std::shared_ptr<Slots>>(m, "CpuPlan")
-      .def("bind_grads", [](Slots& sl) { return bind_result(sl.bind_grads()); })
+      .def("bind_grads", &bind_plan<Slots>, py::arg("owners") = py::none(), py::arg("grads") = py::none())
       .def("grad_norm", [](const Slots& sl, double norm_type, OptTensor inv_scale, c10::optional<double> clip) {
         py::gil_scoped_release no_gil;
         return fastopt::cpu::grad_norm(sl, kGradSlot, norm_type, inv_scale, clip);

@@ -53,6 +53,35 @@ def plain_tensors(*tensors: Any) -> bool:
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
+# Note [DTensor shards]: an optimizer step is elementwise, so a DTensor param (FSDP2's
+# ``fully_shard``) is stepped by stepping its local shard with the local shards of its grad and
+# state, when all of them are laid out alike: the same mesh and placements (Shard or Replicate,
+# not Partial). Such params form buckets of their own (``Bucket.spec``), whose segments hold the
+# local tensors and keep the DTensor params as owners (``Segment.sharded``); each step binds the
+# local shards of the params and grads explicitly (a plan cannot read a DTensor's ``.grad``).
+# The only cross-rank part is the gradient norm for clipping: a bucket's norm is of this rank's
+# shards, and the optimizer reduces it over the mesh dims the params are sharded on (replicated
+# dims hold copies and are not counted twice), as DTensor's own norm does. Anything else about
+# a DTensor param (another placement for its grad, say) sends it to the reference rules, which
+# run on DTensors as torch.optim does.
+
+
+def is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
+def shard_spec(t: Any) -> Optional[tuple]:
+    """(mesh, placements) of a DTensor whose local shard a kernel may step; None otherwise."""
+    if not is_dtensor(t) or any(pl.is_partial() for pl in t.placements):
+        return None
+    return t.device_mesh, tuple(t.placements)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor; any other tensor as it is."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def dense(t: Tensor) -> bool:
     """Non-overlapping and dense: the elements fill one block of memory in some order of dims."""
     expected = 1
@@ -96,8 +125,8 @@ def bind_grad(g: Optional[Tensor], tmpl: Tensor, index: int, backend: str):
     grad of another dtype, shape or device. The caller relays a grad of another layout."""
     if g is None:
         return None
-    if g.layout != torch.strided or not plain_tensors(g):  # re-plan: the sparse or reference path
-        return STALE
+    if g.layout != torch.strided or (plain_tensors(tmpl) and not plain_tensors(g)):
+        return STALE  # re-plan: the sparse path, or the reference rules for a DTensor grad
     if g.is_complex():
         g = torch.view_as_real(g)
     if g.dtype != tmpl.dtype:
@@ -124,6 +153,7 @@ class Segment:
     steps: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)  # refreshed every step
     is_complex: bool = False
+    sharded: bool = False  # owners are DTensors, the other lists their local shards (Note [DTensor shards])
 
     def subset(self, indices: list[int]) -> "Segment":
         """The entries at ``indices``, in order."""
@@ -135,6 +165,7 @@ class Segment:
             states={k: [v[i] for i in indices] for k, v in self.states.items()},
             steps=[self.steps[i] for i in indices],
             is_complex=any(self.owners[i].is_complex() for i in indices),
+            sharded=self.sharded,
         )
 
     def with_grads(self, backend: str) -> Optional["Segment"]:
@@ -206,6 +237,7 @@ class Bucket:
     rule: str  # the update rule ("adam", "adagrad", "rmsprop")
     segments: list[Segment] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # backend-private data (pointer tables, ...)
+    spec: Optional[tuple] = None  # (mesh, placements) of a bucket of DTensor shards (Note [DTensor shards])
 
 
 @dataclass

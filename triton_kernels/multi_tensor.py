@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._plan import NO_GRAD, STALE, OwnerRecord, bind_grad, walks_with
+from .._plan import NO_GRAD, STALE, OwnerRecord, bind_grad, plain_tensors, walks_with
 
 CHUNK = 16384  # elements per program
 BLOCK = 1024  # elements per iteration of a program's loop
@@ -94,18 +94,26 @@ class MultiTensorPlan:
     def __len__(self) -> int:
         return len(self.numel_list)
 
-    def bind_grads(self) -> Optional[tuple[int, int, int]]:
+    def bind_grads(self, owners: Optional[list[Tensor]] = None,
+                   grads: Optional[list[Optional[Tensor]]] = None) -> Optional[tuple[int, int, int]]:
         """Point the grad table at the owners' grads of this step, in one pass over the owners
         (Note [the plan life cycle], fastopt/_plan.py). None, binding nothing, when an owner
         changed since the plan was built (the plan is stale); else how many grads were bound as
         they are, relaid (copied into the param's layout), or absent (NO_GRAD: the kernels skip
-        that param). A grad of another dtype, shape or device raises before anything is bound."""
-        grads, values = [], []
+        that param). A grad of another dtype, shape or device raises before anything is bound.
+        With ``owners`` and ``grads`` given (the local shards of DTensor params and of their grads,
+        Note [DTensor shards]), those are bound instead of the plan's owners' ``.grad``."""
+        if (owners is None) != (grads is None):
+            raise ValueError("bind_grads: give both owners and grads, or neither")
+        now = self.owners if owners is None else owners
+        if len(now) != len(self.records) or (grads is not None and len(grads) != len(self.records)):
+            raise ValueError(f"bind_grads: expected {len(self.records)} owners and grads")
+        bound_grads, values = [], []
         bound = relaid = absent = 0
-        for i, (p, record, tmpl) in enumerate(zip(self.owners, self.records, self.templates)):
-            if not record.matches(p):
+        for i, (p, record, tmpl) in enumerate(zip(now, self.records, self.templates)):
+            if not plain_tensors(p) or not record.matches(p):
                 return None
-            g = bind_grad(p.grad, tmpl, i, "triton")
+            g = bind_grad(p.grad if grads is None else grads[i], tmpl, i, "triton")
             if g is STALE:
                 return None
             if g is None:
@@ -118,9 +126,9 @@ class MultiTensorPlan:
                     g = torch.empty_like(tmpl).copy_(g)
                     relaid += 1
                 values.append(g.data_ptr())
-            grads.append(g)
+            bound_grads.append(g)
         if values != self.ptr_values[self.grad_slot]:
             self.ptrs[self.grad_slot].copy_(_upload(values, torch.int64, self.device), non_blocking=True)
             self.ptr_values[self.grad_slot] = values
-        self._grads = grads  # keep this step's grads alive while the kernels read them
+        self._grads = bound_grads  # keep this step's grads alive while the kernels read them
         return bound, relaid, absent

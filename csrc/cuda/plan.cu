@@ -131,10 +131,10 @@ void CudaPlan::upload_grads(const std::vector<at::Tensor>& grads) {
   }
 }
 
-BindResult CudaPlan::bind_grads() {
+BindResult CudaPlan::bind_grads(const GivenGrads* given) {
   TORCH_CHECK(!owners_.empty() || numels_.empty(), "fastopt (cuda): this plan has no owners to bind");
   std::vector<at::Tensor> grads;
-  const BindResult r = fastopt::bind_grads(owners_, records_, templates_, grads, "cuda");
+  const BindResult r = fastopt::bind_grads(owners_, records_, templates_, grads, "cuda", given);
   if (!r.stale) upload_grads(grads);
   return r;
 }

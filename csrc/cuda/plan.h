@@ -33,7 +33,7 @@ class CudaPlan {
 
   // Reads every owner's .grad() (fastopt/grad_binding.h: a grad of another layout is relaid, a
   // missing one skipped, Note [absent grads]); stale, binding nothing, when an owner changed.
-  BindResult bind_grads();
+  BindResult bind_grads(const GivenGrads* given = nullptr);
 
   int64_t size() const { return static_cast<int64_t>(numels_.size()); }
   int64_t n_chunks() const { return n_chunks_; }

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._plan import Bucket, Segment
+from .._plan import Bucket, Segment, local
 from .planned import PlannedBackend
 from .reference import GradTransform
 
@@ -84,11 +84,12 @@ _RULES = {
 
 def compiled_plan(prefix: str, bucket: Bucket, seg: Segment):
     """A plan of ``fastopt._C`` (``prefix`` "cpu" or "cuda") for the segment (params that
-    PlannedBackend._can_plan accepted). The grads slot holds the params as placeholders (the
+    PlannedBackend.can_plan accepted). The grads slot holds the params as placeholders (the
     layout and dtype of the grads a plan takes); bind_grads() fills it every step from the owners'
     grads (a real view for complex params)."""
     lists, _, name = _RULES[bucket.rule]
-    return getattr(_ext._C, f"{prefix}_{name}_plan")(*lists(seg, seg.params), list(seg.owners))
+    owners = [local(p) for p in seg.owners] if seg.sharded else list(seg.owners)  # Note [DTensor shards]
+    return getattr(_ext._C, f"{prefix}_{name}_plan")(*lists(seg, seg.params), owners)
 
 
 class CpuBackend(PlannedBackend):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from .._plan import Bucket, OwnerRecord, Segment, StepStats, dense, plain_tensors, walks_with
+from .._plan import Bucket, OwnerRecord, Segment, StepStats, dense, local, plain_tensors, shard_spec, walks_with
 from .reference import GradTransform, ReferenceBackend, RULES, _step_segment
 
 
@@ -56,7 +56,7 @@ class PlannedBackend(ReferenceBackend):
     # -- build ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _can_plan(seg: Segment, i: int) -> bool:
+    def can_plan(seg: Segment, i: int) -> bool:
         """Whether the kernels can walk param ``i`` of ``seg`` linearly with its state: every
         tensor dense, laid out like the param, in the dtype the kernels expect."""
         p = seg.params[i]
@@ -69,7 +69,7 @@ class PlannedBackend(ReferenceBackend):
                 and step.numel() == 1 and step.dtype == torch.float32 and step.device == p.device)
 
     def _plan_segment(self, bucket: Bucket, seg: Segment) -> SegmentPlan:
-        ok = [i for i in range(len(seg.params)) if self._can_plan(seg, i)]
+        ok = [i for i in range(len(seg.params)) if self.can_plan(seg, i)]
         planned = set(ok)
         others = [i for i in range(len(seg.params)) if i not in planned]
         plan = None
@@ -78,6 +78,8 @@ class PlannedBackend(ReferenceBackend):
                 plan = self._build(bucket, seg if not others else seg.subset(ok))
             except (RuntimeError, ValueError, TypeError):  # refused by the plan: the fallback takes all
                 others = list(range(len(seg.params)))
+        if others and seg.sharded:  # the optimizer sent only shards that can_plan takes
+            raise RuntimeError(f"fastopt ({self.name}): the kernels refused the DTensor shards of params {others}")
         rest = None if not others else (seg if len(others) == len(seg.params) else seg.subset(others))
         return SegmentPlan(plan, rest, [OwnerRecord(p) for p in rest.owners] if rest is not None else [])
 
@@ -93,9 +95,9 @@ class PlannedBackend(ReferenceBackend):
         bucket.cache["compiling"] = torch.compiler.is_compiling()
         if bucket.cache["compiling"]:  # Dynamo cannot trace the host side of a plan
             return super().bind(bucket, stats)
-        for sp in self._plans(bucket):
+        for sp, seg in zip(self._plans(bucket), bucket.segments):
             if sp.plan is not None:
-                counts = sp.plan.bind_grads()
+                counts = sp.plan.bind_grads(*self._shards_now(bucket, seg)) if seg.sharded else sp.plan.bind_grads()
                 if counts is None:
                     return self._stale(bucket)
                 stats.count_kernel(*counts)
@@ -105,6 +107,18 @@ class PlannedBackend(ReferenceBackend):
                     return self._stale(bucket)
                 stats.count_fallback(self.fallback_kind(bucket, sp.rest_now), len(sp.rest_now.params))
         return True
+
+    @staticmethod
+    def _shards_now(bucket: Bucket, seg: Segment) -> tuple[list, list]:
+        """This step's local shards of a sharded segment's params and grads (Note [DTensor
+        shards]); a grad laid out unlike its param is given as a DTensor, which the plan refuses
+        (stale: the optimizer re-plans and sends that param to the reference rules)."""
+        owners, grads = [], []
+        for p in seg.owners:
+            g = p.grad
+            owners.append(local(p))
+            grads.append(None if g is None else (local(g) if shard_spec(g) == bucket.spec else g))
+        return owners, grads
 
     @staticmethod
     def _stale(bucket: Bucket) -> bool:

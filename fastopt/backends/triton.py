@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._plan import Bucket, Segment
+from .._plan import Bucket, Segment, local
 from .planned import PlannedBackend
 from .reference import GradTransform
 
@@ -86,7 +86,8 @@ class TritonBackend(PlannedBackend):
         return dtype in self.DTYPES
 
     def _build(self, bucket: Bucket, seg: Segment):
-        return kernels().MultiTensorPlan(_slots(bucket.rule, seg), seg.steps, seg.owners)
+        owners = [local(p) for p in seg.owners] if seg.sharded else seg.owners  # Note [DTensor shards]
+        return kernels().MultiTensorPlan(_slots(bucket.rule, seg), seg.steps, owners)
 
     def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
         return kernels().grad_norm(plan, norm_type, grad_scale=xform.grad_scale, clip_value=xform.clip_value,

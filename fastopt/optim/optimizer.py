@@ -8,16 +8,18 @@ weights and the state-dict format — lives here, once.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import backends
 from .. import reference as ref
-from .._plan import Bucket, Plan, Segment, StepStats, plain_tensors, real_view
+from .._plan import Bucket, Plan, Segment, StepStats, local, plain_tensors, real_view, shard_spec
 from ._options import FusedOptions
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -25,6 +27,24 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return None if t is None else t.to(device, non_blocking=True)
+
+
+def _over_shards(bucket: Bucket, norm: Tensor, norm_type: float) -> Tensor:
+    """A bucket's gradient norm over every rank: for a bucket of DTensor shards (Note [DTensor
+    shards]) the norm of this rank's shards reduced over the mesh dims the params are sharded on,
+    as DTensor reduces a norm (p-th powers summed, or the max for inf); replicated dims hold
+    copies and are left out. One all-reduce per sharded mesh dim; no host sync."""
+    if bucket.spec is None:
+        return norm
+    mesh, placements = bucket.spec
+    dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
+    if not dims:
+        return norm
+    inf = math.isinf(norm_type)
+    t = norm.clone() if inf else norm ** norm_type
+    for dim in dims:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=mesh.get_group(dim))
+    return t if inf else t ** (1.0 / norm_type)
 
 
 def _write_mark(p: Tensor) -> tuple[int, int]:
@@ -201,31 +221,52 @@ class FusedOptimizer(Optimizer):
                     continue
                 view = real_view(p)
                 backend = backends.resolve(self._options.backend, p.device, view.dtype)
+                spec = None
                 if not plain_tensors(p, p.grad, *state.values()):
-                    backend = self._subclass_fallback(p, backend)
-                bucket = buckets.get((p.device, view.dtype, backend.name))
+                    spec = self._shards_for_kernels(p, state, keys, backend)
+                    if spec is None:
+                        backend = self._subclass_fallback(p, backend)
+                key = (p.device, view.dtype, backend.name, None if spec is None else (id(spec[0]), spec[1]))
+                bucket = buckets.get(key)
                 if bucket is None:
-                    bucket = Bucket(p.device, view.dtype, backend, self._rule)
-                    buckets[(p.device, view.dtype, backend.name)] = bucket
+                    bucket = buckets[key] = Bucket(p.device, view.dtype, backend, self._rule, spec=spec)
                 if not bucket.segments or bucket.segments[-1].group is not group:
                     bucket.segments.append(
                         Segment(
                             group,
                             masters=[] if self._uses_master(p) else None,
                             states={k: [] for k in keys},
+                            sharded=spec is not None,
                         )
                     )
                 seg = bucket.segments[-1]
+                shard = local if spec is not None else (lambda t: t)
                 seg.is_complex = seg.is_complex or p.is_complex()
                 seg.owners.append(p)
-                seg.params.append(view)
+                seg.params.append(real_view(shard(p)))
                 seg.steps.append(state["step"])
                 for k in keys:
-                    seg.states[k].append(real_view(state[k]))
+                    seg.states[k].append(real_view(shard(state[k])))
                 if seg.masters is not None:
-                    seg.masters.append(state["master_param"])
+                    seg.masters.append(shard(state["master_param"]))
                     masters.append((p, state["master_param"]))
         return Plan(list(buckets.values()), sparse, absent, self._state_key(), masters)
+
+    @staticmethod
+    def _shards_for_kernels(p: Tensor, state: dict, keys: tuple, backend: Any) -> Optional[tuple]:
+        """(mesh, placements) when ``backend``'s kernels can step the local shard of the DTensor
+        ``p`` (Note [DTensor shards]): its grad and every state tensor (not the step count) are
+        DTensors laid out alike, and the shards can be walked together; else None."""
+        spec = shard_spec(p)
+        if spec is None or backend.name == "reference" or not hasattr(backend, "can_plan"):
+            return None
+        others = [p.grad] + [state[k] for k in keys] + ([state["master_param"]] if "master_param" in state else [])
+        if any(shard_spec(t) != spec for t in others) or not plain_tensors(state["step"]):
+            return None
+        probe = Segment(None, params=[real_view(local(p))], steps=[state["step"]],
+                        states={k: [real_view(local(state[k]))] for k in keys},
+                        masters=[local(state["master_param"])] if "master_param" in state else None)
+        return spec if backend.can_plan(probe, 0) else None
 
     def _subclass_fallback(self, p: Tensor, backend: Any) -> Any:
         """The backend for a param that is (or whose grad or state is) a tensor subclass with its
@@ -303,11 +344,12 @@ class FusedOptimizer(Optimizer):
             for b in plan.buckets
         ]
         if opts.clips_norm:
-            if len(plan.buckets) == 1:  # the common case: the backend may fuse norm and coefficient
+            if len(plan.buckets) == 1 and plan.buckets[0].spec is None:  # the backend may fuse the coefficient
                 b = plan.buckets[0]
                 norm, clip_coef = b.backend.norm_and_coef(b, opts.norm_type, xforms[0], opts.max_grad_norm)
             else:
-                norms = [b.backend.grad_norm(b, opts.norm_type, x) for b, x in zip(plan.buckets, xforms)]
+                norms = [_over_shards(b, b.backend.grad_norm(b, opts.norm_type, x), opts.norm_type)
+                         for b, x in zip(plan.buckets, xforms)]
                 norm = ref.norm_of_norms(norms, opts.norm_type)
                 clip_coef = ref.clip_coefficient(norm, opts.max_grad_norm)
             if opts.error_if_nonfinite:

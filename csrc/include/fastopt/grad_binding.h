@@ -58,9 +58,8 @@ enum class Bound { kGrad, kRelaid, kNoGrad, kStale };
 // run, the plan stays). A sparse grad makes the plan stale (the optimizer re-plans: Adagrad's
 // sparse path, or torch's error). A grad the kernels must not read raises torch's kind of error,
 // before anything was written: another dtype, shape or device.
-inline std::pair<Bound, at::Tensor> bind_grad(const at::Tensor& owner, const at::Tensor& tmpl, size_t index,
+inline std::pair<Bound, at::Tensor> bind_grad(at::Tensor g, const at::Tensor& tmpl, size_t index,
                                               const char* backend) {
-  at::Tensor g = owner.grad();
   if (!g.defined()) return {Bound::kNoGrad, at::Tensor()};
   // a sparse grad, or one of a tensor subclass (a DTensor): the optimizer re-plans and sends the
   // param to the path that takes it (Adagrad's sparse step, the reference rules) or raises
@@ -101,18 +100,28 @@ inline void check_slot_dtypes(const std::vector<std::string>& names, const std::
   }
 }
 
+// The owners and grads of a step given by the caller instead of read from the plan's owners: the
+// local shards of DTensor params and of their grads (Note [DTensor shards], fastopt/_plan.py).
+// An absent grad is an undefined tensor.
+struct GivenGrads {
+  std::vector<at::Tensor> owners, grads;
+};
+
 // Binds the grads of every owner: `grads[i]` gets the tensor to read (undefined without a grad).
 // Validates every grad before it returns anything (a bad grad raises with nothing bound).
 inline BindResult bind_grads(const std::vector<at::Tensor>& owners, const std::vector<OwnerRecord>& records,
                              const std::vector<at::Tensor>& templates, std::vector<at::Tensor>& grads,
-                             const char* backend) {
+                             const char* backend, const GivenGrads* given = nullptr) {
+  const std::vector<at::Tensor>& now = given != nullptr ? given->owners : owners;
+  TORCH_CHECK(now.size() == records.size() && (given == nullptr || given->grads.size() == records.size()),
+              "fastopt (", backend, "): expected ", records.size(), " owners and grads to bind");
   BindResult r;
-  for (size_t i = 0; i < owners.size(); ++i) {
-    if (!records[i].matches(owners[i])) return BindResult{true};
+  for (size_t i = 0; i < now.size(); ++i) {
+    if (!is_plain(now[i]) || !records[i].matches(now[i])) return BindResult{true};
   }
-  std::vector<at::Tensor> out(owners.size());
-  for (size_t i = 0; i < owners.size(); ++i) {
-    auto [kind, g] = bind_grad(owners[i], templates[i], i, backend);
+  std::vector<at::Tensor> out(now.size());
+  for (size_t i = 0; i < now.size(); ++i) {
+    auto [kind, g] = bind_grad(given != nullptr ? given->grads[i] : now[i].grad(), templates[i], i, backend);
     if (kind == Bound::kStale) return BindResult{true};
     r.bound += kind == Bound::kGrad;
     r.relaid += kind == Bound::kRelaid;
