@@ -183,6 +183,21 @@ def _entry_points_refuse_dtensors(rank: int, port: int) -> None:
             ref.step()
             assert (opt.step_stats.kernel, opt.step_stats.reference) == (0, 1), opt.step_stats
         torch.testing.assert_close(ours.full_tensor(), theirs.full_tensor(), rtol=RTOL, atol=ATOL)
+
+        # GradScaler's inf skip decided over every rank: only rank 0 found an inf, both skip
+        p = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
+        opt = fastopt.AdamW([p], lr=0.1, backend="cpu")
+        p.grad = distribute_tensor(grad, mesh, [Shard(0)])
+        opt.grad_scale = torch.ones(())
+        opt.found_inf = torch.full((), 1.0 if rank == 0 else 0.0)
+        before = p.to_local().clone()
+        opt.step()
+        assert opt.step_stats.kernel == 1
+        assert torch.equal(p.to_local(), before), f"rank {rank} stepped while rank 0 skipped"
+        assert float(opt.state[p]["step"]) == 0.0
+        opt.found_inf = torch.zeros(())
+        opt.step()
+        assert not torch.equal(p.to_local(), before)
     finally:
         dist.destroy_process_group()
 
@@ -190,7 +205,8 @@ def _entry_points_refuse_dtensors(rank: int, port: int) -> None:
 def test_the_compiled_entry_points_refuse_dtensors():
     """Users can call the plans and ops directly: a DTensor there is a clear error, not a read
     through a pointer that is not its elements. And a DTensor param the kernels cannot step by
-    its shards falls back to the reference rules, visibly."""
+    its shards falls back to the reference rules, visibly; GradScaler's skip is decided over
+    every rank (#17)."""
     if not fastopt._ext.has_cpu_ops():
         pytest.skip("the extension is not built")
     _spawn(_entry_points_refuse_dtensors)

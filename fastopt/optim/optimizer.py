@@ -47,6 +47,23 @@ def _over_shards(bucket: Bucket, norm: Tensor, norm_type: float) -> Tensor:
     return t if inf else t ** (1.0 / norm_type)
 
 
+def _on_any_rank(found_inf: Tensor, plan: Plan) -> Tensor:
+    """GradScaler's found_inf of this rank, or-ed over the ranks that hold the DTensor shards of
+    the plan (Note [DTensor shards]): every rank skips the step when any rank's grads hold an inf
+    or NaN, so the shards of one param never part ways. (GradScaler computes found_inf from this
+    rank's shards only; its scale update stays per rank, as with torch.optim.)"""
+    out = found_inf.clone()
+    seen = set()
+    for b in plan.buckets:
+        if b.spec is None or id(b.spec[0]) in seen:
+            continue
+        seen.add(id(b.spec[0]))
+        mesh = b.spec[0]
+        for dim in range(mesh.ndim):
+            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    return out
+
+
 def _write_mark(p: Tensor) -> tuple[int, int]:
     """What changes when ``p`` is written or replaced: its address and its version counter (of
     the local shard for a DTensor: in-place ops on a DTensor write its local tensor)."""
@@ -331,6 +348,8 @@ class FusedOptimizer(Optimizer):
         plan, stats = self._bound_plan()
         stats.reference += len(plan.sparse)
         grad_scale, found_inf = self._amp_tensors()
+        if found_inf is not None and any(b.spec is not None for b in plan.buckets):
+            found_inf = _on_any_rank(found_inf, plan)
         if plan.sparse and (grad_scale is not None or found_inf is not None or opts.clips_norm
                             or opts.clip_value is not None):
             raise NotImplementedError(
