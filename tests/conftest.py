@@ -21,6 +21,11 @@ if not HAS_CUDA:
 import fastopt  # noqa: E402
 from fastopt import backends  # noqa: E402
 
+# `make asan`: every test process (isolated children too) must run the instrumented build
+if os.environ.get("FASTOPT_EXPECT_ASAN") == "1":
+    assert fastopt._ext._C is not None and "asan" in fastopt._ext._C.__file__, \
+        f"not the ASan build of fastopt._C: {fastopt._ext._C and fastopt._ext._C.__file__}"
+
 
 def backend_device(name: str) -> str:
     """The device a backend's tests run on: CUDA where there is one, else the CPU."""
@@ -81,10 +86,15 @@ def isolated(test):
         if os.environ.get("FASTOPT_TEST_CHILD") == "1":
             return test(*args, **kwargs)
         nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", nodeid]
+        # the child runs where this process runs, so that it imports the same fastopt (the
+        # installed one in CI's second environment, the ASan build under `make asan`), with the
+        # test named by its absolute path
+        path = os.path.join(_CONFIG["rootdir"], nodeid)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", path,
+               "--rootdir", _CONFIG["rootdir"]]
         if _CONFIG.get("inifile"):
-            cmd[3:3] = ["-c", _CONFIG["inifile"], "--rootdir", _CONFIG["rootdir"]]
-        result = subprocess.run(cmd, cwd=_CONFIG["rootdir"], env={**os.environ, "FASTOPT_TEST_CHILD": "1"},
+            cmd += ["-c", _CONFIG["inifile"]]
+        result = subprocess.run(cmd, cwd=os.getcwd(), env={**os.environ, "FASTOPT_TEST_CHILD": "1"},
                                 capture_output=True, text=True, timeout=600)
         if result.returncode < 0:
             pytest.fail(f"the test's process died with {signal.Signals(-result.returncode).name}:\n"
