@@ -14,7 +14,6 @@ versions and date.
 
 from __future__ import annotations
 
-import copy
 import csv
 import os
 import socket
@@ -55,11 +54,10 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        base = _model()
         x = torch.randn(8, WIDTH)
         providers = {}
         for name in ("fastopt", "torch for-loop", "torch foreach"):
-            model = copy.deepcopy(base)
+            model = _model()  # seeded: the same model for each provider (FSDP2 cannot be deep-copied)
             model(x).square().mean().backward()  # grads, kept: every step reuses them
             if name == "fastopt":
                 opt = fastopt.AdamW(model.parameters(), lr=1e-4, max_grad_norm=1.0)
@@ -83,7 +81,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
                     times[name].append((time.perf_counter() - t0) * 1e3)
         if rank == 0:
             env = environment("cpu")
-            numel = sum(p.numel() for p in base.parameters())
+            numel = WIDTH * (WIDTH + 1) * DEPTH
             rows = []
             for name, ts in times.items():
                 ts.sort()
