@@ -36,16 +36,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(fn, *args) -> None:
-    """Run ``fn(rank, *args)`` in WORLD fresh processes; a failure in any rank fails the test
-    with that rank's traceback."""
-    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+def _spawn(fn, *args, world: int = WORLD) -> None:
+    """Run ``fn(rank, port, *args)`` in ``world`` fresh processes; a failure in any rank fails the
+    test with that rank's traceback."""
+    mp.spawn(fn, args=(_free_port(), *args), nprocs=world, join=True)
 
 
-def _init(rank: int, port: int) -> None:
+def _init(rank: int, port: int, world: int = WORLD) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
 def _model() -> torch.nn.Module:
@@ -364,3 +364,50 @@ def test_dcp_checkpoints_move_between_torch_and_fastopt(tmp_path):
         expected, got = torch.load(d / "saver.pt"), torch.load(d / "loader.pt")
         for n in expected:
             torch.testing.assert_close(got[n], expected[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{saver}->{loader} {n}: {m}")
+
+
+def _hsdp_parity(rank: int, port: int) -> None:
+    """HSDP on 4 ranks: a (2, 2) mesh, params Replicate on dim 0 and Shard(0) on dim 1."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, port, world=4)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        models = []
+        for _ in range(2):
+            m = _model()
+            for layer in m:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            models.append(fully_shard(m, mesh=mesh))
+        ours_m, theirs_m = models
+        placements = next(ours_m.parameters()).placements
+        assert placements[0].is_replicate() and placements[1].is_shard(), placements
+        ours = fastopt.AdamW(ours_m.parameters(), lr=1e-2, backend="cpu", max_grad_norm=0.05)
+        theirs = torch.optim.AdamW(theirs_m.parameters(), lr=1e-2, foreach=False)
+        torch.manual_seed(100 + rank)
+        for _ in range(3):
+            x = torch.randn(6, 8)
+            for m in (ours_m, theirs_m):
+                m(x).square().mean().backward()
+            norm = torch.nn.utils.clip_grad_norm_(theirs_m.parameters(), 0.05)
+            theirs.step()
+            ours.step()
+            assert (ours.step_stats.kernel, ours.step_stats.reference) == (4, 0), ours.step_stats
+            # the replicated dim holds copies: counted once, as clip_grad_norm_ counts them
+            torch.testing.assert_close(ours.last_grad_norm, norm.full_tensor(), rtol=RTOL, atol=ATOL)
+            ours.zero_grad()
+            theirs.zero_grad()
+        for p, q in zip(ours_m.parameters(), theirs_m.parameters()):
+            torch.testing.assert_close(p.to_local(), q.to_local(), rtol=RTOL, atol=ATOL)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hsdp_clipping_counts_replicated_shards_once():
+    """#17: HSDP (a 2-D mesh, params replicated on one dim and sharded on the other) on the cpu
+    kernels: the global norm reduces over the shard dim only and equals clip_grad_norm_'s."""
+    if not fastopt._ext.has_cpu_ops():
+        pytest.skip("the extension is not built")
+    _spawn(_hsdp_parity, world=4)
