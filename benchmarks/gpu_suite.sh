@@ -67,6 +67,11 @@ if [ -z "${SKIP_TESTS:-}" ]; then
       note "compute-sanitizer $tool (rc $?): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$tool.tmp" | tail -1)"
       { echo "==== $tool"; cat "$OUT/sanitizer-$tool.tmp"; } >>"$OUT/sanitizer.log" && rm -f "$OUT/sanitizer-$tool.tmp"
     done
+    # the fuzz test's user-action sequences on the cuda backend, under memcheck (#14)
+    FASTOPT_FUZZ_SEQUENCES=3 timeout 90 compute-sanitizer --tool memcheck --error-exitcode 99 \
+      "$PY" -m pytest -q -p no:cacheprovider -x tests/test_fuzz.py -k cuda >"$OUT/sanitizer-fuzz.tmp" 2>&1
+    note "compute-sanitizer memcheck, fuzz (rc $?): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-fuzz.tmp" | tail -1)"
+    { echo "==== memcheck, fuzz"; cat "$OUT/sanitizer-fuzz.tmp"; } >>"$OUT/sanitizer.log" && rm -f "$OUT/sanitizer-fuzz.tmp"
   fi
 fi
 

@@ -68,15 +68,20 @@ def _config(rng: random.Random, name: str) -> dict:
     return cfg
 
 
-def _new_param(rng: random.Random, gen: torch.Generator) -> torch.nn.Parameter:
+def _new_param(rng: random.Random, gen: torch.Generator, device: str) -> torch.nn.Parameter:
     dtype = rng.choice([torch.float32, torch.float32, torch.float64])
     kind = rng.choice(["matrix", "vector", "empty", "scalar", "transposed", "3d"])
     shape = {"matrix": (3, 4), "vector": (5,), "empty": (0,), "scalar": (), "transposed": (4, 3),
              "3d": (2, 3, 2)}[kind]
-    t = torch.randn(shape, generator=gen, dtype=dtype)
+    t = torch.randn(shape, generator=gen, dtype=dtype).to(device)
     if kind == "transposed":
         t = t.t()
     return torch.nn.Parameter(t)
+
+
+def _randn(shape, gen, dtype, like: torch.Tensor) -> torch.Tensor:
+    """Random values from a CPU generator (the same on every device), on ``like``'s device."""
+    return torch.randn(shape, generator=gen, dtype=dtype).to(like.device)
 
 
 class Side:
@@ -91,21 +96,21 @@ def _all_params(side):
 
 
 def _grad_like(p, gen, layout_flip):
-    g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    g = _randn(p.shape, gen, p.dtype, p)
     if layout_flip and p.dim() == 2:
-        g = torch.randn(p.shape[::-1], generator=gen, dtype=p.dtype).t()
+        g = _randn(p.shape[::-1], gen, p.dtype, p).t()
     return g
 
 
 class Fuzz:
-    def __init__(self, name: str, backend: str, seed: int):
-        self.name, self.backend, self.seed = name, backend, seed
+    def __init__(self, name: str, backend: str, seed: int, device: str = "cpu"):
+        self.name, self.backend, self.seed, self.device = name, backend, seed, device
         self.rng = random.Random(seed)
         self.log: list[str] = []
         self.loose = False  # compare float64 with float32 tolerances from now on (see compare)
         self.kernel = self.reference = 0  # params updated by compiled kernels / the reference rules
         gen = torch.Generator().manual_seed(seed)
-        params = [_new_param(self.rng, gen) for _ in range(self.rng.randint(1, 5))]
+        params = [_new_param(self.rng, gen, device) for _ in range(self.rng.randint(1, 5))]
         cut = self.rng.randint(0, len(params))
         groups = [params[:cut], params[cut:]]
         self.cfg = _config(self.rng, name)
@@ -214,7 +219,7 @@ class Fuzz:
             params = _all_params(side)
             if autograd:
                 side.opt.zero_grad(set_to_none=True)
-                weights = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+                weights = [_randn(p.shape, gen, p.dtype, p) for p in params]
                 loss = sum(((p * w).sum() + (p * p).sum()).double() for p, w in zip(params, weights))
                 loss.backward()
             else:
@@ -301,7 +306,7 @@ class Fuzz:
             gen = torch.Generator().manual_seed(gen_seed)
             params = _all_params(side)
             for p in params:
-                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                p.grad = _randn(p.shape, gen, p.dtype, p)
             params[i].grad.data = params[i].grad.data.to(OTHER[params[i].dtype])
             side.opt.step()
         return self.both(f"grad of another dtype: param {i}", act)
@@ -313,7 +318,7 @@ class Fuzz:
             params = _all_params(side)
             for p in params:
                 p.grad = torch.ones_like(p)
-            params[i].grad.data = torch.ones(params[i].numel() + 3, dtype=params[i].dtype)
+            params[i].grad.data = torch.ones(params[i].numel() + 3, dtype=params[i].dtype, device=params[i].device)
             side.opt.step()
         return self.both(f"grad of another shape: param {i}", act)
 
@@ -322,7 +327,7 @@ class Fuzz:
 
         def act(side, which):
             gen = torch.Generator().manual_seed(seed)
-            p = _new_param(random.Random(seed), gen)
+            p = _new_param(random.Random(seed), gen, self.device)
             side.opt.add_param_group({"params": [p], "lr": 0.003})
         return self.both("add_param_group(one new param)", act)
 
@@ -391,11 +396,9 @@ def _seeds(name: str, backend: str):
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad", "RMSprop"])
 def test_fuzz_against_torch(name, backend, device):
-    if device != "cpu":
-        pytest.skip("the fuzz sequences build CPU params (run on the cpu, reference and triton backends here)")
     kernel = reference = 0
     for seed in _seeds(name, backend):
-        fuzz = Fuzz(name, backend, seed)
+        fuzz = Fuzz(name, backend, seed, device)
         fuzz.run(length=fuzz.rng.randint(5, 15))
         kernel, reference = kernel + fuzz.kernel, reference + fuzz.reference
     # the sequences exercised the backend's kernels (a param laid out unlike its state after a
