@@ -184,6 +184,24 @@ def _entry_points_refuse_dtensors(rank: int, port: int) -> None:
             assert (opt.step_stats.kernel, opt.step_stats.reference) == (0, 1), opt.step_stats
         torch.testing.assert_close(ours.full_tensor(), theirs.full_tensor(), rtol=RTOL, atol=ATOL)
 
+        # with clipping, next to a plain param (another bucket): the norms combine
+        plain, plain_ref = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+        opt = fastopt.Adam([ours, plain], lr=0.1, backend="cpu", max_grad_norm=0.5)
+        ref = torch.optim.Adam([theirs, plain_ref], lr=0.1, foreach=False)
+        ours.grad, theirs.grad = (distribute_tensor(grad, mesh, [Replicate()]) for _ in range(2))
+        plain.grad, plain_ref.grad = torch.full((3,), 2.0), torch.full((3,), 2.0)
+        with pytest.warns(UserWarning, match="reference path"):
+            opt.step()
+        # (torch's clip_grad_norm_ refuses this mix of DTensor and plain grads: by hand)
+        norm = torch.linalg.vector_norm(torch.stack([grad.norm(), plain_ref.grad.norm()]))
+        coef = torch.clamp(0.5 / (norm + 1e-6), max=1.0)
+        theirs.grad.mul_(coef)
+        plain_ref.grad.mul_(coef)
+        ref.step()
+        torch.testing.assert_close(opt.last_grad_norm, norm, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(ours.full_tensor(), theirs.full_tensor(), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(plain, plain_ref, rtol=RTOL, atol=ATOL)
+
         # GradScaler's inf skip decided over every rank: only rank 0 found an inf, both skip
         p = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
         opt = fastopt.AdamW([p], lr=0.1, backend="cpu")

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from .. import backends
 from .. import reference as ref
-from .._plan import Bucket, Plan, Segment, StepStats, local, plain_tensors, real_view, shard_spec
+from .._plan import Bucket, Plan, Segment, StepStats, is_dtensor, local, plain_tensors, real_view, shard_spec
 from ._options import FusedOptions
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -33,9 +33,10 @@ def _over_shards(bucket: Bucket, norm: Tensor, norm_type: float) -> Tensor:
     """A bucket's gradient norm over every rank: for a bucket of DTensor shards (Note [DTensor
     shards]) the norm of this rank's shards reduced over the mesh dims the params are sharded on,
     as DTensor reduces a norm (p-th powers summed, or the max for inf); replicated dims hold
-    copies and are left out. One all-reduce per sharded mesh dim; no host sync."""
+    copies and are left out. One all-reduce per sharded mesh dim; no host sync. A bucket of
+    DTensors on the reference rules has a DTensor norm: its value, to combine with the others."""
     if bucket.spec is None:
-        return norm
+        return norm.full_tensor() if is_dtensor(norm) else norm
     mesh, placements = bucket.spec
     dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
     if not dims:
@@ -67,8 +68,8 @@ def _on_any_rank(found_inf: Tensor, plan: Plan) -> Tensor:
 def _write_mark(p: Tensor) -> tuple[int, int]:
     """What changes when ``p`` is written or replaced: its address and its version counter (of
     the local shard for a DTensor: in-place ops on a DTensor write its local tensor)."""
-    local = p.to_local() if hasattr(p, "to_local") else p
-    return local.data_ptr(), local._version
+    shard = local(p)
+    return shard.data_ptr(), shard._version
 
 
 class _StepState:
@@ -328,7 +329,7 @@ class FusedOptimizer(Optimizer):
         self._run.created = []
         try:
             self._step()
-        except BaseException:
+        except Exception:
             # A step that raises changes nothing (DESIGN.md, Safety): every check runs before the
             # first write, and the state this step created for the first time is removed again.
             for p, key in self._run.created:
