@@ -55,12 +55,15 @@ def _model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
 
 
-def _shard(model: torch.nn.Module, mixed_precision: bool = False) -> torch.nn.Module:
+def _shard(model: torch.nn.Module, mixed_precision: bool = False, device: str = "cpu") -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # FSDP2's mixed precision: bf16 compute, fp32 reduce-scatter, fp32 sharded params
-    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} \
-        if mixed_precision else {}
+    # the mesh named: FSDP2's default mesh is on the accelerator when there is one (a GPU machine
+    # would move these CPU tests' models there)
+    kw = {"mesh": init_device_mesh(device, (dist.get_world_size(),))}
+    if mixed_precision:  # FSDP2's mixed precision: bf16 compute, fp32 reduce-scatter, fp32 sharded params
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, **kw)
@@ -85,9 +88,10 @@ def _fsdp_parity(rank: int, port: int, cases: list, backend: str) -> None:
         dist.destroy_process_group()
 
 
-def _fsdp_case(rank: int, name: str, backend: str, max_norm, mixed_precision: bool) -> None:
-    base = _model()
-    ours_m, theirs_m = (_shard(copy.deepcopy(base), mixed_precision), _shard(copy.deepcopy(base), mixed_precision))
+def _fsdp_case(rank: int, name: str, backend: str, max_norm, mixed_precision: bool, device: str = "cpu") -> None:
+    base = _model().to(device)
+    ours_m, theirs_m = (_shard(copy.deepcopy(base), mixed_precision, device),
+                        _shard(copy.deepcopy(base), mixed_precision, device))
     kwargs = _OPTIMIZERS[name]
     extras = {} if max_norm is None else {"max_grad_norm": max_norm}
     with warnings.catch_warnings(record=True) as caught:
@@ -96,7 +100,7 @@ def _fsdp_case(rank: int, name: str, backend: str, max_norm, mixed_precision: bo
         theirs = getattr(torch.optim, name)(theirs_m.parameters(), foreach=False, **kwargs)
         torch.manual_seed(100 + rank)  # each rank its own data, as in training
         for step in range(4):
-            x = torch.randn(6, 8)
+            x = torch.randn(6, 8).to(device)
             for m in (ours_m, theirs_m):
                 m(x).square().mean().backward()
             if max_norm is not None:
@@ -130,8 +134,9 @@ def _fsdp_case(rank: int, name: str, backend: str, max_norm, mixed_precision: bo
 def test_fsdp2_dtensor_params_step_like_torch(backend):
     """#14 item 7 and #17: DTensor params never reach the compiled code as DTensors (the first
     step segfaulted); every optimizer steps their local shards through the backend's kernels
-    (asserted) like torch.optim, also under FSDP2's mixed precision (bf16 compute); max_grad_norm over DTensor grads is the norm over every rank's shard, as
-    clip_grad_norm_ computes it. (One spawn per backend: starting a process group costs seconds.)"""
+    (asserted) like torch.optim, also under FSDP2's mixed precision (bf16 compute); max_grad_norm
+    over DTensor grads is the norm over every rank's shard, as clip_grad_norm_ computes it. (One
+    spawn per backend: starting a process group costs seconds.)"""
     reason = fastopt.backends.why_unavailable(backend, "cpu")
     if reason:
         pytest.skip(reason)
@@ -429,3 +434,28 @@ def test_hsdp_clipping_counts_replicated_shards_once():
     if not fastopt._ext.has_cpu_ops():
         pytest.skip("the extension is not built")
     _spawn(_hsdp_parity, world=4)
+
+
+def _nccl_single_rank(rank: int, port: int, backend: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        for name in sorted(_OPTIMIZERS):
+            _fsdp_case(rank, name, backend, 0.05 if name == "AdamW" else None, False, device="cuda")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_fsdp2_single_rank_nccl_on_the_gpu(backend):
+    """#17 on a GPU machine: FSDP2 with nccl on the one GPU (a single rank), the CUDA DTensor
+    shards through the GPU kernels (asserted), against torch.optim; the multi-rank tests above
+    run on the CPU there too."""
+    if not torch.cuda.is_available() or not dist.is_nccl_available():
+        pytest.skip("needs a CUDA GPU and nccl")
+    reason = fastopt.backends.why_unavailable(backend, "cuda")
+    if reason:
+        pytest.skip(reason)
+    _spawn(_nccl_single_rank, backend, world=1)
