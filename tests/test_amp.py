@@ -80,6 +80,26 @@ def test_inf_step_changes_nothing(name, backend, device):
     assert not torch.isfinite(opt.last_grad_norm)
 
 
-def test_amp_scaling_flag():
+def test_grad_scaler_step_unscales_inside_the_step(backend, device):
+    """GradScaler.step is told that the step unscales (Note [who is told that the step
+    unscales]): it hands over grad_scale instead of dividing the grads in place, so the grads are
+    still scaled after the step; the update is the unscaled one (test_grad_scaler_matches_torch)."""
+    torch.manual_seed(0)
+    model = _model(device)
+    opt = SPEC_BY_NAME["Adam"].fastopt_cls(model.parameters(), lr=1e-3, backend=backend)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    scaler.scale(model(torch.randn(4, 8, device=device)).pow(2).mean()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    scaler.step(opt)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads)), "GradScaler unscaled the grads"
+    assert opt.step_stats.kernel + opt.step_stats.reference == len(grads)
+
+
+def test_others_are_told_the_step_does_not_unscale():
+    """Anyone but GradScaler.step reads False, as from torch's non-fused optimizers: Lightning's
+    mixed-precision plugin then allows gradient_clip_val and unscales before clipping."""
     opt = SPEC_BY_NAME["Adam"].fastopt_cls([torch.nn.Parameter(torch.zeros(2))])
-    assert opt._step_supports_amp_scaling
+    assert opt._step_supports_amp_scaling is False
+    assert getattr(opt, "_step_supports_amp_scaling", True) is False
+    opt._step_supports_amp_scaling = True  # a user's explicit setting wins, for every caller
+    assert opt._step_supports_amp_scaling is True

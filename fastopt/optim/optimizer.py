@@ -9,6 +9,7 @@ weights and the state-dict format — lives here, once.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Any, Callable, Optional
 
@@ -108,8 +109,29 @@ class FusedOptimizer(Optimizer):
         self._options = options
         self._run = _StepState()
         super().__init__(params, defaults)
-        # GradScaler hands us grad_scale and found_inf instead of unscaling (see step()).
-        self._step_supports_amp_scaling = True
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Note [who is told that the step unscales]: torch.amp.GradScaler.step reads this flag;
+        when it is True, GradScaler does not unscale the grads itself but hands the step
+        ``grad_scale`` and ``found_inf``, which fastopt folds into its one pass (no extra pass over
+        the grads, no host sync). Others read the flag too and take True to mean "this optimizer
+        cannot be clipped from outside": Lightning's mixed-precision plugin then refuses
+        ``gradient_clip_val`` (even in bf16, with no GradScaler at all) and skips its own unscale_.
+        torch's non-fused optimizers say False to everyone. So fastopt says True to GradScaler.step
+        only, and False to every other caller, which then unscales the grads itself (GradScaler's
+        ``unscale_``) before clipping them: GradScaler.step copes with that (it passes
+        ``grad_scale=None`` for grads already unscaled and still hands over ``found_inf``), so
+        every answer gives torch's results. A caller whose frame is not GradScaler.step's own code
+        (a compiled or rewritten frame) gets False: correct, one pass slower."""
+        if self.__dict__.get("_amp_scaling_override") is not None:
+            return self.__dict__["_amp_scaling_override"]
+        caller = sys._getframe(1)
+        return caller.f_code.co_name == "step" and caller.f_globals.get("__name__") == "torch.amp.grad_scaler"
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:
+        self.__dict__["_amp_scaling_override"] = bool(value)
 
     # -- what a subclass provides ------------------------------------------------------------
 
