@@ -18,7 +18,7 @@ BENCH_ARGS ?=
 BUILD_STAMP := $(VENV)/.fastopt-built
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: test bench build deps clean cuda-check cuda-objs asan
+.PHONY: test bench build deps test-deps clean cuda-check cuda-objs asan
 
 # The venv sees the packages of the interpreter that made it, even when that interpreter is itself
 # a venv (as on the GPU machines, where torch lives in one): --system-site-packages alone would
@@ -43,8 +43,21 @@ $(BUILD_STAMP): $(SOURCES) | deps
 
 build: deps $(BUILD_STAMP)
 
-test: build cuda-check
-	FASTOPT_REQUIRE_EXT=1 $(PY) -m pytest -q $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS)) $(PYTEST_ARGS)
+# What the example (examples/train_resnet.py) and the framework tests (tests/test_integrations.py)
+# need, beyond the build's deps: `make test` installs them and requires them
+# (FASTOPT_REQUIRE_INTEGRATIONS=1: their tests fail instead of skipping when one is missing).
+# The versions are the ones the tests were written against; the installed torch is kept.
+TEST_DEPS ?= sklearn:scikit-learn matplotlib:matplotlib tqdm:tqdm lightning:lightning==2.6.6 \
+  transformers:transformers==5.24.0 accelerate:accelerate==1.15.0
+test-deps: deps
+	@for dep in $(TEST_DEPS); do \
+	  $(PY) -c "import $${dep%%:*}" 2>/dev/null || missing="$$missing $${dep#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing"; $(PY) -m pip install -q $$missing; fi
+
+test: build cuda-check test-deps
+	FASTOPT_REQUIRE_EXT=1 FASTOPT_REQUIRE_INTEGRATIONS=1 $(PY) -m pytest -q \
+	  $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS)) $(PYTEST_ARGS)
 
 # cuda-check: every .cu file compiled by nvcc for sm_80 and sm_90, warnings as errors, on a machine
 # without a GPU or a CUDA build of torch (the CPU wheel's headers; csrc/cuda/check supplies the
