@@ -73,7 +73,7 @@ class Config:
     out: str = "runs/digits"
     resume: bool = False
     finetune: Optional[str] = None
-    backbone_lr_scale: float = 0.1  # fine-tuning: the pretrained layers learn at lr times this
+    backbone_lr_scale: float = 1.0  # fine-tuning: the pretrained layers learn at lr times this
     library: str = "fastopt"  # or "torch": torch.optim, clip_grad_norm_, unfused BatchNorm
     # for tests and demos: stop after this many optimizer steps, or (like a killed process)
     # after this many epochs without finishing the run
@@ -234,8 +234,10 @@ def init_weights(model: nn.Module, how: str) -> None:
 
 
 def param_groups(model: ResNet, cfg: Config) -> list[dict]:
-    """Two groups: no weight decay on BatchNorm and biases (as is usual), and, when fine-tuning,
-    the pretrained layers at a lower learning rate than the new head."""
+    """No weight decay on BatchNorm and biases (as is usual), and, when fine-tuning, the pretrained
+    layers in groups of their own, at lr * backbone_lr_scale (--backbone-lr-scale 0.1 for the
+    gentle fine-tuning of a large pretrained model; here the new task is near enough to train
+    everything at the full rate)."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         pretrained = cfg.finetune is not None and not name.startswith("head.")
@@ -444,7 +446,7 @@ def train(cfg: Config) -> History:
         if isinstance(opt, fastopt.optim.FusedOptimizer):
             hist.last_step = asdict(opt.step_stats)
         hist.fused_bn_relu = sum(isinstance(m, fastopt.nn.BatchNormReLU2d) for m in model.modules())
-        hist.lr.append(opt.param_groups[-1]["lr"])
+        hist.lr.append(max(g["lr"] for g in opt.param_groups))  # the head's, when fine-tuning
         if sched is not None and not per_batch:
             sched.step()
         hist.train_loss.append(float(loss_sum) / max(seen, 1))
