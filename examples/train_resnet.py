@@ -206,7 +206,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.head(x.mean((2, 3)))  # global average pool (its CUDA backward is deterministic)
 
 
 def init_weights(model: nn.Module, how: str) -> None:
@@ -329,9 +329,13 @@ class History:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda":
+        # the same kernels on every run, so that --resume continues bit for bit on a GPU too
+        # (fastopt's own kernels are deterministic)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    return device
 
 
 def build(cfg: Config, num_classes: int, device: torch.device) -> ResNet:
