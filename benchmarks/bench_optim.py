@@ -39,7 +39,7 @@ class Case:
     ``update``), "master" (an fp32 copy of bf16 params stepped, then copied back to bf16)."""
 
     name: str  # the optimizer
-    sizes: str  # "one", "gpt", "small"
+    sizes: str  # "one", "gpt", "small", "host"
     bytes_per_param: int
     options: dict = field(default_factory=dict)  # torch.optim arguments shared by both sides
     recipe: str = "plain"
@@ -59,6 +59,8 @@ CASES = [
     Case("Adam", "one", 32, recipe="clip", extras={"max_grad_norm": 1.0}, tag="clip"),
     Case("Adam", "one", 32, recipe="amp_clip", extras={"max_grad_norm": 1.0}, tag="GradScaler+clip"),
     Case("Adam", "one", 28, recipe="master", extras={"master_weights": True}, tag="bf16+master"),
+    # the host's work per step, where the arithmetic is nothing: 4,000 one-element params
+    Case("AdamW", "host", 28, tag="host cost"),
     *[Case(n, "gpt", b, full_only=True) for n, b in (("Adam", 28), ("AdamW", 28))],
     Case("AdamW", "gpt", 32, recipe="clip", extras={"max_grad_norm": 1.0}, tag="clip", full_only=True),
 ]
@@ -77,6 +79,8 @@ def shapes_for(sizes: str, device: str, full: bool) -> list[tuple[int, ...]]:
     gpu = device == "cuda"
     if sizes == "one":
         return [((256 << 20) if full else (64 << 20),)] if gpu else [(10_000_000,)]
+    if sizes == "host":
+        return [(1,)] * 4000
     if sizes == "small":
         return [(4096,)] * 4000 if gpu else [(1000,)] * 2000
     # ~300 tensors: 24 layers; 351M params on a GPU, 20M on the CPU
