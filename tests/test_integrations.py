@@ -70,10 +70,13 @@ def _loader():
 
 
 def _fit(L, module, tmp_path, *, max_epochs=2, ckpt_path=None, callbacks=(), **trainer_args):
+    # not deterministic=True: it sets process-wide flags (torch.use_deterministic_algorithms, cuDNN's),
+    # which leak into the other tests of this worker and which torch's test utilities forbid
+    # (disable_global_flags); CPU training here is deterministic without them
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
-                        default_root_dir=str(tmp_path), deterministic=True, **trainer_args)
+                        default_root_dir=str(tmp_path), **trainer_args)
     trainer.fit(module, _loader(), ckpt_path=ckpt_path)
     return trainer
 
