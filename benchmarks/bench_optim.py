@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastopt  # noqa: E402
 from harness import (  # noqa: E402
-    OUT_DIR, Row, argument_parser, copy_bandwidth_gbs, environment, format_table, launches_per_call,
-    markdown_table, peak_memory_mb, plot_rows, print_header, progress, runnable, selected_backends,
+    OUT_DIR, Row, argument_parser, copy_bandwidth_gbs, environment, format_table, kernel_ms_per_call,
+    launches_per_call, markdown_table, peak_memory_mb, plot_rows, print_header, progress, runnable, selected_backends,
     time_alternating,
     write_csv,
 )
@@ -151,6 +151,46 @@ def fastopt_step(case: Case, backend: str, shapes, device) -> Callable[[], None]
     return step
 
 
+def torch_alternatives(case: Case, shapes, device: str, notes: set) -> dict[str, Callable[[], None]]:
+    """What a user could pick instead of fastopt, for plain and clipped fp32 steps:
+    - "torch compiled foreach": ``torch.compile`` of the foreach step (and of clip_grad_norm_):
+      Inductor fuses it into a few kernels. Compiling takes minutes for thousands of tensors, so
+      only sets of up to 400 tensors, and on the CPU only the one-tensor case.
+    - "torch fused flat": torch's fused optimizer on one flat parameter holding all the params
+      (what a flat parameter buffer, as in Megatron or FSDP1, gives): one tensor, no per-tensor
+      cost, where torch has a fused implementation for the device."""
+    out: dict[str, Callable[[], None]] = {}
+    if case.recipe not in ("plain", "clip"):
+        return out
+    cls = getattr(torch.optim, case.name)
+    if len(shapes) <= 400 and (device == "cuda" or len(shapes) == 1):
+        params = _params(shapes, device)
+        opt = cls(params, lr=1e-3, **case.options, foreach=True)
+
+        def eager():
+            if case.recipe == "clip":
+                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+        out["torch compiled foreach"] = torch.compile(eager)
+    else:
+        notes.add("torch compiled foreach: timed for sets of up to 400 tensors (on the CPU: one tensor), "
+                  "its compile time grows with the tensor count")
+    flat = torch.nn.Parameter(torch.cat([p.detach().flatten() for p in _params(shapes, device)]))
+    flat.grad = torch.randn_like(flat) * 1e-2
+    try:
+        flat_opt = cls([flat], lr=1e-3, **case.options, fused=True)
+    except (RuntimeError, ValueError, TypeError) as exc:  # no fused implementation for it
+        notes.add(f"torch fused flat: no {case.name}(fused=True) on {device}: {str(exc).splitlines()[0][:120]}")
+        return out
+
+    def flat_step():
+        if case.recipe == "clip":
+            torch.nn.utils.clip_grad_norm_([flat], 1.0)
+        flat_opt.step()
+    out["torch fused flat"] = flat_step
+    return out
+
+
 # Peers, timed where importable (none is installed by `make bench`): provider -> (module, the
 # class for each optimizer, the devices it runs on).
 PEERS = {
@@ -218,16 +258,18 @@ def main() -> None:
             steps[f"torch {variant}"] = torch_step(case, variant, shapes, args.device)
         for backend in backends:
             steps[f"fastopt {backend}"] = fastopt_step(case, backend, shapes, args.device)
+        steps.update(torch_alternatives(case, shapes, args.device, notes))
         steps.update(peer_steps(case, shapes, args.device, notes))
         steps = runnable(steps, notes)
         timings = time_alternating(steps, args.device)
-        best_torch = min(t.median_ms for p, t in timings.items() if p.startswith("torch "))
+        # against torch.optim as people call it (the alternatives are reported beside, not in it)
+        best_torch = min(t.median_ms for p, t in timings.items() if p.removeprefix("torch ") in TORCH_FLAGS)
         for provider, t in timings.items():
             gbs = numel * case.bytes_per_param / (t.median_ms * 1e-3) / 1e9
             rows.append(Row(
                 label, provider, t.median_ms, t.p20_ms, t.p80_ms, gbs, 100 * gbs / copy_bw[numel],
                 best_torch / t.median_ms, launches_per_call(steps[provider], args.device),
-                peak_memory_mb(steps[provider], args.device),
+                peak_memory_mb(steps[provider], args.device), kernel_ms_per_call(steps[provider], args.device),
             ))
         del steps
         print(f"# {progress(i + 1, len(cases))} {label}: copy {copy_bw[numel]:.1f} GB/s; "
@@ -242,7 +284,9 @@ def main() -> None:
         f.write(f"# fastopt optimizer step times\n\n{env['device']}; torch {env['torch']}, CUDA "
                 f"{env['cuda']}, Triton {env['triton']}; {env['date']}\n\n"
                 f"Command: `python benchmarks/bench_optim.py {' '.join(sys.argv[1:])}`. Times are "
-                "medians (p20-p80) of steps timed alternately with the other providers; GB/s counts "
+                "medians (p20-p80) of steps timed alternately with the other providers (on a GPU: CUDA "
+                "events around the Python call, so the host's time shows where the GPU waits for it; "
+                "kernel ms is the GPU's own time per step, from the profiler); GB/s counts "
                 "the minimum bytes a step moves; % copy BW is against the copy bandwidth measured "
                 "in the same run (on a CPU a copy also pays a read-for-ownership of its destination, "
                 "which an in-place update does not, so more than 100% is possible); vs best torch is "

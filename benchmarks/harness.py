@@ -148,6 +148,25 @@ def launches_per_call(fn: Callable[[], None], device: str) -> Optional[int]:
     return len(kernels)
 
 
+def kernel_ms_per_call(fn: Callable[[], None], device: str, calls: int = 5) -> Optional[float]:
+    """The device's own time per call of ``fn``: the durations of the CUDA kernels (and memsets,
+    copies) it ran, from the profiler, summed and averaged over ``calls`` calls; None on the CPU.
+    Against the median (CUDA events around the Python call, the host's gaps included), it says
+    how much of a step is the host's: equal when the GPU never waits, far less when it does."""
+    if device != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    busy_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA)
+    return busy_us / calls / 1e3
+
+
 def peak_memory_mb(fn: Callable[[], None], device: str) -> Optional[float]:
     """Memory allocated during one call of ``fn`` above what was allocated before (MB); None on
     the CPU."""
@@ -173,6 +192,7 @@ class Row:
     speedup_vs_best_torch: float
     launches: Optional[int] = None
     extra_mem_mb: Optional[float] = None
+    kernel_ms: Optional[float] = None  # the device's own time per call (kernel_ms_per_call)
 
 
 def argument_parser(description: str, full_help: str) -> argparse.ArgumentParser:
@@ -209,6 +229,11 @@ def progress(done: int, total: int, width: int = 20) -> str:
 def write_csv(rows: list[Row], env: dict, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fields = list(env) + list(asdict(rows[0]))
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != fields:  # written by an older harness: kept aside, a new file begins
+            os.replace(path, path[:-len(".csv")] + f"-until-{_dt.date.today().isoformat()}.csv")
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -219,14 +244,15 @@ def write_csv(rows: list[Row], env: dict, path: str) -> None:
 
 
 HEADER = ("case", "provider", "median ms", "p20-p80 ms", "GB/s", "% copy BW", "vs best torch", "launches",
-          "extra MB")
+          "extra MB", "kernel ms")
 
 
 def _cells(r: Row) -> tuple[str, ...]:
     return (r.case, r.provider, f"{r.median_ms:.3f}", f"{r.p20_ms:.3f}-{r.p80_ms:.3f}", f"{r.gbs:.1f}",
             f"{r.pct_copy_bw:.0f}%", f"{r.speedup_vs_best_torch:.2f}x",
             "-" if r.launches is None else str(r.launches),
-            "-" if r.extra_mem_mb is None else f"{r.extra_mem_mb:.0f}")
+            "-" if r.extra_mem_mb is None else f"{r.extra_mem_mb:.0f}",
+            "-" if r.kernel_ms is None else f"{r.kernel_ms:.3f}")
 
 
 def markdown_table(rows: list[Row]) -> str:

@@ -36,3 +36,20 @@ def test_a_provider_refused_at_its_first_step_is_skipped_with_a_note():
     assert list(steps) == ["torch for-loop"]
     assert notes == {"torch fused skipped: RuntimeError: `fused=True` requires all the params to be floating "
                      "point Tensors of"}
+
+
+def test_a_results_file_of_another_harness_is_kept_aside(tmp_path):
+    """A column added to the rows (kernel ms) must not append misaligned rows to an older CSV:
+    the old file is renamed and a new one begins with the new header."""
+    h = _bench_harness()
+    path = str(tmp_path / "results.csv")
+    with open(path, "w") as f:
+        f.write("device,case,median_ms\nold,Adam,1.0\n")
+    row = h.Row("Adam", "fastopt cpu", 1.0, 0.9, 1.1, 10.0, 50.0, 1.2, kernel_ms=0.5)
+    env = {"device": "cpu", "date": "2026-11-30"}
+    h.write_csv([row], env, path)
+    h.write_csv([row], env, path)
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("results-until-")]
+    assert len(aside) == 1 and open(tmp_path / aside[0]).read().startswith("device,case,median_ms\nold")
+    lines = open(path).read().splitlines()
+    assert lines[0].split(",")[-1] == "kernel_ms" and len(lines) == 3 and lines[1].endswith(",0.5")
