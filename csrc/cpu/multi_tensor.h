@@ -139,16 +139,15 @@ class Slots {
     templates_ = work_[kGradSlot];
   }
 
-  // Note [binding grads in C++]: an eager step reads every owner's .grad() here instead of
-  // building a Python list: a few ns per tensor (fastopt/grad_binding.h says what each grad
-  // becomes). Stale (nothing bound) when an owner changed since the plan was built.
+  // An eager step reads every owner's .grad() here instead of building a Python list (Note
+  // [binding grads in C++], fastopt/grad_binding.h, says what each grad becomes). Stale (nothing
+  // bound) when an owner changed since the plan was built.
   BindResult bind_grads(const GivenGrads* given = nullptr) {
     TORCH_CHECK(!owners_.empty() || numels_.empty(), "fastopt (cpu): this plan has no owners to bind");
-    std::vector<at::Tensor> grads;
-    const BindResult r = fastopt::bind_grads(owners_, records_, templates_, grads, "cpu", given);
+    const BindResult r = fastopt::bind_grads(owners_, records_, templates_, work_[kGradSlot], "cpu", given);
     if (r.stale) return r;
+    const auto& grads = work_[kGradSlot];
     for (size_t i = 0; i < owners_.size(); ++i) {
-      work_[kGradSlot][i] = grads[i];
       ptrs_[kGradSlot][i] = grads[i].defined() ? grads[i].data_ptr() : no_grad_address();
     }
     return r;

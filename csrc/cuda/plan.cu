@@ -106,8 +106,11 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
   norm_counter_ = at::zeros({1}, on_device.dtype(at::kInt));
 }
 
-void CudaPlan::upload_grads(const std::vector<at::Tensor>& grads) {
+// The grads row of the address table from this step's grads (bound in slots_[grad_slot_], which
+// keeps them alive while the kernels read them); uploaded only when an address changed.
+void CudaPlan::upload_grads() {
   const size_t n = numels_.size();
+  const std::vector<at::Tensor>& grads = slots_[grad_slot_];
   bool changed = false;
   for (size_t i = 0; i < n; ++i) {
     const int64_t address =
@@ -115,7 +118,6 @@ void CudaPlan::upload_grads(const std::vector<at::Tensor>& grads) {
     changed = changed || address != ptr_host_[grad_slot_ * n + i];
     ptr_host_[grad_slot_ * n + i] = address;
   }
-  slots_[grad_slot_] = grads;  // keep this step's grads alive while the kernels read them
   if (!changed) return;
   // Only the grads row of the address table, and the alignment flags, change.
   std::vector<uint8_t> aligned(n, 1);
@@ -133,9 +135,8 @@ void CudaPlan::upload_grads(const std::vector<at::Tensor>& grads) {
 
 BindResult CudaPlan::bind_grads(const GivenGrads* given) {
   TORCH_CHECK(!owners_.empty() || numels_.empty(), "fastopt (cuda): this plan has no owners to bind");
-  std::vector<at::Tensor> grads;
-  const BindResult r = fastopt::bind_grads(owners_, records_, templates_, grads, "cuda", given);
-  if (!r.stale) upload_grads(grads);
+  const BindResult r = fastopt::bind_grads(owners_, records_, templates_, slots_[grad_slot_], "cuda", given);
+  if (!r.stale) upload_grads();
   return r;
 }
 

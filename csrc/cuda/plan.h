@@ -54,7 +54,7 @@ class CudaPlan {
   int32_t* norm_counter() const { return norm_counter_.data_ptr<int32_t>(); }
 
  private:
-  void upload_grads(const std::vector<at::Tensor>& grads);
+  void upload_grads();
 
   at::Device device_;
   size_t grad_slot_;

@@ -21,6 +21,16 @@ __host__ __device__
 #endif
 inline void* no_grad_address() { return reinterpret_cast<void*>(~uintptr_t(0)); }
 
+// Equal sizes or strides, compared inline: this runs several times per param per step, and
+// ArrayRef's operator== calls memcmp (a quarter of the binding's time at 4,000 params).
+inline bool same_dims(c10::IntArrayRef a, c10::IntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t d = 0; d < a.size(); ++d) {
+    if (a[d] != b[d]) return false;
+  }
+  return true;
+}
+
 // What a plan knows of one of its owners (a user's parameter) when it was built. A param given new
 // storage, dtype, shape or strides (`p.data = ...`, `model.half()`) no longer matches: the plan is
 // stale. Holding the storage keeps its address from being reused by a new allocation.
@@ -30,10 +40,13 @@ class OwnerRecord {
       : storage_((check_plain(p, "fastopt", "owners", 0), p.storage())), offset_(p.storage_offset()), dtype_(p.scalar_type()),
         sizes_(p.sizes().vec()), strides_(p.strides().vec()) {}
 
+  // Called for every owner on every step (Note [binding grads in C++]): no refcounted copies.
+  // `p` has storage (is_plain, checked first).
   bool matches(const at::Tensor& p) const {
-    return p.storage().unsafeGetStorageImpl() == storage_.unsafeGetStorageImpl() &&
-           p.storage_offset() == offset_ && p.scalar_type() == dtype_ && p.sizes() == c10::IntArrayRef(sizes_) &&
-           p.strides() == c10::IntArrayRef(strides_);
+    const c10::TensorImpl* impl = p.unsafeGetTensorImpl();
+    return impl->unsafe_storage().unsafeGetStorageImpl() == storage_.unsafeGetStorageImpl() &&
+           impl->storage_offset() == offset_ && p.scalar_type() == dtype_ && same_dims(impl->sizes(), sizes_) &&
+           same_dims(impl->strides(), strides_);
   }
 
  private:
@@ -46,33 +59,36 @@ class OwnerRecord {
 // Non-overlapping and dense with the same sizes and strides as `ref`: one block of memory walked
 // in the same order (Note [dense tensors, any layout], csrc/cpu/multi_tensor.h).
 inline bool walks_like(const at::Tensor& t, const at::Tensor& ref) {
-  return t.layout() == at::kStrided && t.sizes() == ref.sizes() && t.strides() == ref.strides() &&
+  return t.layout() == at::kStrided && same_dims(t.sizes(), ref.sizes()) && same_dims(t.strides(), ref.strides()) &&
          t.is_non_overlapping_and_dense();
 }
 
 enum class Bound { kGrad, kRelaid, kNoGrad, kStale };
 
-// The grad of `owner` as the plan's kernels take it: laid out like `tmpl` (the tensor the plan was
-// built with in the grads slot: the param in its storage dtype, a real view for complex params).
-// A dense grad of another layout is copied into `tmpl`'s layout (Bound::kRelaid: the kernels still
-// run, the plan stays). A sparse grad makes the plan stale (the optimizer re-plans: Adagrad's
-// sparse path, or torch's error). A grad the kernels must not read raises torch's kind of error,
-// before anything was written: another dtype, shape or device.
-inline std::pair<Bound, at::Tensor> bind_grad(at::Tensor g, const at::Tensor& tmpl, size_t index,
-                                              const char* backend) {
-  if (!g.defined()) return {Bound::kNoGrad, at::Tensor()};
-  // a sparse grad, or one of a tensor subclass (a DTensor): the optimizer re-plans and sends the
-  // param to the path that takes it (Adagrad's sparse step, the reference rules) or raises
-  if (g.layout() != at::kStrided || !is_plain(g)) return {Bound::kStale, at::Tensor()};
-  if (g.is_complex()) g = at::view_as_real(g);
+// How the plan's kernels can read the grad `g` of param `index`: they take it laid out like
+// `tmpl` (the tensor the plan was built with in the grads slot: the param in its storage dtype, a
+// real view for complex params). As it is (Bound::kGrad; a complex grad through its real view);
+// copied into `tmpl`'s layout first (Bound::kRelaid, a dense grad of another layout: the kernels
+// still run, the plan stays); not at all (Bound::kNoGrad). A sparse grad, or one of a tensor
+// subclass (a DTensor), makes the plan stale (Bound::kStale: the optimizer re-plans and sends the
+// param to the path that takes it, Adagrad's sparse step or the reference rules, or raises
+// torch's error). A grad the kernels must not read raises torch's kind of error: another dtype,
+// shape or device.
+inline Bound classify_real_grad(const at::Tensor& g, const at::Tensor& tmpl, size_t index, const char* backend) {
   TORCH_CHECK(g.scalar_type() == tmpl.scalar_type(), "fastopt (", backend, "): expected the grad of param ", index,
               " to have dtype ", tmpl.scalar_type(), " (the param's), but got ", g.scalar_type());
   TORCH_CHECK(g.device() == tmpl.device(), "fastopt (", backend, "): expected the grad of param ", index,
               " on ", tmpl.device(), " (the param's device), but got ", g.device());
-  TORCH_CHECK(g.sizes() == tmpl.sizes(), "fastopt (", backend, "): the grad of param ", index, " has shape ",
-              g.sizes(), ", the param ", tmpl.sizes());
-  if (walks_like(g, tmpl)) return {Bound::kGrad, g};
-  return {Bound::kRelaid, at::empty_like(tmpl).copy_(g)};
+  TORCH_CHECK(same_dims(g.sizes(), tmpl.sizes()), "fastopt (", backend, "): the grad of param ", index,
+              " has shape ", g.sizes(), ", the param ", tmpl.sizes());
+  return walks_like(g, tmpl) ? Bound::kGrad : Bound::kRelaid;
+}
+
+inline Bound classify_grad(const at::Tensor& g, const at::Tensor& tmpl, size_t index, const char* backend) {
+  if (!g.defined()) return Bound::kNoGrad;
+  if (g.layout() != at::kStrided || !is_plain(g)) return Bound::kStale;
+  if (g.is_complex()) return classify_real_grad(at::view_as_real(g), tmpl, index, backend);
+  return classify_real_grad(g, tmpl, index, backend);
 }
 
 // How a plan's binding went: `stale` (an owner changed: rebuild the plan, nothing was bound),
@@ -107,28 +123,63 @@ struct GivenGrads {
   std::vector<at::Tensor> owners, grads;
 };
 
-// Binds the grads of every owner: `grads[i]` gets the tensor to read (undefined without a grad).
-// Validates every grad before it returns anything (a bad grad raises with nothing bound).
+// Note [binding grads in C++]: every step reads every owner's grad, the host's work per param
+// per step; so no refcounted copies where it only looks (grads are read through the TensorImpl, a
+// grad bound last step is not assigned again) and no allocation but for relaid grads.
+//
+// Binds the grads of every owner into `bound` (the plan's grads slot, one entry per owner): the
+// tensor to read, undefined without a grad. Validates every grad before it writes anything: a
+// bad grad raises, and a stale plan returns, with `bound` as it was.
 inline BindResult bind_grads(const std::vector<at::Tensor>& owners, const std::vector<OwnerRecord>& records,
-                             const std::vector<at::Tensor>& templates, std::vector<at::Tensor>& grads,
+                             const std::vector<at::Tensor>& templates, std::vector<at::Tensor>& bound,
                              const char* backend, const GivenGrads* given = nullptr) {
   const std::vector<at::Tensor>& now = given != nullptr ? given->owners : owners;
-  TORCH_CHECK(now.size() == records.size() && (given == nullptr || given->grads.size() == records.size()),
-              "fastopt (", backend, "): expected ", records.size(), " owners and grads to bind");
-  BindResult r;
-  for (size_t i = 0; i < now.size(); ++i) {
+  const size_t n = records.size();
+  TORCH_CHECK(now.size() == n && bound.size() == n && templates.size() == n &&
+                  (given == nullptr || given->grads.size() == n),
+              "fastopt (", backend, "): expected ", n, " owners and grads to bind");
+  for (size_t i = 0; i < n; ++i) {
     if (!is_plain(now[i]) || !records[i].matches(now[i])) return BindResult{true};
   }
-  std::vector<at::Tensor> out(now.size());
-  for (size_t i = 0; i < now.size(); ++i) {
-    auto [kind, g] = bind_grad(given != nullptr ? given->grads[i] : now[i].grad(), templates[i], i, backend);
-    if (kind == Bound::kStale) return BindResult{true};
-    r.bound += kind == Bound::kGrad;
-    r.relaid += kind == Bound::kRelaid;
-    r.no_grad += kind == Bound::kNoGrad;
-    out[i] = std::move(g);
+  auto grad_of = [&](size_t i) -> const at::Tensor& {
+    return given != nullptr ? given->grads[i] : now[i].unsafeGetTensorImpl()->grad();
+  };
+  BindResult r;
+  std::vector<std::pair<size_t, at::Tensor>> copies;  // relaid grads, made before anything is bound
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& g = grad_of(i);
+    switch (classify_grad(g, templates[i], i, backend)) {
+      case Bound::kStale:
+        return BindResult{true};
+      case Bound::kNoGrad:
+        ++r.no_grad;
+        break;
+      case Bound::kGrad:
+        ++r.bound;
+        break;
+      case Bound::kRelaid: {
+        ++r.relaid;
+        const at::Tensor real = g.is_complex() ? at::view_as_real(g) : g;
+        copies.emplace_back(i, at::empty_like(templates[i]).copy_(real));
+        break;
+      }
+    }
   }
-  grads = std::move(out);
+  size_t next_copy = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (next_copy < copies.size() && copies[next_copy].first == i) {
+      bound[i] = std::move(copies[next_copy++].second);
+      continue;
+    }
+    const at::Tensor& g = grad_of(i);
+    if (!g.defined()) {
+      if (bound[i].defined()) bound[i] = at::Tensor();
+    } else if (g.is_complex()) {
+      bound[i] = at::view_as_real(g);
+    } else if (!bound[i].is_same(g)) {
+      bound[i] = g;
+    }
+  }
   return r;
 }
 
