@@ -30,11 +30,9 @@ plots both runs in one PNG.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
@@ -556,7 +554,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, History]:
     for name, h in runs.items():
         print(f"{name:12s} test accuracy {h.test_acc:.4f}  final val loss {h.val_loss[-1]:.4f}  "
               f"{time_per_epoch(h):.3f} s per epoch ({len(h.train_loss)} epochs"
-              + (f", stopped early" if h.stopped_early_at else "") + ")")
+              + (", stopped early" if h.stopped_early_at else "") + ")")
     if compare:
         t, f = runs["torch.optim"], runs["fastopt"]
         n = min(len(t.val_loss), len(f.val_loss))
