@@ -298,3 +298,76 @@ def test_double_backward_raises(backend, device):
     (g,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once differentiable|differentiate twice"):
         (g * x).sum().backward()
+
+
+# The torch ops the Triton path may run: allocations and the counters' zero-fill (Note [last
+# program finalizes], triton_kernels/batch_norm_relu.py). Statistics, coefficients and running
+# statistics are computed in the kernels.
+_ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_like.default", "aten.new_empty.default",
+                "aten.zeros.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.empty_strided.default"}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_triton_two_launches_per_direction_and_no_torch_math(backend, device, training, channels_last, monkeypatch):
+    """Forward and backward are two kernel launches each (one in eval forward), with the statistics
+    finalized in the kernel: no torch op on the path but allocations; results still torch's."""
+    if backend != "triton":
+        pytest.skip("the launch structure of the Triton kernels")
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    mod = fastopt.backends.triton.kernels().batch_norm_relu
+    launches = []
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append((self.kernel.fn.__name__, tuple(grid)))
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):  # the interpreter's own copies are not the host path's ops
+                with _disable_current_modes():
+                    return launch(*args, **kwargs)
+
+            return run
+
+    for name in ("_bn_relu_sums_kernel", "_bn_relu_apply_kernel"):
+        monkeypatch.setattr(mod, name, Counted(getattr(mod, name)))
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ours, theirs = _pair(BatchNormReLU2d, 5, {}, torch.float32, device, backend)
+    ours.train(training)
+    theirs.train(training)
+    x = _input((3, 5, 6, 7), channels_last, torch.float32, device)
+    w, b = ours.weight.detach(), ours.bias.detach()
+    rm, rv = ours.running_mean, ours.running_var
+    with Ops() as ops:
+        y, mean, invstd = mod.bn_relu_forward(x, w, b, rm, rv, training, 0.1, 1e-5)
+    assert [n for n, _ in launches] == (["_bn_relu_sums_kernel"] if training else []) + ["_bn_relu_apply_kernel"]
+    assert set(ops.seen) <= _ALLOCATIONS, sorted(set(ops.seen) - _ALLOCATIONS)
+    launches.clear()
+    dy = torch.randn_like(x)
+    with Ops() as ops:
+        dx, dw, db = mod.bn_relu_backward(dy, x, w, b, mean, invstd, training, True)
+    assert [n for n, _ in launches] == ["_bn_relu_sums_kernel", "_bn_relu_apply_kernel"]
+    assert set(ops.seen) <= _ALLOCATIONS, sorted(set(ops.seen) - _ALLOCATIONS)
+
+    x2 = x.clone().requires_grad_()
+    ref = torch.relu(theirs(x2))
+    ref.backward(dy)
+    assert_close(y, ref.detach(), **TOL[torch.float32], what="output")
+    assert_close(dx, x2.grad, **TOL[torch.float32], what="grad of x")
+    assert_close(dw, theirs.weight.grad, **TOL[torch.float32], what="grad of weight")
+    assert_close(db, theirs.bias.grad, **TOL[torch.float32], what="grad of bias")
+    assert_close(rm, theirs.running_mean, **TOL[torch.float32], what="running_mean")
+    assert_close(rv, theirs.running_var, **TOL[torch.float32], what="running_var")

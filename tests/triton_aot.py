@@ -92,17 +92,21 @@ def main(arch: int) -> None:
                     target, {"partials": acc_ptr, "out": acc_ptr})
         count += 1
     bn = batch_norm_relu
-    vectors = ("part_ptr", "va_ptr", "vb_ptr", "vm_ptr", "kg_ptr", "kc_ptr", "k0_ptr")
-    for mode, channels_last, (dtype, name) in itertools.product(
-        (bn.MOMENTS, bn.FORWARD, bn.GRAD_SUMS, bn.INPUT_GRAD), (False, True),
-        ((tl.float32, "fp32"), (tl.bfloat16, "bf16"), (tl.float16, "fp16")),
+    for grad, channels_last, on, (dtype, name) in itertools.product(
+        (False, True), (False, True), (False, True), ((tl.float32, "fp32"), (tl.bfloat16, "bf16"), (tl.float16, "fp16")),
     ):
-        types = {"x_ptr": f"*{name}", "dy_ptr": f"*{name}", "out_ptr": f"*{name}", "N": "i32", "C": "i32",
-                 "S": "i32", "SPLITS": "i32", **{v: "*fp32" for v in vectors}}
+        types = {"x_ptr": f"*{name}", "dy_ptr": f"*{name}", "out_ptr": f"*{name}", "part_ptr": "*fp32",
+                 "counter_ptr": "*i32", "N": "i32", "C": "i32", "S": "i32", "SPLITS": "i32",
+                 **{v: "*fp32" for v in ("w_ptr", "b_ptr", "mean_ptr", "invstd_ptr", "rm_ptr", "rv_ptr", "vec_ptr",
+                                         "dw_ptr", "db_ptr")}}
         block_c, block_j = bn._blocks(64, 49, channels_last)
-        compile_one(bn._bn_relu_pass_kernel, {"MODE": mode, "CHANNELS_LAST": channels_last, "OUT_DTYPE": dtype,
-                                              "BLOCK_C": block_c, "BLOCK_J": block_j}, target, types)
-        count += 1
+        flags = {"CHANNELS_LAST": channels_last, "HAS_WEIGHT": on, "HAS_BIAS": on, "BLOCK_C": block_c,
+                 "BLOCK_J": block_j}
+        compile_one(bn._bn_relu_sums_kernel, {"GRAD": grad, "TRAINING": on or not grad, "HAS_RM": on, "HAS_RV": on,
+                                              **flags}, target, types)
+        compile_one(bn._bn_relu_apply_kernel, {"GRAD": grad, "EVAL": on and not grad, "OUT_DTYPE": dtype, **flags},
+                    target, types)
+        count += 2
     print(f"compiled {count} kernel specializations for sm_{arch}; the update kernels' PTX has no "
           f"{' or '.join(INEXACT)} instruction")
 
