@@ -100,6 +100,7 @@ bench: build
 	  || echo "matplotlib could not be installed: the benchmark runs without plots"
 	$(PY) benchmarks/bench_optim.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_bn_relu.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_resnet.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_fsdp.py $(BENCH_ARGS)
 
 clean:

@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_suite.sh                 # build, tests, sanitizer, quick benchmark (< 10 min)
 #   SKIP_TESTS=1 FULL=1 bash benchmarks/gpu_suite.sh   # build and the full benchmark (256M params, GPT set)
-#   SKIP_TESTS=1 BN=1 bash benchmarks/gpu_suite.sh      # build and the BatchNorm+ReLU benchmark
+#   SKIP_TESTS=1 BN=1 bash benchmarks/gpu_suite.sh      # build, the BatchNorm+ReLU and ResNet-50 benchmarks
 #
 # At most 8 files under $OUT: gpu.txt, build.log, probe.log, tests.log, sanitizer.log, bench.log,
 # results.csv and the report. Each phase has its own time limit, so that one call fits the device tool's 10 minutes even when
@@ -82,9 +82,12 @@ if [ -z "${BN:-}" ]; then
   note "benchmark (rc $?)"
   cp benchmarks/out/report.md "$OUT/report.md" 2>/dev/null
 else
-  timeout 420 "$PY" benchmarks/bench_bn_relu.py --device cuda ${FULL:+--full} --csv "$OUT/results.csv" >"$OUT/bench.log" 2>&1
+  timeout 300 "$PY" benchmarks/bench_bn_relu.py --device cuda ${FULL:+--full} --csv "$OUT/results.csv" >"$OUT/bench.log" 2>&1
   note "BatchNorm+ReLU benchmark (rc $?)"
   cp benchmarks/out/report_bn_relu.md "$OUT/report_bn_relu.md" 2>/dev/null
+  # the end-to-end figure: a ResNet-50 training step, fused against eager and torch.compile
+  timeout 150 "$PY" benchmarks/bench_resnet.py --device cuda --csv "$OUT/results.csv" >>"$OUT/bench.log" 2>&1
+  note "ResNet-50 training step benchmark (rc $?)"
 fi
 
 echo

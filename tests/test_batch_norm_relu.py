@@ -104,10 +104,12 @@ def test_matches_torch(backend, device, cls, shape, channels_last, flags, dtype)
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_low_precision_error_within_twice_torchs(backend, device, dtype, channels_last):
+@pytest.mark.parametrize("shape", [(4, 8, 9, 11), (4, 16, 8, 8)], ids=["odd", "packs"])
+def test_low_precision_error_within_twice_torchs(backend, device, dtype, channels_last, shape):
     """bf16/fp16 inputs (fp32 weight, bias and statistics): the error against an fp64 computation is
-    at most ~2x that of torch's own low-precision BatchNorm2d -> ReLU (STYLE: flash-attention's rule)."""
-    shape = (4, 8, 9, 11)
+    at most ~2x that of torch's own low-precision BatchNorm2d -> ReLU (STYLE: flash-attention's rule).
+    "packs": H*W and C multiples of 8, the CUDA kernels' 16-byte path in both layouts (Note [16-byte
+    packs], csrc/cuda/batch_norm_relu.cu); "odd": 9x11 NCHW takes the one-value path."""
     ours, exact = _pair(BatchNormReLU2d, shape[1], {}, torch.float32, device, backend)
     low = nn.BatchNorm2d(shape[1]).to(device)
     low.load_state_dict(exact.state_dict())
@@ -129,6 +131,45 @@ def test_low_precision_error_within_twice_torchs(backend, device, dtype, channel
         assert err_ours <= 2 * err_torch + 1e-6, f"{what}: error {err_ours:.3g} > 2 x torch's {err_torch:.3g}"
     assert_close(ours.running_mean, exact.running_mean.float(), rtol=1e-3, atol=1e-3, what="running_mean")
     assert_close(ours.running_var, exact.running_var.float(), rtol=1e-3, atol=1e-3, what="running_var")
+
+
+# (shape, channels_last, misaligned): the CUDA kernels' 16-byte path (H*W, or C in channels_last, a
+# multiple of the pack: 4 fp32, 2 fp64 values) with several packs per thread and several blocks per
+# channel, and the same shapes with x starting one element past a 16-byte boundary (the one-value
+# path: Note [16-byte packs]).
+PACK_CASES = [((6, 8, 16, 16), False, False), ((6, 32, 12, 12), True, False), ((2, 4, 4, 4), False, True),
+              ((6, 32, 12, 12), True, True)]
+
+
+@pytest.mark.parametrize("shape,channels_last,misaligned", PACK_CASES,
+                         ids=["nchw", "channels_last", "nchw-misaligned", "channels_last-misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_pack_paths_match_torch(backend, device, shape, channels_last, misaligned, dtype):
+    _skip_dtype(backend, dtype)
+    tol = TOL[dtype]
+    ours, theirs = _pair(BatchNormReLU2d, shape[1], {}, dtype, device, backend)
+    x = _input(shape, channels_last, dtype, device)
+    if misaligned:
+        flat = torch.empty(x.numel() + 1, dtype=dtype, device=device)
+        perm = x.permute(0, 2, 3, 1) if channels_last else x
+        flat[1:].view(perm.shape).copy_(perm)
+        x = flat[1:].view(perm.shape)
+        x = x.permute(0, 3, 1, 2) if channels_last else x
+        assert x.data_ptr() % 16 != 0 and x.is_contiguous(memory_format=torch.channels_last if channels_last
+                                                          else torch.contiguous_format)
+    for mode in ("train", "eval"):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        ours.zero_grad()
+        theirs.zero_grad()
+        xa, xb = x.detach().requires_grad_(), x.detach().clone().requires_grad_()
+        ya, yb = ours(xa), torch.relu(theirs(xb))
+        assert_close(ya, yb, **tol, what=f"{mode} output")
+        dy = torch.randn_like(yb)
+        ya.backward(dy)
+        yb.backward(dy)
+        assert_close(xa.grad, xb.grad, **tol, what=f"{mode} grad of x")
+        _compare_modules(ours, theirs, tol, mode)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
@@ -371,3 +412,48 @@ def test_triton_two_launches_per_direction_and_no_torch_math(backend, device, tr
     assert_close(db, theirs.bias.grad, **TOL[torch.float32], what="grad of bias")
     assert_close(rm, theirs.running_mean, **TOL[torch.float32], what="running_mean")
     assert_close(rv, theirs.running_var, **TOL[torch.float32], what="running_var")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
+@pytest.mark.parametrize("shape,channels_last,dtype", [
+    ((4, 64, 14, 14), False, torch.float32), ((4, 64, 14, 14), False, torch.bfloat16),
+    ((4, 64, 7, 7), True, torch.bfloat16), ((3, 20, 5, 5), True, torch.bfloat16)])
+def test_cuda_two_kernels_per_direction(shape, channels_last, dtype, training):
+    """The CUDA op: two kernels forward (the reduction finalizes in its last block; eval: a per-channel
+    kernel) and two backward, on the 16-byte and the one-value paths; the counters' memset is not a
+    kernel. Results checked against torch (bf16 within 2x torch's own error is the job of
+    test_low_precision_error_within_twice_torchs; here a bf16 step of the output)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    c = shape[1]
+    ours, theirs = _pair(BatchNormReLU2d, c, {}, torch.float32, "cuda", "cuda")
+    x = _input(shape, channels_last, dtype, "cuda")
+    w, b, rm, rv = ours.weight.detach(), ours.bias.detach(), ours.running_mean, ours.running_var
+    dy = torch.randn_like(x)
+
+    def kernels(fn):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = fn()
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                 and "memset" not in e.name.lower() and "memcpy" not in e.name.lower()]
+        return out, names
+
+    (y, mean, invstd), fwd = kernels(lambda: torch.ops.fastopt.bn_relu_forward(x, w, b, rm, rv, training, 0.1, 1e-5))
+    (dx, dw, db), bwd = kernels(lambda: torch.ops.fastopt.bn_relu_backward(dy, x, w, b, mean, invstd, training, True))
+    assert len(fwd) == 2, fwd
+    assert len(bwd) == 2, bwd
+    theirs.train(training)
+    x2 = x.detach().clone().requires_grad_()
+    with torch.autocast("cuda", enabled=False):
+        ref = torch.relu(theirs(x2.float()))
+    ref.backward(dy.float())
+    low = dtype != torch.float32
+    tol = dict(rtol=1e-2, atol=1e-2) if low else TOL[torch.float32]  # bf16: about one bf16 step (2^-8)
+    assert_close(y.float(), ref.detach(), **tol, what="output")
+    assert_close(dx.float(), x2.grad, **tol, what="grad of x")
+    assert_close(dw, theirs.weight.grad, **(dict(rtol=1e-2, atol=1e-1) if low else TOL[torch.float32]), what="dweight")
+    assert_close(rm, theirs.running_mean, **TOL[torch.float32], what="running_mean")
