@@ -3,14 +3,13 @@ weight / bias gradients, running statistics and num_batches_tracked over several
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 from torch import nn
 
 import fastopt
-from conftest import assert_close, backend_device
+from conftest import assert_close
 from fastopt.nn import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d
 from fastopt.nn.functional import batch_norm_relu, resolve
 
