@@ -252,6 +252,18 @@ def test_state_dict_is_batchnorms(cls):
 
 def test_resolve_picks_a_backend_per_dtype():
     assert resolve("auto", torch.device("cpu"), torch.float32).name in ("cpu", "reference")
+
+
+
+def test_auto_never_picks_triton_on_a_gpu(monkeypatch):
+    """Note [no triton under auto] (fastopt/nn/functional.py): with every backend available but the
+    cuda one (an extension built without CUDA), auto takes the reference implementation."""
+    from fastopt.nn import functional
+
+    monkeypatch.setattr(functional._backends, "why_unavailable", lambda name, device: "no" if name == "cuda" else None)
+    monkeypatch.setattr(functional, "_RESOLVED", {})
+    assert resolve("auto", torch.device("cuda"), torch.float32).name == "reference"
+    assert resolve("triton", torch.device("cuda"), torch.float32).name == "triton"
     with pytest.raises(fastopt.BackendUnavailable, match="cuda"):
         resolve("cuda", torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="unknown backend"):
