@@ -203,7 +203,9 @@ def _bn_relu_apply_kernel(x_ptr, dy_ptr, out_ptr, vec_ptr, w_ptr, b_ptr, mean_pt
     j = tl.arange(0, BLOCK_J)
     units = _units(N, S, CHANNELS_LAST, BLOCK_J)
     for u in range(units * pid_r // SPLITS, units * (pid_r + 1) // SPLITS):
-        offs, mask = _tile(u, j, c, cmask, N, C, S, CHANNELS_LAST, BLOCK_J)
+        # back to front: the sums pass read the last tiles last (Note [second pass in reverse],
+        # csrc/cuda/batch_norm_relu.cu)
+        offs, mask = _tile(units - 1 - u, j, c, cmask, N, C, S, CHANNELS_LAST, BLOCK_J)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z = tl.fma(x, scale, shift)
         if GRAD:
