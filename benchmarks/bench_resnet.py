@@ -116,7 +116,7 @@ def main() -> None:
         fns[f"fastopt {backend}"] = _step(fused, x, labels, amp)
     notes: set[str] = set()
     fns = runnable(fns, notes)
-    timings = time_alternating(fns, args.device, min_time_s=1.0, min_reps=5)
+    timings = time_alternating(fns, args.device, min_time_s=3.0, min_reps=10)
     eager = timings["torch eager"].median_ms
     best_torch = min(t.median_ms for p, t in timings.items() if p.startswith("torch "))
     rows = [Row(label, p, t.median_ms, t.p20_ms, t.p80_ms, float("nan"), float("nan"), best_torch / t.median_ms)
