@@ -12,6 +12,7 @@ from torch import nn
 import fastopt
 from conftest import assert_close
 from fastopt.nn import BatchNormReLU1d, BatchNormReLU2d, fuse_bn_relu
+from fastopt.nn.fuse import SharedReLU
 
 TOL = dict(rtol=1e-4, atol=1e-5)  # Note [BatchNorm+ReLU tolerances] (test_batch_norm_relu.py)
 
@@ -80,9 +81,10 @@ def test_resnet_style_model():
     assert fused == {"bn1", "layer1.0.bn1", "layer1.1.bn1", "func.bn_a", "func.bn_b", "head.2"}
     # the residual branch's bn2 and bn_c (also read by the add) stay BatchNorm
     assert type(model.layer1[0].bn2) is nn.BatchNorm2d and type(model.func.bn_c) is nn.BatchNorm2d
-    # a ReLU module used only after fused BatchNorms goes; the blocks' shared one stays
+    # a ReLU module used only after fused BatchNorms goes; the blocks' shared one skips fused outputs
     assert type(model.relu) is nn.Identity and type(model.head[3]) is nn.Identity
-    assert type(model.layer1[0].relu) is nn.ReLU
+    assert type(model.layer1[0].relu) is SharedReLU and model.layer1[0].relu.inplace
+    assert model.layer1[0].bn1.marks_output and not model.bn1.marks_output
     assert list(model.state_dict()) == keys
 
     for mode in ("train", "train", "eval"):
@@ -133,7 +135,8 @@ def test_untraceable_forward_fuses_children_only():
     fuse_bn_relu(model)
     assert type(model.bn) is nn.BatchNorm2d  # its use is not known
     assert isinstance(model.inner[0], BatchNormReLU2d)
-    assert type(model.inner[1]) is nn.ReLU  # kept: the whole model did not trace
+    # kept, as it may have callers the trace did not see; it skips the fused module's output
+    assert type(model.inner[1]) is SharedReLU
 
 
 def test_subclasses_and_sync_batchnorm_are_left_alone():
@@ -161,3 +164,47 @@ def test_backend_is_passed_on():
     model = fuse_bn_relu(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()), backend="reference")
     assert model[0].backend == "reference"
     assert isinstance(fastopt.nn.BatchNormReLU2d.from_batchnorm(nn.BatchNorm2d(3)), BatchNormReLU2d)
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "not_inplace"])
+def test_shared_relu_skips_the_pass_after_a_fused_batchnorm(inplace):
+    """torchvision's block calls one ReLU module after bn1 and after the residual add: after fusing,
+    only the add's call runs a ReLU (Note [a shared ReLU after a fused BatchNorm]); outputs, grads and
+    running statistics stay the unfused model's, in float64 to a few ulps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.relus = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.relus += func.__name__.split(".")[0] in ("relu", "relu_")
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(BasicBlock(4), BasicBlock(4)).double()
+    for block in model:
+        block.relu = nn.ReLU(inplace=inplace)
+    _randomize_bn(model)
+    plain = copy.deepcopy(model)
+    fuse_bn_relu(model)
+    assert all(type(b.relu) is SharedReLU and b.relu.inplace == inplace for b in model)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    with Ops() as ops:
+        model(x)
+    assert ops.relus == 2  # the two residual adds' (was 4: bn1's too)
+    with Ops() as ops:
+        plain(x)
+    assert ops.relus == 4
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = model(xa), plain(xb)
+    assert_close(ya, yb, rtol=1e-12, atol=1e-13, what="output")
+    ya.sum().backward()
+    yb.sum().backward()
+    assert_close(xa.grad, xb.grad, rtol=1e-12, atol=1e-13, what="grad of x")
+    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        assert_close(a, b, rtol=1e-12, atol=1e-13, what=name)
+    # anything else through the shared module is a plain ReLU
+    t = torch.randn(6, dtype=torch.float64)
+    assert torch.equal(model[0].relu(t.clone()), torch.relu(t))

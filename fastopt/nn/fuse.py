@@ -10,7 +10,8 @@ or not); an output that also feeds anything else (a residual add) keeps the plai
 The ReLU after a fused BatchNorm becomes redundant but stays correct (ReLU is idempotent). An
 ``nn.ReLU`` module is replaced by ``nn.Identity`` when the whole model traced and every call of that
 module follows a fused BatchNorm; a ReLU module that is also used elsewhere (torchvision's blocks
-share one ``self.relu`` with the residual add) stays and costs one extra elementwise pass.
+share one ``self.relu`` with the residual add) becomes a ``SharedReLU``, which skips the calls on a
+fused module's output (Note [a shared ReLU after a fused BatchNorm], modules.py).
 """
 
 from __future__ import annotations
@@ -22,11 +23,22 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d
+from .modules import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, is_fused_output
 
 _FUSED = {nn.BatchNorm1d: BatchNormReLU1d, nn.BatchNorm2d: BatchNormReLU2d, nn.BatchNorm3d: BatchNormReLU3d}
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_)
 _RELU_METHODS = ("relu", "relu_")
+
+
+class SharedReLU(nn.ReLU):
+    """An ``nn.ReLU`` called both after a fused BatchNorm and elsewhere: on a fused module's output
+    it returns the input as it is (already max(z, 0)); everywhere else it is ``nn.ReLU``
+    (Note [a shared ReLU after a fused BatchNorm], modules.py)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and is_fused_output(input):
+            return input
+        return super().forward(input)
 
 
 def _trace(module: nn.Module):
@@ -90,10 +102,14 @@ def fuse_bn_relu(model: nn.Module, *, backend: str = "auto") -> nn.Module:
         if ok:
             bn = model.get_submodule(name)
             _replace(model, name, _FUSED[type(bn)].from_batchnorm(bn, backend=backend))
-    if whole:
-        for name, sources in relu_sources.items():
-            if all(bn_ok.get(s, False) for s in sources):
-                _replace(model, name, nn.Identity())
+    for name, sources in relu_sources.items():
+        fused = [s for s in sources if bn_ok.get(s, False)]
+        if whole and len(fused) == len(sources):
+            _replace(model, name, nn.Identity())
+        elif fused and type(model.get_submodule(name)) is nn.ReLU:
+            _replace(model, name, SharedReLU(inplace=model.get_submodule(name).inplace))
+            for s in fused:
+                model.get_submodule(s).marks_output = True
     return model
 
 
@@ -103,4 +119,4 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-__all__ = ["fuse_bn_relu"]
+__all__ = ["SharedReLU", "fuse_bn_relu"]

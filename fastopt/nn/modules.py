@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import weakref
 
 import torch
 from torch import Tensor
@@ -16,6 +17,23 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import backends as _backends
 from .functional import batch_norm_relu, verify_batch_size
+
+# Note [a shared ReLU after a fused BatchNorm]: torchvision's ResNet blocks call one ``self.relu``
+# after a BatchNorm and after the residual add, so ``fuse_bn_relu`` cannot drop that module, and its
+# call after the fused BatchNorm would read and write the activation again forward and backward
+# (as many accesses as the fusion saves). Such a ReLU becomes ``SharedReLU``, which returns its
+# input unchanged when that input is the output of a fused module that feeds it (``marks_output``:
+# the output is recorded here, by identity, until it is freed). ReLU is idempotent, the fused
+# output is already max(z, 0) (NaN kept, as torch's relu keeps it), and the fused module's output
+# has no other reader (the trace checked that), so returning it is what relu would have computed.
+# Under torch.compile neither side does this (plain relu; inductor fuses it).
+_FUSED_OUTPUTS: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+
+
+def is_fused_output(t: Tensor) -> bool:
+    """Whether ``t`` is the output of a fused module with ``marks_output`` set, still alive."""
+    return _FUSED_OUTPUTS.get(id(t)) is t
+
 
 # Note [SyncBatchNorm conversion]: torch.nn.SyncBatchNorm.convert_sync_batchnorm replaces every
 # _BatchNorm instance by a plain SyncBatchNorm, which would silently drop our ReLU. It offers no
@@ -45,6 +63,7 @@ class _BatchNormReLU(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
                          **extra)
         self.backend = backend
+        self.marks_output = False  # Note [a shared ReLU after a fused BatchNorm]
 
     @property
     def num_features(self) -> int:
@@ -90,9 +109,12 @@ class _BatchNormReLU(_BatchNorm):
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
         use_running = not self.training or self.track_running_stats
-        return batch_norm_relu(input, self.running_mean if use_running else None,
-                               self.running_var if use_running else None, self.weight, self.bias,
-                               bn_training, factor, self.eps, backend=self.backend)
+        out = batch_norm_relu(input, self.running_mean if use_running else None,
+                              self.running_var if use_running else None, self.weight, self.bias,
+                              bn_training, factor, self.eps, backend=self.backend)
+        if self.marks_output and not torch.compiler.is_compiling():
+            _FUSED_OUTPUTS[id(out)] = out
+        return out
 
     def extra_repr(self) -> str:
         tail = "" if self.backend == "auto" else f", backend={self.backend!r}"
