@@ -55,7 +55,7 @@ def test_a_results_file_of_another_harness_is_kept_aside(tmp_path):
     assert lines[0].split(",")[-1] == "kernel_ms" and len(lines) == 3 and lines[1].endswith(",0.5")
 
 
-def test_bench_resnet_fused_model_trains_like_the_unfused_one():
+def test_bench_resnet_fused_model_trains_like_the_unfused_one(monkeypatch):
     """bench_resnet's CPU model (torchvision's ResNet-18 architecture, one ReLU module shared per
     block): fuse_bn_relu fuses the stem's and every block's first BatchNorm (9), leaves the BatchNorms
     before a residual add alone, and one training step gives the unfused model's loss and grads."""
@@ -66,6 +66,8 @@ def test_bench_resnet_fused_model_trains_like_the_unfused_one():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "bench_resnet.py")
     spec = importlib.util.spec_from_file_location("bench_resnet", path)
     bench = importlib.util.module_from_spec(spec)
+    # the script imports `harness` (benchmarks/harness.py), a name tests/harness.py also has
+    monkeypatch.setitem(sys.modules, "harness", _bench_harness())
     spec.loader.exec_module(bench)
     torch.manual_seed(0)
     # float64: 20 layers deep, with 4 values per channel in the last stage, fp32's different summation
