@@ -25,7 +25,10 @@
 #include <algorithm>
 #include <initializer_list>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "fastopt/bn_relu_host.h"
 #include "fastopt/bn_relu_math.h"
@@ -407,19 +410,23 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int sm_count() {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
-// Blocks of `kernel` that fit on the GPU at once (the occupancy API), at least one per SM.
+// Blocks of `kernel` that fit on the current GPU at once (the occupancy API), at least one per
+// SM. Cached per (kernel, device): the queries cost microseconds per call, as much as a 7x7
+// layer's kernels.
 template <typename Kernel>
 int64_t resident_blocks(Kernel kernel) {
-  int per_sm = 0;
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int64_t> cache;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int per_sm = 0, sms = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  return static_cast<int64_t>(std::max(per_sm, 1)) * sm_count();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return cache[key] = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
