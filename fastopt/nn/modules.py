@@ -48,6 +48,8 @@ _HAS_BIAS_ARG = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 
 
 class _BatchNormReLU(_BatchNorm):
+    # Note [a shared ReLU after a fused BatchNorm]; also a class default, for modules pickled before it
+    marks_output = False
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  backend: str = "auto"):
