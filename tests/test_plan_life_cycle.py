@@ -99,6 +99,25 @@ def test_two_groups_with_a_contiguous_grad_for_a_permuted_param(name, backend, d
 def test_the_plan_as_a_state_machine(backend, device):
     """build -> bind (same plan) -> relaid grad (same plan) -> absent grads (same plan, skipped)
     -> new storage (stale: a compiled plan is rebuilt once) -> bind again (same plan)."""
+    _state_machine(backend, device)
+
+
+@pytest.mark.parametrize("binder", ["C++", "Python"])
+def test_the_triton_plan_binds_alike_in_cpp_and_python(binder, backend, device, monkeypatch):
+    """Note [the Triton plan binds in C++] (csrc/ops.cpp): the extension's binder, and the Python
+    loop that binds when the extension is not there, through the same state machine."""
+    if backend != "triton":
+        pytest.skip("the Triton plan's binding")
+    if binder == "Python":
+        monkeypatch.setattr(fastopt._ext, "has_cpu_ops", lambda: False)
+    elif not fastopt._ext.has_cpu_ops():
+        pytest.skip("fastopt._C is not built")
+    pair = _state_machine(backend, device)
+    plans = [sp.plan for b in pair.opt_f._run.plan.buckets for sp in b.cache["plans"]]
+    assert len(plans) == 2 and all((plan._binder is None) == (binder == "Python") for plan in plans)
+
+
+def _state_machine(backend, device):
     pair = Pair("Adam", backend, device, weight_decay=0.1)
     plan0, stats = pair.step(pair.grads())  # build
     _on_kernels(backend, stats, 5)
@@ -132,6 +151,7 @@ def test_the_plan_as_a_state_machine(backend, device):
     plan, stats = pair.step(pair.grads())
     assert plan is plan1
     pair.check()
+    return pair
 
 
 def test_a_param_the_kernels_cannot_take_falls_back_alone(backend, device):
@@ -196,6 +216,35 @@ def test_grads_appear_vanish_and_return_without_a_rebuild_per_step(backend, devi
         plans.append(plan)
     assert all(p is plans[0] for p in plans)
     pair.check()
+
+
+@pytest.mark.parametrize("config", [{}, {"max_grad_norm": 1.0}], ids=["plain", "clipped"])
+def test_no_grad_outlives_its_step(config, backend, device):
+    """Note [grads held only for the step]: after a step, zero_grad() (set_to_none=True) frees
+    every grad, as with torch.optim. A plan that kept the last step's grads would keep a model's
+    whole gradient memory alive through the next forward and backward, and free the old grads
+    (their Python objects too) inside the next step's binding. Grads as autograd makes them, one
+    assigned by hand in another layout (relaid for the step), one param without a grad, two
+    param groups, clipping on and off."""
+    import gc
+    import weakref
+
+    params = _params(device)
+    opt = fastopt.AdamW(_groups(params, 1e-3), backend=backend, **config)
+    x = torch.randn(5, device=device)
+    for step in range(3):
+        sum((p * x[: p.shape[-1]]).sum() for p in params).backward()
+        params[1].grad = torch.randn(params[1].shape, device=device)  # contiguous: relaid
+        if step:
+            params[2].grad = None  # no grad this step (planned at step 0)
+        grads = [weakref.ref(p.grad) for p in params if p.grad is not None]
+        opt.step()
+        if backend in PLANNED:
+            counts = (opt.step_stats.kernel, opt.step_stats.relaid, opt.step_stats.skipped)
+            assert counts == (len(grads), 1, 1 if step else 0), opt.step_stats
+        opt.zero_grad()
+        gc.collect()
+        assert [g() for g in grads] == [None] * len(grads), f"step {step}: a grad outlived its step"
 
 
 def test_step_stats_of_a_fresh_optimizer_are_zero():

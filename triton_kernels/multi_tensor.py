@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _ext
 from .._plan import NO_GRAD, STALE, OwnerRecord, bind_grad, plain_tensors, walks_with
 
 CHUNK = 16384  # elements per program
@@ -86,6 +87,8 @@ class MultiTensorPlan:
         self._grads: list[Optional[Tensor]] = list(self.templates)
         self.owners = list(owners)  # the user's params, whose .grad bind_grads() reads
         self.records = [OwnerRecord(p) for p in self.owners]
+        # Note [the Triton plan binds in C++] (csrc/ops.cpp); the Python loop below without the extension
+        self._binder = _ext._C.GradBinder(self.owners, self.templates) if _ext.has_cpu_ops() else None
         # the norm kernel's scratch: one partial per chunk, a counter, the norm and the coefficient
         acc = torch.float64 if self.dtypes[grad_slot] == torch.float64 else torch.float32
         self.partials = torch.empty(max(self.n_chunks, 1), dtype=acc, device=dev)
@@ -105,6 +108,14 @@ class MultiTensorPlan:
         Note [DTensor shards]), those are bound instead of the plan's owners' ``.grad``."""
         if (owners is None) != (grads is None):
             raise ValueError("bind_grads: give both owners and grads, or neither")
+        if self._binder is not None:
+            result = self._binder.bind(owners, grads, pinned=self.device.type == "cuda")
+            if result is None:
+                return None
+            bound, relaid, absent, table = result
+            if table is not None:  # an address changed: upload the grads row, no host sync
+                self.ptrs[self.grad_slot].copy_(table, non_blocking=True)
+            return bound, relaid, absent
         now = self.owners if owners is None else owners
         if len(now) != len(self.records) or (grads is not None and len(grads) != len(self.records)):
             raise ValueError(f"bind_grads: expected {len(self.records)} owners and grads")
@@ -130,5 +141,11 @@ class MultiTensorPlan:
         if values != self.ptr_values[self.grad_slot]:
             self.ptrs[self.grad_slot].copy_(_upload(values, torch.int64, self.device), non_blocking=True)
             self.ptr_values[self.grad_slot] = values
-        self._grads = bound_grads  # keep this step's grads alive while the kernels read them
+        self._grads = bound_grads  # alive until the launch (Note [grads held only for the step])
         return bound, relaid, absent
+
+    def release_grads(self) -> None:
+        """After the step's launch (Note [grads held only for the step], grad_binding.h)."""
+        self._grads = None
+        if self._binder is not None:
+            self._binder.release_grads()

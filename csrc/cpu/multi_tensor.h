@@ -133,25 +133,19 @@ class Slots {
   void set_owners(std::vector<at::Tensor> owners) {
     TORCH_CHECK(owners.size() == numels_.size(), "fastopt: one owner per param");
     TORCH_CHECK(copy_back_.empty(), "fastopt (cpu): a planned param is laid out unlike its state");
-    owners_ = std::move(owners);
-    records_.clear();
-    for (const auto& p : owners_) records_.emplace_back(p);
-    templates_ = work_[kGradSlot];
+    binder_ = GradBinder(std::move(owners), work_[kGradSlot]);
   }
 
   // An eager step reads every owner's .grad() here instead of building a Python list (Note
   // [binding grads in C++], fastopt/grad_binding.h, says what each grad becomes). Stale (nothing
   // bound) when an owner changed since the plan was built.
   BindResult bind_grads(const GivenGrads* given = nullptr) {
-    TORCH_CHECK(!owners_.empty() || numels_.empty(), "fastopt (cpu): this plan has no owners to bind");
-    const BindResult r = fastopt::bind_grads(owners_, records_, templates_, work_[kGradSlot], "cpu", given);
-    if (r.stale) return r;
-    const auto& grads = work_[kGradSlot];
-    for (size_t i = 0; i < owners_.size(); ++i) {
-      ptrs_[kGradSlot][i] = grads[i].defined() ? grads[i].data_ptr() : no_grad_address();
-    }
-    return r;
+    TORCH_CHECK(binder_.has_owners() || numels_.empty(), "fastopt (cpu): this plan has no owners to bind");
+    return binder_.bind(work_[kGradSlot], ptrs_[kGradSlot].data(), "cpu", given);
   }
+
+  // After the step (Note [grads held only for the step]); the addresses stay for the next bind.
+  void release_grads() { fastopt::release_grads(work_[kGradSlot]); }
 
   // Whether tensor i takes part in this step (Note [absent grads]).
   bool active(int64_t i) const { return ptrs_[kGradSlot][i] != no_grad_address(); }
@@ -191,8 +185,7 @@ class Slots {
   }
 
  private:
-  std::vector<at::Tensor> owners_, templates_;
-  std::vector<OwnerRecord> records_;
+  GradBinder binder_;
   std::vector<std::vector<at::Tensor>> work_;
   std::vector<std::vector<void*>> ptrs_;
   std::vector<at::ScalarType> dtypes_;

@@ -34,12 +34,11 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
                    std::vector<at::Tensor> steps, std::vector<at::Tensor> owners)
     : device_(lists.front().second.empty() ? at::Device(at::kCUDA) : lists.front().second.front().device()),
       grad_slot_(grad_slot),
-      steps_(std::move(steps)),
-      owners_(std::move(owners)) {
+      steps_(std::move(steps)) {
   const auto& first = lists.front().second;
   const size_t n = first.size();
   TORCH_CHECK(steps_.size() == n, "fastopt (cuda): one step count per param, got ", steps_.size(), " for ", n);
-  TORCH_CHECK(owners_.empty() || owners_.size() == n, "fastopt (cuda): one owner per param");
+  TORCH_CHECK(owners.empty() || owners.size() == n, "fastopt (cuda): one owner per param");
   for (const auto& [name, tensors] : lists) {
     TORCH_CHECK(tensors.empty() || tensors.size() == n, "fastopt (cuda): `", name, "` has ", tensors.size(),
                 " tensors, expected ", n);
@@ -81,9 +80,9 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
     chunks_of_tensor.push_back(static_cast<int32_t>(count));
   }
   n_chunks_ = static_cast<int64_t>(chunk_tensor.size());
-  for (const auto& o : owners_) records_.emplace_back(o);
-  templates_ = slots_[grad_slot_];
+  if (!owners.empty()) binder_ = GradBinder(std::move(owners), slots_[grad_slot_]);
   ptr_host_.assign(slots_.size() * n, 0);
+  bound_addresses_.assign(n, nullptr);
   aligned_host_.assign(n, 1);
   for (size_t s = 0; s < slots_.size(); ++s) {
     for (size_t i = 0; i < slots_[s].size(); ++i) {
@@ -106,17 +105,17 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
   norm_counter_ = at::zeros({1}, on_device.dtype(at::kInt));
 }
 
-// The grads row of the address table from this step's grads (bound in slots_[grad_slot_], which
-// keeps them alive while the kernels read them); uploaded only when an address changed.
+// The grads row of the address table, as bind_grads() wrote it into `bound_addresses_` (the grads
+// bound in slots_[grad_slot_] until the step's launch, Note [grads held only for the step]):
+// uploaded only when an address changed.
 void CudaPlan::upload_grads() {
   const size_t n = numels_.size();
-  const std::vector<at::Tensor>& grads = slots_[grad_slot_];
+  int64_t* row = ptr_host_.data() + grad_slot_ * n;
   bool changed = false;
   for (size_t i = 0; i < n; ++i) {
-    const int64_t address =
-        reinterpret_cast<int64_t>(grads[i].defined() ? grads[i].data_ptr() : no_grad_address());
-    changed = changed || address != ptr_host_[grad_slot_ * n + i];
-    ptr_host_[grad_slot_ * n + i] = address;
+    const int64_t address = reinterpret_cast<int64_t>(bound_addresses_[i]);
+    changed = changed || address != row[i];
+    row[i] = address;
   }
   if (!changed) return;
   // Only the grads row of the address table, and the alignment flags, change.
@@ -124,9 +123,8 @@ void CudaPlan::upload_grads() {
   for (size_t s = 0; s < slots_.size(); ++s) {
     for (size_t i = 0; i < slots_[s].size(); ++i) aligned[i] = aligned[i] && aligned4(slots_[s][i]);
   }
-  std::vector<int64_t> row(ptr_host_.begin() + grad_slot_ * n, ptr_host_.begin() + (grad_slot_ + 1) * n);
   ptrs_dev_.narrow(0, static_cast<int64_t>(grad_slot_ * n), static_cast<int64_t>(n))
-      .copy_(upload(row, at::kLong, device_), /*non_blocking=*/true);
+      .copy_(upload(std::vector<int64_t>(row, row + n), at::kLong, device_), /*non_blocking=*/true);
   if (aligned != aligned_host_) {
     aligned_dev_.copy_(upload(aligned, at::kByte, device_), /*non_blocking=*/true);
     aligned_host_ = aligned;
@@ -134,8 +132,8 @@ void CudaPlan::upload_grads() {
 }
 
 BindResult CudaPlan::bind_grads(const GivenGrads* given) {
-  TORCH_CHECK(!owners_.empty() || numels_.empty(), "fastopt (cuda): this plan has no owners to bind");
-  const BindResult r = fastopt::bind_grads(owners_, records_, templates_, slots_[grad_slot_], "cuda", given);
+  TORCH_CHECK(binder_.has_owners() || numels_.empty(), "fastopt (cuda): this plan has no owners to bind");
+  const BindResult r = binder_.bind(slots_[grad_slot_], bound_addresses_.data(), "cuda", given);
   if (!r.stale) upload_grads();
   return r;
 }

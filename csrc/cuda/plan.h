@@ -35,6 +35,9 @@ class CudaPlan {
   // missing one skipped, Note [absent grads]); stale, binding nothing, when an owner changed.
   BindResult bind_grads(const GivenGrads* given = nullptr);
 
+  // After the step's launch (Note [grads held only for the step]); the uploaded addresses stay.
+  void release_grads() { fastopt::release_grads(slots_[grad_slot_]); }
+
   int64_t size() const { return static_cast<int64_t>(numels_.size()); }
   int64_t n_chunks() const { return n_chunks_; }
   at::ScalarType dtype(size_t slot) const { return dtypes_[slot]; }
@@ -61,11 +64,11 @@ class CudaPlan {
   std::vector<std::vector<at::Tensor>> slots_;  // keeps every tensor alive while the tables hold its address
   std::vector<at::ScalarType> dtypes_;
   std::vector<bool> present_;
-  std::vector<at::Tensor> steps_, owners_;
-  std::vector<OwnerRecord> records_;  // the owners as the plan was built
-  std::vector<at::Tensor> templates_;  // the grads slot as built: the layout a bound grad has
+  std::vector<at::Tensor> steps_;
+  GradBinder binder_;  // the owners as the plan was built, and the layout a bound grad has
   std::vector<int64_t> numels_;
   std::vector<int64_t> ptr_host_;  // [slot][tensor] addresses, as uploaded
+  std::vector<void*> bound_addresses_;  // this step's grad addresses, from bind_grads()
   std::vector<uint8_t> aligned_host_;
   int64_t n_chunks_ = 0;
   at::Tensor chunk_tensor_, chunk_start_, numels_dev_, ptrs_dev_, aligned_dev_, step_ptrs_dev_,

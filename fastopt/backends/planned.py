@@ -162,5 +162,9 @@ class PlannedBackend(ReferenceBackend):
         for sp, hp in zip(bucket.cache["plans"], hparams):
             if sp.plan is not None:
                 self._plan_step(rule, sp.plan, bucket, hp, xform)
-            if sp.rest_now is not None and sp.rest_now.params:
-                self._fallback_step(rule, bucket, sp.rest_now, hp, xform)
+                sp.plan.release_grads()  # Note [grads held only for the step] (grad_binding.h)
+            if sp.rest_now is not None:
+                if sp.rest_now.params:
+                    self._fallback_step(rule, bucket, sp.rest_now, hp, xform)
+                sp.rest_now.grads = []
+                sp.rest_now = None

@@ -93,6 +93,14 @@ class ReferenceBackend:
     def step(self, rule: str, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
         for segment, hp in zip(bucket.cache["now"], hparams):
             _step_segment(RULES[rule], segment, hp, xform)
+        release(bucket)
+
+
+def release(bucket: Bucket) -> None:
+    """Let go of the step's grads once it has run (Note [grads held only for the step],
+    csrc/include/fastopt/grad_binding.h): zero_grad(set_to_none=True) then frees them."""
+    for segment in bucket.cache.pop("now", None) or ():
+        segment.grads = []
 
 
 @torch.no_grad()
