@@ -32,6 +32,7 @@
 
 #include "fastopt/bn_relu_host.h"
 #include "fastopt/bn_relu_math.h"
+#include "vec.cuh"
 
 namespace fastopt {
 namespace cuda {
@@ -46,16 +47,6 @@ using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 template <typename S>
 constexpr int kPack = 16 / static_cast<int>(sizeof(S));  // values per 16-byte access
-
-template <typename X, int kV>
-struct alignas(sizeof(X) * kV) Pack {
-  X v[kV];
-};
-
-template <int kV, typename X>
-__device__ __forceinline__ Pack<X, kV> load_pack(const X* __restrict__ p) {
-  return *reinterpret_cast<const Pack<X, kV>*>(p);
-}
 
 // channels_last blocks: lanes along the channels, 128 bytes of a row per block row; the block
 // covers kClChannels<S> channels whatever the pack width.
@@ -206,15 +197,15 @@ __global__ void __launch_bounds__(kThreads)
   const ChannelTerms<T> ct = channel_terms<S, kGrad>(a, x, c);
   T sa = 0, sb = 0;
   for (int64_t base = p0 + threadIdx.x; base < p1; base += kThreads * kUnroll) {
-    Pack<S, kV> xs[kUnroll], ds[kUnroll];
+    Vec<S, kV> xs[kUnroll], ds[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t p = base + u * kThreads;
       if (p < p1) {
         const int64_t n = static_cast<int64_t>(static_cast<I>(p) / static_cast<I>(row_packs));
         const int64_t off = (n * sh.c + c) * sh.s + (p - n * row_packs) * kV;
-        xs[u] = load_pack<kV>(x + off);
-        if constexpr (kGrad) ds[u] = load_pack<kV>(dy + off);
+        xs[u] = load_vec<kV>(x + off);
+        if constexpr (kGrad) ds[u] = load_vec<kV>(dy + off);
       }
     }
 #pragma unroll
@@ -267,13 +258,13 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (active) {
     for (int64_t base = r0 + row; base < r1; base += kRows * kUnroll) {
-      Pack<S, kV> xs[kUnroll], ds[kUnroll];
+      Vec<S, kV> xs[kUnroll], ds[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t r = base + u * kRows;
         if (r < r1) {
-          xs[u] = load_pack<kV>(x + r * sh.c + c0);
-          if constexpr (kGrad) ds[u] = load_pack<kV>(dy + r * sh.c + c0);
+          xs[u] = load_vec<kV>(x + r * sh.c + c0);
+          if constexpr (kGrad) ds[u] = load_vec<kV>(dy + r * sh.c + c0);
         }
       }
 #pragma unroll
@@ -344,12 +335,6 @@ __global__ void eval_affine_kernel(int64_t channels, const T* running_mean, cons
   vec[channels + c] = af.shift;
 }
 
-// kV per-channel values from c (kV consecutive channels: one aligned access when kV > 1).
-template <int kV, typename T>
-__device__ __forceinline__ Pack<T, kV> channel_pack(const T* __restrict__ p, int64_t c) {
-  return load_pack<kV>(p + c);
-}
-
 // Elementwise pass over the packs in reverse order (Note [second pass in reverse]).
 // kGrad=false: y = max(fma(x, scale, shift), 0), NaN kept; true: dx = k_g * g + k_c * (x - mean) + k_0.
 // vec: [scale, shift(, mean)], coef: [k_g, k_c, k_0], each c long.
@@ -365,14 +350,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; base < packs;
        base += stride * kUnroll) {
-    Pack<S, kV> xs[kUnroll], ds[kUnroll];
+    Vec<S, kV> xs[kUnroll], ds[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t p = base + u * stride;
       if (p < packs) {
         const int64_t i = (packs - 1 - p) * kV;
-        xs[u] = load_pack<kV>(x + i);
-        if constexpr (kGrad) ds[u] = load_pack<kV>(dy + i);
+        xs[u] = load_vec<kV>(x + i);
+        if constexpr (kGrad) ds[u] = load_vec<kV>(dy + i);
       }
     }
 #pragma unroll
@@ -385,11 +370,11 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t c = static_cast<int64_t>(kCl ? ii % static_cast<I>(sh.c)
                                                  : (ii / static_cast<I>(sh.s)) % static_cast<I>(sh.c));
       constexpr int kW = kCl ? kV : 1;
-      const Pack<T, kW> scale = channel_pack<kW>(vec, c), shift = channel_pack<kW>(vec + sh.c, c);
-      Pack<S, kV> o;
+      const Vec<T, kW> scale = load_vec<kW>(vec + c), shift = load_vec<kW>(vec + sh.c + c);
+      Vec<S, kV> o;
       if constexpr (kGrad) {
-        const Pack<T, kW> mean = channel_pack<kW>(vec + 2 * sh.c, c), kg = channel_pack<kW>(coef, c),
-                          kc = channel_pack<kW>(coef + sh.c, c), k0 = channel_pack<kW>(coef + 2 * sh.c, c);
+        const Vec<T, kW> mean = load_vec<kW>(vec + 2 * sh.c + c), kg = load_vec<kW>(coef + c),
+                          kc = load_vec<kW>(coef + sh.c + c), k0 = load_vec<kW>(coef + 2 * sh.c + c);
 #pragma unroll
         for (int k = 0; k < kV; ++k) {
           const int w = kCl ? k : 0;
@@ -405,7 +390,7 @@ __global__ void __launch_bounds__(kThreads)
           o.v[k] = static_cast<S>(z > T(0) ? z : (z != z ? z : T(0)));
         }
       }
-      *reinterpret_cast<Pack<S, kV>*>(out + i) = o;
+      *reinterpret_cast<Vec<S, kV>*>(out + i) = o;
     }
   }
 }

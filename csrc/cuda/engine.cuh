@@ -18,6 +18,7 @@
 #include "fastopt/dispatch.h"
 #include "fastopt/update_math.h"
 #include "plan.h"
+#include "vec.cuh"
 
 namespace fastopt {
 namespace cuda {
@@ -63,15 +64,10 @@ inline int grid_size(int64_t n_chunks) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_chunks, static_cast<int64_t>(sms) * 8)));
 }
 
-template <typename X, int N>
-struct alignas(sizeof(X) * N) Vec {
-  X v[N];
-};
-
 // N elements of `ptr` from index i into T registers (N = kVec: one aligned vector access).
 template <int N, typename T, typename X>
 __device__ __forceinline__ void load(const X* ptr, int64_t i, T (&out)[N]) {
-  const Vec<X, N> v = *reinterpret_cast<const Vec<X, N>*>(ptr + i);
+  const Vec<X, N> v = load_vec<N>(ptr + i);
 #pragma unroll
   for (int k = 0; k < N; ++k) out[k] = static_cast<T>(v.v[k]);
 }
