@@ -36,7 +36,9 @@ class Case:
 
     ``recipe`` says what a torch step is: "plain" (``opt.step()``), "clip" (``clip_grad_norm_``
     then the step), "amp_clip" (GradScaler: ``unscale_``, ``clip_grad_norm_``, ``step``,
-    ``update``), "master" (an fp32 copy of bf16 params stepped, then copied back to bf16)."""
+    ``update``), "master" (an fp32 copy of bf16 params stepped, then copied back to bf16), "loop"
+    (``training_loop``: backward, step, zero_grad, for every provider; its launches and kernel ms
+    count the backward's too)."""
 
     name: str  # the optimizer
     sizes: str  # "one", "gpt", "small", "host"
@@ -59,8 +61,11 @@ CASES = [
     Case("Adam", "one", 32, recipe="clip", extras={"max_grad_norm": 1.0}, tag="clip"),
     Case("Adam", "one", 32, recipe="amp_clip", extras={"max_grad_norm": 1.0}, tag="GradScaler+clip"),
     Case("Adam", "one", 28, recipe="master", extras={"master_weights": True}, tag="bf16+master"),
-    # the host's work per step, where the arithmetic is nothing: 4,000 one-element params
+    # the host's work per step, where the arithmetic is nothing: 4,000 one-element params, their
+    # grads kept between steps; then in a training loop (grads made by each backward, freed by
+    # zero_grad), where every provider also pays the same backward
     Case("AdamW", "host", 28, tag="host cost"),
+    Case("AdamW", "host", 28, recipe="loop", tag="host cost, backward+step+zero_grad"),
     *[Case(n, "gpt", b, full_only=True) for n, b in (("Adam", 28), ("AdamW", 28))],
     Case("AdamW", "gpt", 32, recipe="clip", extras={"max_grad_norm": 1.0}, tag="clip", full_only=True),
 ]
@@ -102,6 +107,18 @@ def _scaler(device: str) -> torch.amp.GradScaler:
     return scaler
 
 
+def training_loop(params: list[torch.nn.Parameter], opt) -> Callable[[], None]:
+    """backward (one stack of the same-shaped params: a fresh grad tensor per param, as autograd
+    makes them), step, zero_grad (set_to_none: the grads are freed)."""
+    weights = torch.randn(len(params), device=params[0].device)
+
+    def step():
+        (torch.stack(params).flatten() * weights).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
 def torch_step(case: Case, variant: str, shapes, device) -> Callable[[], None]:
     cls = getattr(torch.optim, case.name)
     flags = TORCH_FLAGS[variant]
@@ -120,6 +137,8 @@ def torch_step(case: Case, variant: str, shapes, device) -> Callable[[], None]:
     opt = cls(params, lr=1e-3, **case.options, **flags)
     if case.recipe == "plain":
         return opt.step
+    if case.recipe == "loop":
+        return training_loop(params, opt)
     norm_flags = {"foreach": variant != "for-loop"}
     if case.recipe == "clip":
         def step():
@@ -141,6 +160,8 @@ def fastopt_step(case: Case, backend: str, shapes, device) -> Callable[[], None]
     dtype = torch.bfloat16 if case.recipe == "master" else torch.float32
     params = _params(shapes, device, dtype)
     opt = cls(params, lr=1e-3, backend=backend, **case.options, **case.extras)
+    if case.recipe == "loop":
+        return training_loop(params, opt)
     if case.recipe != "amp_clip":
         return opt.step
     scaler = _scaler(device)
