@@ -64,3 +64,45 @@ def test_one_launch_per_step_plus_one_for_the_norm(clip, backend, device):
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
     assert len(kernels) == (2 if clip else 1), kernels
+
+
+def _at_offset(n, offset, device):
+    """A float32 tensor of n elements that starts ``offset`` elements into its storage (4 bytes per
+    element: offset 1 is off any 16-byte boundary)."""
+    return torch.randn(n + offset, device=device)[offset:]
+
+
+@pytest.mark.parametrize("name,config", [
+    ("Adam", {"amsgrad": True, "weight_decay": 0.1}),
+    ("AdamW", {}),
+    ("Adagrad", {"lr_decay": 0.1}),
+    ("RMSprop", {"centered": True, "momentum": 0.5}),
+])
+def test_tensors_off_16_byte_boundaries(name, config, backend, device):
+    """Note [aligned bodies] (triton_kernels/common.py): a program whose tensors all keep 16-byte
+    alignment runs an unmasked body and a masked tail, any other the masked loop: a param that
+    starts one element into its storage, and an aligned param whose grad (assigned by hand) does,
+    next to aligned ones of several BLOCKs plus a tail, with clipping (the norm kernel too); every
+    element as torch's."""
+    from harness import assert_ran_on
+
+    spec = SPEC_BY_NAME[name]
+    sizes = [5000, 4097, 3000, 1024]
+    base = [_at_offset(n, 1 if i == 1 else 0, device) for i, n in enumerate(sizes)]
+    ours = [torch.nn.Parameter(t.clone() if i != 1 else _at_offset(sizes[1], 1, device).copy_(t))
+            for i, t in enumerate(base)]
+    theirs = [torch.nn.Parameter(t.clone()) for t in base]
+    assert ours[1].data_ptr() % 16 != 0
+    opt_f = spec.fastopt_cls(ours, backend=backend, lr=spec.lr, max_grad_norm=5.0, **config)
+    opt_t = spec.torch_cls(theirs, foreach=False, lr=spec.lr, **config)
+    for _ in range(3):
+        grads = [torch.randn(n, device=device) for n in sizes]
+        for i, (p, q, g) in enumerate(zip(ours, theirs, grads)):
+            p.grad = _at_offset(sizes[i], 1, device).copy_(g) if i == 2 else g.clone()  # a misaligned grad
+            q.grad = g.clone()
+        assert ours[2].grad.data_ptr() % 16 != 0
+        torch.nn.utils.clip_grad_norm_(theirs, 5.0)  # the norm kernel reads the grads the same way
+        opt_f.step()
+        opt_t.step()
+        assert_ran_on(opt_f, backend)
+    assert_matches(opt_f, opt_t, ours, theirs, torch.float32)

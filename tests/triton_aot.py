@@ -40,7 +40,13 @@ KERNELS = {
 INEXACT = (".approx", "div.full")
 
 
+BASES = {"p_base": "P_DTYPE", "g_base": "G_DTYPE", "out_base": "OUT_DTYPE"}
+WIDE = ("ld.global.v4.b32", "ld.global.v2.b64")  # 16-byte loads: 4 fp32 or 8 bf16/fp16; 2 fp64
+PTR_NAMES = {tl.float32: "*fp32", tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float64: "*fp64"}
+
+
 def compile_one(fn, constexprs: dict, target: GPUTarget, types: dict = None):
+    types = {**{k: PTR_NAMES[constexprs[d]] for k, d in BASES.items() if k in fn.arg_names}, **(types or {})}
     signature = {}
     annotated = {p.name: p.annotation_type for p in fn.params if p.annotation_type}
     for name in fn.arg_names:
@@ -58,7 +64,10 @@ def compile_one(fn, constexprs: dict, target: GPUTarget, types: dict = None):
             signature[name] = "i32"
         else:
             signature[name] = "fp32"
-    src = ASTSource(fn=fn, signature=signature,
+    # the slot bases of Note [aligned bodies] (common.py): 16-byte aligned, as Triton specializes
+    # such an argument at a launch
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in BASES if k in fn.arg_names}
+    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=target, options={"enable_fp_fusion": False})
 
@@ -83,13 +92,18 @@ def main(arch: int) -> None:
             bad = inexact_instructions(kernel.asm["ptx"])
             if bad:
                 raise SystemExit(f"{fn.__name__} ({values}) has inexact instructions: {bad[:5]}")
+            if not any(w in kernel.asm["ptx"] for w in WIDE):
+                raise SystemExit(f"{fn.__name__} ({p_dtype}, {g_dtype}, {values}): no 16-byte loads (Note [aligned bodies])")
             count += 1
     for l2, on, (g_dtype, acc, acc_ptr) in itertools.product(
         (True, False), (True, False), ((tl.bfloat16, tl.float32, "*fp32"), (tl.float64, tl.float64, "*fp64"))
     ):
-        compile_one(norm._norm_kernel, {"ACC": acc, "G_DTYPE": g_dtype, "L2": l2, "HAS_SCALE": on, "HAS_CLIP": on,
-                                        "WRITE_COEF": on, "CHUNK": CHUNK, "BLOCK": BLOCK, "RBLOCK": norm.RBLOCK},
-                    target, {"partials": acc_ptr, "out": acc_ptr})
+        kernel = compile_one(norm._norm_kernel, {"ACC": acc, "G_DTYPE": g_dtype, "L2": l2, "HAS_SCALE": on,
+                                                 "HAS_CLIP": on, "WRITE_COEF": on, "CHUNK": CHUNK, "BLOCK": BLOCK,
+                                                 "RBLOCK": norm.RBLOCK},
+                             target, {"partials": acc_ptr, "out": acc_ptr})
+        if not any(w in kernel.asm["ptx"] for w in WIDE):
+            raise SystemExit(f"_norm_kernel ({g_dtype}): no 16-byte loads (Note [aligned bodies])")
         count += 1
     bn = batch_norm_relu
     for grad, channels_last, on, (dtype, name) in itertools.product(
@@ -108,7 +122,7 @@ def main(arch: int) -> None:
                     target, types)
         count += 2
     print(f"compiled {count} kernel specializations for sm_{arch}; the update kernels' PTX has no "
-          f"{' or '.join(INEXACT)} instruction")
+          f"{' or '.join(INEXACT)} instruction, and they and the norm kernel load 16 bytes at a time")
 
 
 if __name__ == "__main__":

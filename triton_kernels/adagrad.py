@@ -12,15 +12,31 @@ import triton.language as tl
 
 from .common import (
     chunk_bounds, div, finish_step, grad_scalars, load_as, load_grad, lr_over, read_step, scalar, skipped, sqrt,
-    store_param, to_storage, typed_ptr,
+    store_param, to_storage, aligned_ptr, from_base,
 )
 from .launch import launch_args
 
 
 @triton.jit
+def _adagrad_block(p_ptr, g_ptr, s_ptr, out_ptr, idx, mask, neg_clr, eps_, wd, clip, inv_scale, coef,
+                   COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, L2: tl.constexpr,
+                   MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+                   HAS_COEF: tl.constexpr):
+    """The update of the elements ``idx`` (masked unless ``mask`` is None: Note [aligned bodies])."""
+    p = load_as(p_ptr, idx, mask, COMPUTE)
+    s = load_as(s_ptr, idx, mask, COMPUTE)
+    g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
+                  L2, COMPUTE)
+    s = tl.fma(g, g, s)  # state_sum.addcmul_(grad, grad, value=1)
+    p = p + div(neg_clr * g, sqrt(s) + eps_)
+    tl.store(s_ptr + idx, to_storage(s, P_DTYPE), mask=mask)
+    store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
+
+
+@triton.jit
 def _adagrad_kernel(
     tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
-    p_ptrs, g_ptrs, sum_ptrs, out_ptrs,
+    p_ptrs, g_ptrs, sum_ptrs, out_ptrs, p_base, g_base, out_base,
     lr_ptr, lr: tl.float64, lr_decay: tl.float64, weight_decay: tl.float64, eps: tl.float64,
     grad_scale_ptr, clip_value: tl.float64, clip_coef_ptr, found_inf_ptr,
     COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
@@ -35,20 +51,28 @@ def _adagrad_kernel(
         # lr / (1 + (t - 1) * lr_decay) in float64, rounded once (Note [scalars in float64])
         neg_clr = (-lr_over(lr_ptr, lr, 1.0 + (step.to(tl.float64) - 1.0) * lr_decay, LR_IS_PTR)).to(COMPUTE)
         eps_, wd, clip = scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), scalar(clip_value, COMPUTE)
-        p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
-        g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
-        s_ptr = typed_ptr(sum_ptrs, t, P_DTYPE)
-        for off in tl.range(0, end - start, BLOCK):
-            idx = start + off + tl.arange(0, BLOCK)
-            mask = idx < end
-            p = load_as(p_ptr, idx, mask, COMPUTE)
-            s = load_as(s_ptr, idx, mask, COMPUTE)
-            g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
-                          L2, COMPUTE)
-            s = tl.fma(g, g, s)  # state_sum.addcmul_(grad, grad, value=1)
-            p = p + div(neg_clr * g, sqrt(s) + eps_)
-            tl.store(s_ptr + idx, to_storage(s, P_DTYPE), mask=mask)
-            store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
+        # Note [aligned bodies]: every tensor of this program as an offset from its slot's base
+        p_off, ok = from_base(p_base, p_ptrs, t)
+        g_off, g_ok = from_base(g_base, g_ptrs, t)
+        s_off, s_ok = from_base(p_base, sum_ptrs, t)
+        ok = ok & g_ok & s_ok
+        out_off = g_off
+        if MASTER:
+            out_off, out_ok = from_base(out_base, out_ptrs, t)
+            ok = ok & out_ok
+        tail = start
+        if ok:
+            tail = start + (end - start) // BLOCK * BLOCK
+            for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of CHUNK
+                _adagrad_block(aligned_ptr(p_base, p_off), aligned_ptr(g_base, g_off), aligned_ptr(p_base, s_off),
+                               aligned_ptr(out_base, out_off), off + tl.arange(0, BLOCK), None, neg_clr, eps_, wd,
+                               clip, inv_scale, coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, MAXIMIZE, MASTER, HAS_SCALE,
+                               HAS_CLIP, HAS_COEF)
+        for off in tl.range(tail, end, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            _adagrad_block(p_base + p_off, g_base + g_off, p_base + s_off, out_base + out_off, idx, idx < end,
+                           neg_clr, eps_, wd, clip, inv_scale, coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, MAXIMIZE,
+                           MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 
@@ -60,6 +84,6 @@ def adagrad_step(plan, *, lr, lr_decay: float, weight_decay: float, eps: float, 
     args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize)
     _adagrad_kernel[(plan.n_chunks,)](
         *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["state_sums"],
-        plan.ptrs["params_out"], *args["lr"], lr_decay, weight_decay, eps, *args["grad"],
+        plan.ptrs["params_out"], *plan.bases("params", "grads", "params_out"), *args["lr"], lr_decay, weight_decay, eps, *args["grad"],
         L2=weight_decay != 0, **meta,
     )

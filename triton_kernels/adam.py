@@ -16,15 +16,44 @@ import triton.language as tl
 
 from .common import (
     addcmul_sq, chunk_bounds, decoupled_decay, div, finish_step, grad_scalars, lerp, load_as, load_grad, lr_over,
-    one_minus_pow, read_step, scalar, skipped, sqrt, store_param, to_storage, typed_ptr,
+    one_minus_pow, read_step, scalar, skipped, sqrt, store_param, to_storage, aligned_ptr, from_base,
 )
 from .launch import launch_args
 
 
 @triton.jit
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, out_ptr, idx, mask, neg_step_size, bc2_sqrt, lerp_w, beta2_, omb2,
+                eps_, wd, clip, decay_, inv_scale, coef,
+                COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, L2: tl.constexpr,
+                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
+                HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_COEF: tl.constexpr):
+    """The update of the elements ``idx`` (masked unless ``mask`` is None: Note [aligned bodies])."""
+    p = load_as(p_ptr, idx, mask, COMPUTE)
+    m = load_as(m_ptr, idx, mask, COMPUTE)
+    v = load_as(v_ptr, idx, mask, COMPUTE)
+    g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
+                  L2, COMPUTE)
+    if DECOUPLED:
+        p = p * decay_
+    m = lerp(m, g, lerp_w)
+    v = addcmul_sq(v, beta2_, g, omb2)
+    vv = v
+    if AMSGRAD:
+        vmax = load_as(vmax_ptr, idx, mask, COMPUTE)
+        vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(vmax_ptr + idx, to_storage(vmax, P_DTYPE), mask=mask)
+        vv = vmax
+    denom = div(sqrt(vv), bc2_sqrt) + eps_
+    p = p + div(neg_step_size * m, denom)
+    tl.store(m_ptr + idx, to_storage(m, P_DTYPE), mask=mask)
+    tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
+    store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
+
+
+@triton.jit
 def _adam_kernel(
     tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
-    p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, out_ptrs,
+    p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, out_ptrs, p_base, g_base, out_base,
     lr_ptr, lr: tl.float64, lerp_weight: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
     log_beta1: tl.float64, log_beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64, decay: tl.float64,
     grad_scale_ptr, clip_value: tl.float64, clip_coef_ptr, found_inf_ptr,
@@ -41,36 +70,39 @@ def _adam_kernel(
         bc2_sqrt = sqrt(one_minus_pow(log_beta2, step)).to(COMPUTE)
         lerp_w, beta2_, omb2 = scalar(lerp_weight, COMPUTE), scalar(beta2, COMPUTE), scalar(one_minus_beta2, COMPUTE)
         eps_, wd, clip = scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), scalar(clip_value, COMPUTE)
+        decay_ = scalar(1.0, COMPUTE)
         if DECOUPLED:
             decay_ = decoupled_decay(lr_ptr, decay, weight_decay, LR_IS_PTR, COMPUTE)
-        p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
-        g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
-        m_ptr = typed_ptr(m_ptrs, t, P_DTYPE)
-        v_ptr = typed_ptr(v_ptrs, t, P_DTYPE)
-        for off in tl.range(0, end - start, BLOCK):
-            idx = start + off + tl.arange(0, BLOCK)
-            mask = idx < end
-            p = load_as(p_ptr, idx, mask, COMPUTE)
-            m = load_as(m_ptr, idx, mask, COMPUTE)
-            v = load_as(v_ptr, idx, mask, COMPUTE)
-            g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
-                          L2, COMPUTE)
-            if DECOUPLED:
-                p = p * decay_
-            m = lerp(m, g, lerp_w)
-            v = addcmul_sq(v, beta2_, g, omb2)
-            vv = v
-            if AMSGRAD:
-                vmax_ptr = typed_ptr(vmax_ptrs, t, P_DTYPE)
-                vmax = load_as(vmax_ptr, idx, mask, COMPUTE)
-                vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-                tl.store(vmax_ptr + idx, to_storage(vmax, P_DTYPE), mask=mask)
-                vv = vmax
-            denom = div(sqrt(vv), bc2_sqrt) + eps_
-            p = p + div(neg_step_size * m, denom)
-            tl.store(m_ptr + idx, to_storage(m, P_DTYPE), mask=mask)
-            tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
-            store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
+        # Note [aligned bodies]: every tensor of this program as an offset from its slot's base
+        p_off, ok = from_base(p_base, p_ptrs, t)
+        g_off, g_ok = from_base(g_base, g_ptrs, t)
+        m_off, m_ok = from_base(p_base, m_ptrs, t)
+        v_off, v_ok = from_base(p_base, v_ptrs, t)
+        ok = ok & g_ok & m_ok & v_ok
+        vmax_off = p_off
+        if AMSGRAD:
+            vmax_off, vmax_ok = from_base(p_base, vmax_ptrs, t)
+            ok = ok & vmax_ok
+        out_off = g_off
+        if MASTER:
+            out_off, out_ok = from_base(out_base, out_ptrs, t)
+            ok = ok & out_ok
+        tail = start
+        if ok:
+            tail = start + (end - start) // BLOCK * BLOCK
+            for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of CHUNK
+                _adam_block(aligned_ptr(p_base, p_off), aligned_ptr(g_base, g_off), aligned_ptr(p_base, m_off),
+                            aligned_ptr(p_base, v_off), aligned_ptr(p_base, vmax_off),
+                            aligned_ptr(out_base, out_off), off + tl.arange(0, BLOCK), None,
+                            neg_step_size, bc2_sqrt, lerp_w, beta2_, omb2, eps_, wd, clip, decay_, inv_scale, coef,
+                            COMPUTE, P_DTYPE, OUT_DTYPE, L2, DECOUPLED, AMSGRAD, MAXIMIZE, MASTER, HAS_SCALE,
+                            HAS_CLIP, HAS_COEF)
+        for off in tl.range(tail, end, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            _adam_block(p_base + p_off, g_base + g_off, p_base + m_off, p_base + v_off, p_base + vmax_off,
+                        out_base + out_off, idx, idx < end, neg_step_size, bc2_sqrt, lerp_w, beta2_, omb2, eps_, wd,
+                        clip, decay_, inv_scale, coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, DECOUPLED, AMSGRAD, MAXIMIZE,
+                        MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 
@@ -85,7 +117,7 @@ def adam_step(plan, *, lr, beta1: float, beta2: float, eps: float, weight_decay:
     _adam_kernel[(plan.n_chunks,)](
         *args["tables"],
         plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["exp_avgs"], plan.ptrs["exp_avg_sqs"],
-        plan.ptrs["max_exp_avg_sqs"], plan.ptrs["params_out"],
+        plan.ptrs["max_exp_avg_sqs"], plan.ptrs["params_out"], *plan.bases("params", "grads", "params_out"),
         *args["lr"], 1.0 - beta1, beta2, 1.0 - beta2, math.log(beta1) if beta1 > 0 else -math.inf,
         math.log(beta2) if beta2 > 0 else -math.inf, eps, weight_decay,
         1.0 if args["lr_is_ptr"] else 1.0 - float(lr) * weight_decay, *args["grad"],

@@ -200,7 +200,39 @@ def to_storage(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def load_as(ptr, idx, mask, COMPUTE: tl.constexpr):
-    return tl.load(ptr + idx, mask=mask, other=0.0).to(COMPUTE)
+    """``ptr[idx]`` in the compute dtype; masked unless ``mask`` is None (Note [aligned bodies])."""
+    if mask is None:
+        return tl.load(ptr + idx).to(COMPUTE)
+    else:
+        return tl.load(ptr + idx, mask=mask, other=0.0).to(COMPUTE)
+
+
+# Note [aligned bodies]: Triton vectorizes an access only when it can prove the address 16-byte
+# aligned and the mask constant across the vector. An address loaded from a pointer table has
+# unknown alignment (a `tl.multiple_of` hint on it does not reach the pointer), and `idx < end`
+# varies per element, so every access was one 4-byte (or 2-byte) instruction. Instead each slot's
+# tensor is addressed from a *base*, a kernel argument of the slot's dtype (Triton specializes an
+# argument whose address is a multiple of 16 as such): `base + offset`, the offset in elements from
+# the table's address. A program whose offsets all keep 16-byte alignment walks its whole BLOCKs
+# unmasked (the offsets declared multiples of 16 bytes, which they were checked to be), then a
+# masked tail; any other program takes the masked loop throughout. The interpreter runs both.
+@triton.jit
+def from_base(base, table, t):
+    """Tensor ``t``'s address (from an int64 table) as ``base + offset`` (in elements of base's
+    dtype), and whether the offset keeps 16-byte alignment."""
+    ELEM: tl.constexpr = base.dtype.element_ty.primitive_bitwidth // 8
+    off_bytes = tl.load(table + t) - base.to(tl.int64)
+    return off_bytes // ELEM, (off_bytes % 16) == 0
+
+
+@triton.jit
+def aligned_ptr(base, offset):
+    """``base + offset`` where the offset was checked to be a multiple of 16 bytes (Note [aligned
+    bodies]), written so that the compiler sees it: rounded down to that multiple, which leaves it
+    as it is. (A `tl.multiple_of` hint would attach to the op defining its argument: across a call
+    that is the call, and every result of it gets the hint.)"""
+    VEC: tl.constexpr = 128 // base.dtype.element_ty.primitive_bitwidth
+    return base + offset // VEC * VEC
 
 
 @triton.jit
@@ -217,10 +249,10 @@ def load_grad(g_ptr, idx, mask, p, inv_scale, clip_value, coef, weight_decay, HA
 
 
 @triton.jit
-def store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+def store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
                 MASTER: tl.constexpr):
-    """The new param; with master weights ``p`` is the fp32 master, and the user's param gets it
-    rounded to its dtype."""
+    """The new param; with master weights ``p`` is the fp32 master, and the user's param
+    (``out_ptr``) gets it rounded to its dtype."""
     tl.store(p_ptr + idx, to_storage(p, P_DTYPE), mask=mask)
     if MASTER:
-        tl.store(typed_ptr(out_ptrs, t, OUT_DTYPE) + idx, to_storage(p, OUT_DTYPE), mask=mask)
+        tl.store(out_ptr + idx, to_storage(p, OUT_DTYPE), mask=mask)

@@ -94,6 +94,12 @@ class MultiTensorPlan:
         self.partials = torch.empty(max(self.n_chunks, 1), dtype=acc, device=dev)
         self.norm_counter = torch.zeros(1, dtype=torch.int32, device=dev)
 
+    def bases(self, *slots: str) -> list[Tensor]:
+        """A tensor of each slot's dtype whose address the kernels offset every tensor of the slot
+        from (Note [aligned bodies], common.py): its first tensor; the params' for an absent slot."""
+        params = self.keep[0]["params"][0]
+        return [self.keep[0][s][0] if self.keep[0][s] else params for s in slots]
+
     def __len__(self) -> int:
         return len(self.numel_list)
 

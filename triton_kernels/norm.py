@@ -16,7 +16,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import chunk_bounds, div, grad_scalars, has_grad, prepare_grad, scalar, sqrt, typed_ptr
+from .common import (
+    aligned_ptr, chunk_bounds, div, from_base, grad_scalars, has_grad, load_as, prepare_grad, scalar, sqrt,
+)
 from .launch import tl_dtype
 from .multi_tensor import BLOCK, CHUNK
 
@@ -30,8 +32,22 @@ def _nan_carrier(x):
 
 
 @triton.jit
+def _norm_block(g_ptr, idx, mask, acc, nans, inv_scale, clip, ACC: tl.constexpr, L2: tl.constexpr,
+                HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """The elements ``idx`` added to the per-lane sums (or maxima) (masked unless ``mask`` is None:
+    Note [aligned bodies], common.py)."""
+    g = prepare_grad(load_as(g_ptr, idx, mask, ACC), inv_scale, clip, 1.0, HAS_SCALE, HAS_CLIP, False, False)
+    if L2:
+        acc += g * g  # NaN and inf propagate through the sum
+    else:
+        acc = tl.maximum(acc, tl.abs(g))
+        nans += _nan_carrier(g)
+    return acc, nans
+
+
+@triton.jit
 def _norm_kernel(
-    tensor_of_chunk, start_of_chunk, numels, g_ptrs, partials, counter, out, n_chunks,
+    tensor_of_chunk, start_of_chunk, numels, g_ptrs, g_base, partials, counter, out, n_chunks,
     grad_scale_ptr, clip_value: tl.float64, max_norm: tl.float64,
     ACC: tl.constexpr, G_DTYPE: tl.constexpr, L2: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     WRITE_COEF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
@@ -40,18 +56,19 @@ def _norm_kernel(
     end = tl.where(has_grad(g_ptrs, t), end, start)  # an absent grad adds nothing
     inv_scale, _ = grad_scalars(grad_scale_ptr, grad_scale_ptr, HAS_SCALE, False, ACC)
     clip = scalar(clip_value, ACC)
-    g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
+    g_off, ok = from_base(g_base, g_ptrs, t)  # Note [aligned bodies]; an absent grad's is never read
     acc = tl.zeros([BLOCK], dtype=ACC)
     nans = tl.zeros([BLOCK], dtype=ACC)
-    for off in tl.range(0, end - start, BLOCK):
-        idx = start + off + tl.arange(0, BLOCK)
-        g = tl.load(g_ptr + idx, mask=idx < end, other=0.0).to(ACC)
-        g = prepare_grad(g, inv_scale, clip, 1.0, HAS_SCALE, HAS_CLIP, False, False)
-        if L2:
-            acc += g * g  # NaN and inf propagate through the sum
-        else:
-            acc = tl.maximum(acc, tl.abs(g))
-            nans += _nan_carrier(g)
+    tail = start
+    if ok:
+        tail = start + (end - start) // BLOCK * BLOCK
+        for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of CHUNK
+            acc, nans = _norm_block(aligned_ptr(g_base, g_off), off + tl.arange(0, BLOCK), None, acc, nans,
+                                    inv_scale, clip, ACC, L2, HAS_SCALE, HAS_CLIP)
+    for off in tl.range(tail, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        acc, nans = _norm_block(g_base + g_off, idx, idx < end, acc, nans, inv_scale, clip, ACC, L2, HAS_SCALE,
+                                HAS_CLIP)
     if L2:
         partial = tl.sum(acc, axis=0)
     else:
@@ -92,7 +109,8 @@ def grad_norm(plan, norm_type: float, *, grad_scale: Optional[Tensor] = None, cl
     if grad_scale is not None:
         grad_scale = grad_scale.to(plan.device, non_blocking=True)
     _norm_kernel[(plan.n_chunks,)](
-        plan.tensor_of_chunk, plan.start_of_chunk, plan.numels, plan.ptrs[plan.grad_slot], plan.partials,
+        plan.tensor_of_chunk, plan.start_of_chunk, plan.numels, plan.ptrs[plan.grad_slot],
+        *plan.bases(plan.grad_slot), plan.partials,
         plan.norm_counter, out, plan.n_chunks, plan.done if grad_scale is None else grad_scale,
         0.0 if clip_value is None else float(clip_value), 0.0 if max_norm is None else float(max_norm),
         ACC=tl.float64 if plan.partials.dtype == torch.float64 else tl.float32,

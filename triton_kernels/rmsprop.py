@@ -14,15 +14,45 @@ import triton.language as tl
 
 from .common import (
     addcmul_sq, chunk_bounds, div, finish_step, grad_scalars, lerp, load_as, load_grad, neg_lr, read_step, scalar,
-    skipped, sqrt, store_param, to_storage, typed_ptr,
+    skipped, sqrt, store_param, to_storage, aligned_ptr, from_base,
 )
 from .launch import launch_args
 
 
 @triton.jit
+def _rmsprop_block(p_ptr, g_ptr, v_ptr, ga_ptr, buf_ptr, out_ptr, idx, mask, neg_lr_, alpha_, oma, mom, eps_, wd, clip,
+                   inv_scale, coef, COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                   L2: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_COEF: tl.constexpr):
+    """The update of the elements ``idx`` (masked unless ``mask`` is None: Note [aligned bodies])."""
+    p = load_as(p_ptr, idx, mask, COMPUTE)
+    v = load_as(v_ptr, idx, mask, COMPUTE)
+    g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
+                  L2, COMPUTE)
+    v = addcmul_sq(v, alpha_, g, oma)
+    if CENTERED:
+        ga = load_as(ga_ptr, idx, mask, COMPUTE)
+        ga = lerp(ga, g, oma)
+        tl.store(ga_ptr + idx, to_storage(ga, P_DTYPE), mask=mask)
+        avg = sqrt(tl.fma(-ga, ga, v))  # square_avg.addcmul(grad_avg, grad_avg, value=-1)
+    else:
+        avg = sqrt(v)
+    avg = avg + eps_
+    if MOMENTUM:
+        buf = load_as(buf_ptr, idx, mask, COMPUTE)
+        buf = buf * mom + div(g, avg)
+        tl.store(buf_ptr + idx, to_storage(buf, P_DTYPE), mask=mask)
+        p = tl.fma(buf, neg_lr_, p)  # param.add_(buf, alpha=-lr)
+    else:
+        p = p + div(neg_lr_ * g, avg)
+    tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
+    store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
+
+
+@triton.jit
 def _rmsprop_kernel(
     tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
-    p_ptrs, g_ptrs, v_ptrs, ga_ptrs, buf_ptrs, out_ptrs,
+    p_ptrs, g_ptrs, v_ptrs, ga_ptrs, buf_ptrs, out_ptrs, p_base, g_base, out_base,
     lr_ptr, lr: tl.float64, alpha: tl.float64, one_minus_alpha: tl.float64, eps: tl.float64,
     weight_decay: tl.float64, momentum: tl.float64,
     grad_scale_ptr, clip_value: tl.float64, clip_coef_ptr, found_inf_ptr,
@@ -38,36 +68,38 @@ def _rmsprop_kernel(
         inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
         alpha_, oma, mom = scalar(alpha, COMPUTE), scalar(one_minus_alpha, COMPUTE), scalar(momentum, COMPUTE)
         eps_, wd, clip = scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), scalar(clip_value, COMPUTE)
-        p_ptr = typed_ptr(p_ptrs, t, P_DTYPE)
-        g_ptr = typed_ptr(g_ptrs, t, G_DTYPE)
-        v_ptr = typed_ptr(v_ptrs, t, P_DTYPE)
-        for off in tl.range(0, end - start, BLOCK):
-            idx = start + off + tl.arange(0, BLOCK)
-            mask = idx < end
-            p = load_as(p_ptr, idx, mask, COMPUTE)
-            v = load_as(v_ptr, idx, mask, COMPUTE)
-            g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
-                          L2, COMPUTE)
-            v = addcmul_sq(v, alpha_, g, oma)
-            if CENTERED:
-                ga_ptr = typed_ptr(ga_ptrs, t, P_DTYPE)
-                ga = load_as(ga_ptr, idx, mask, COMPUTE)
-                ga = lerp(ga, g, oma)
-                tl.store(ga_ptr + idx, to_storage(ga, P_DTYPE), mask=mask)
-                avg = sqrt(tl.fma(-ga, ga, v))  # square_avg.addcmul(grad_avg, grad_avg, value=-1)
-            else:
-                avg = sqrt(v)
-            avg = avg + eps_
-            if MOMENTUM:
-                buf_ptr = typed_ptr(buf_ptrs, t, P_DTYPE)
-                buf = load_as(buf_ptr, idx, mask, COMPUTE)
-                buf = buf * mom + div(g, avg)
-                tl.store(buf_ptr + idx, to_storage(buf, P_DTYPE), mask=mask)
-                p = tl.fma(buf, neg_lr_, p)  # param.add_(buf, alpha=-lr)
-            else:
-                p = p + div(neg_lr_ * g, avg)
-            tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
-            store_param(p, p_ptr, out_ptrs, t, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
+        # Note [aligned bodies]: every tensor of this program as an offset from its slot's base
+        p_off, ok = from_base(p_base, p_ptrs, t)
+        g_off, g_ok = from_base(g_base, g_ptrs, t)
+        v_off, v_ok = from_base(p_base, v_ptrs, t)
+        ok = ok & g_ok & v_ok
+        ga_off = p_off
+        if CENTERED:
+            ga_off, ga_ok = from_base(p_base, ga_ptrs, t)
+            ok = ok & ga_ok
+        buf_off = p_off
+        if MOMENTUM:
+            buf_off, buf_ok = from_base(p_base, buf_ptrs, t)
+            ok = ok & buf_ok
+        out_off = g_off
+        if MASTER:
+            out_off, out_ok = from_base(out_base, out_ptrs, t)
+            ok = ok & out_ok
+        tail = start
+        if ok:
+            tail = start + (end - start) // BLOCK * BLOCK
+            for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of CHUNK
+                _rmsprop_block(aligned_ptr(p_base, p_off), aligned_ptr(g_base, g_off), aligned_ptr(p_base, v_off),
+                               aligned_ptr(p_base, ga_off), aligned_ptr(p_base, buf_off),
+                               aligned_ptr(out_base, out_off), off + tl.arange(0, BLOCK), None, neg_lr_, alpha_, oma,
+                               mom, eps_, wd, clip, inv_scale, coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, CENTERED,
+                               MOMENTUM, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF)
+        for off in tl.range(tail, end, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            _rmsprop_block(p_base + p_off, g_base + g_off, p_base + v_off, p_base + ga_off, p_base + buf_off,
+                           out_base + out_off, idx, idx < end, neg_lr_, alpha_, oma, mom, eps_, wd, clip, inv_scale,
+                           coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, CENTERED, MOMENTUM, MAXIMIZE, MASTER, HAS_SCALE,
+                           HAS_CLIP, HAS_COEF)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 
@@ -81,6 +113,6 @@ def rmsprop_step(plan, *, lr, alpha: float, eps: float, weight_decay: float, mom
     _rmsprop_kernel[(plan.n_chunks,)](
         *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["square_avgs"],
         plan.ptrs["grad_avgs"], plan.ptrs["momentum_buffers"], plan.ptrs["params_out"],
-        *args["lr"], alpha, 1.0 - alpha, eps, weight_decay, momentum, *args["grad"],
+        *plan.bases("params", "grads", "params_out"), *args["lr"], alpha, 1.0 - alpha, eps, weight_decay, momentum, *args["grad"],
         L2=weight_decay != 0, CENTERED=centered, MOMENTUM=momentum > 0, **meta,
     )
