@@ -20,9 +20,10 @@ TRITON_MATRIX ?= sample
 BENCH_ARGS ?=
 
 BUILD_STAMP := $(VENV)/.fastopt-built
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*/*.cpp csrc/*/*/*.h \
+  csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: test bench build deps test-deps clean cuda-check cuda-objs asan
+.PHONY: test bench build deps test-deps clean cuda-check asan
 
 # The venv sees the packages of the interpreter that made it, even when that interpreter is itself
 # a venv (as on the GPU machines, where torch lives in one): --system-site-packages alone would
@@ -34,7 +35,7 @@ $(PY):
 
 deps: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	@for mod in pytest xdist numpy ninja setuptools wheel packaging expecttest; do \
+	@for mod in pytest xdist numpy ninja cmake setuptools wheel packaging expecttest; do \
 	  $(PY) -c "import $$mod" 2>/dev/null || missing="$$missing $$(echo $$mod | sed 's/^xdist$$/pytest-xdist/')"; \
 	done; \
 	if [ -n "$$missing" ]; then $(PY) -m pip install -q $$missing; fi
@@ -63,37 +64,21 @@ test: build cuda-check test-deps
 	FASTOPT_REQUIRE_EXT=1 FASTOPT_REQUIRE_INTEGRATIONS=1 FASTOPT_TRITON_MATRIX=$(TRITON_MATRIX) $(PY) -m pytest -q \
 	  $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS)) $(PYTEST_ARGS)
 
-# cuda-check: every .cu file compiled by nvcc for sm_80 and sm_90, warnings as errors, on a machine
-# without a GPU or a CUDA build of torch (the CPU wheel's headers; csrc/cuda/check supplies the
-# one generated header they lack), plus ops.cpp with the CUDA bindings. Skipped without nvcc.
+# cuda-check: every .cu file compiled by nvcc for the distributable CUDA architectures (Note [CUDA
+# architectures], CMakeLists.txt), warnings as errors, on a machine without a GPU or a CUDA build of
+# torch, plus ops.cpp with the CUDA bindings: CMakeLists.txt's FASTOPT_CUDA_CHECK configuration.
+# Skipped without nvcc.
 NVCC ?= nvcc
-CUDA_SRCS := $(wildcard csrc/cuda/*.cu)
-CUDA_OBJS := $(patsubst csrc/cuda/%.cu,build/cuda-check/%.o,$(CUDA_SRCS))
-CUDA_HDRS := $(wildcard csrc/cuda/*.cuh csrc/cuda/*.h csrc/include/fastopt/*.h)
-CUDA_ARCHS ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
-TORCH_INCLUDES = $$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))") \
-  $$($(PY) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])")
-CXX_STD = $$($(PY) -c "import torch; from packaging.version import Version; print('c++20' if Version(torch.__version__.split('+')[0]) >= Version('2.12') else 'c++17')")
+CUDA_CHECK_DIR ?= build/cuda-check
 
 cuda-check: deps
-	@if command -v $(NVCC) >/dev/null 2>&1; then $(MAKE) --no-print-directory -j2 cuda-objs; \
+	@if command -v $(NVCC) >/dev/null 2>&1; then \
+	  $(VENV)/bin/cmake -S . -B $(CUDA_CHECK_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+	    -DPython_EXECUTABLE=$(abspath $(PY)) -DFASTOPT_CUDA_CHECK=ON -DCMAKE_CUDA_COMPILER=$$(command -v $(NVCC)) \
+	    >$(CUDA_CHECK_DIR).log 2>&1 || { cat $(CUDA_CHECK_DIR).log; exit 1; }; \
+	  grep "CUDA architectures" $(CUDA_CHECK_DIR).log; \
+	  $(VENV)/bin/cmake --build $(CUDA_CHECK_DIR) -j2; \
 	else echo "cuda-check: no nvcc on this machine, CUDA sources not compiled"; fi
-
-cuda-objs: $(CUDA_OBJS) build/cuda-check/ops.o
-
-build/cuda-check/%.o: csrc/cuda/%.cu $(CUDA_HDRS)
-	@mkdir -p $(dir $@)
-	@echo "nvcc $<"
-	@$(NVCC) -c $< -o $@ -std=$(CXX_STD) -O3 $(CUDA_ARCHS) -Werror all-warnings --expt-relaxed-constexpr \
-	  -Xcompiler -fPIC -Icsrc/include -Icsrc/cuda/check $(TORCH_INCLUDES) -DTORCH_EXTENSION_NAME=_C \
-	  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
-	  -D__CUDA_NO_HALF2_OPERATORS__
-
-build/cuda-check/ops.o: csrc/ops.cpp csrc/cpu/ops.h $(CUDA_HDRS)
-	@mkdir -p $(dir $@)
-	@echo "c++ $< (with the CUDA bindings)"
-	@$(CXX) -fsyntax-only $< -std=$(CXX_STD) -Wall -Werror -DFASTOPT_WITH_CUDA -DTORCH_EXTENSION_NAME=_C \
-	  -Icsrc/include $$(echo $(TORCH_INCLUDES) | sed 's/-I/-isystem /g') && touch $@
 
 bench: build
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib \
@@ -118,7 +103,7 @@ ASAN_SEQUENCES ?= 150
 ASAN_TESTS ?= tests/test_fuzz.py tests/test_failed_step.py tests/test_ops.py tests/test_plan_life_cycle.py
 asan: deps
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
-	cp -r setup.py pyproject.toml README.md csrc triton_kernels $(ASAN_DIR)/
+	cp -r setup.py CMakeLists.txt pyproject.toml README.md csrc triton_kernels $(ASAN_DIR)/
 	cp -r fastopt $(ASAN_DIR)/ && rm -rf $(ASAN_DIR)/fastopt/_C*.so
 	cd $(ASAN_DIR) && FASTOPT_SANITIZE=address FASTOPT_REQUIRE_EXT=1 MAX_JOBS=2 \
 	  $(abspath $(PY)) setup.py -q build_ext --inplace

@@ -1,30 +1,34 @@
-"""Build of fastopt and its compiled part ``fastopt._C`` (described here once, built with ninja).
+"""Packaging of fastopt; its compiled part ``fastopt._C`` is described in CMakeLists.txt and built
+here through CMake and ninja.
 
-* The C++ (CPU) sources always build; the CUDA sources build when torch has CUDA and nvcc exists
-  (architectures from TORCH_CUDA_ARCH_LIST, else the visible GPU's).
+* The C++ (CPU) part always builds, for the baseline of the architecture with the hot kernels once
+  per CPU capability (Note [CPU capabilities], CMakeLists.txt): a wheel runs on any CPU of its
+  architecture. The CUDA part builds when torch has CUDA and a CUDA toolkit is found.
 * FASTOPT_NO_EXT=1 skips the compiled part. If it fails to build, the package installs without it
   and runs on the reference backend, unless FASTOPT_REQUIRE_EXT=1 (set by `make`), which makes
   the failure an error.
-* The C++ kernels are compiled for the building machine's CPU (-march=native; the extension is
-  built where it runs). FASTOPT_MARCH=x86-64-v3 (say) picks another target, for a build that
-  has to run on other machines.
-* Install with `pip install --no-build-isolation -e .`: the build needs the torch you run with.
+* Install with `pip install --no-build-isolation -e .`: the build needs the torch you run with
+  (and cmake and ninja, from the package index or the system).
 * FASTOPT_SANITIZE=address builds the C++ part (CPU only) with AddressSanitizer, for `make asan`
   (run under LD_PRELOAD of libasan, as the Makefile does).
 * The CUDA toolkit is the one of $CUDA_HOME, else of the nvcc on PATH as nvcc itself reports it
   (an `nvcc` on PATH may be a wrapper script far from the toolkit); without one, the CUDA part is
-  skipped with a message.
+  skipped with a message. MAX_JOBS caps the parallel compile jobs.
 """
 
-import glob
 import os
 import re
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import warnings
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _flag(name: str) -> bool:
@@ -57,65 +61,62 @@ def find_cuda_home():
     return home if _is_toolkit(home) else None
 
 
+def _tool(module: str, name: str):
+    """A build tool from its package on the index (cmake, ninja) when installed, else from PATH."""
+    try:
+        mod = __import__(module)
+        path = os.path.join(mod.BIN_DIR if module == "ninja" else mod.CMAKE_BIN_DIR, name)
+        if os.path.isfile(path):
+            return path
+    except (ImportError, AttributeError):
+        pass
+    return shutil.which(name)
+
+
+class CMakeBuild(build_ext):
+    """Builds fastopt._C with CMake (configure once per build folder, then incremental builds)."""
+
+    def build_extension(self, ext):
+        try:
+            self._build(ext)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            if _flag("FASTOPT_REQUIRE_EXT"):
+                raise
+            warnings.warn(f"fastopt._C was not built ({exc}); fastopt will run on the reference backend")
+
+    def _build(self, ext):
+        import torch
+
+        cmake = _tool("cmake", "cmake")
+        if cmake is None:
+            raise OSError("cmake was not found (pip install cmake)")
+        sanitize = os.environ.get("FASTOPT_SANITIZE", "")
+        cuda_home = find_cuda_home() if torch.version.cuda is not None and not sanitize else None
+        if cuda_home is None and torch.version.cuda is not None and not sanitize:
+            print("fastopt: torch has CUDA but no CUDA toolkit was found (set CUDA_HOME, or put nvcc on "
+                  "PATH): building the CPU part only")
+        out_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        # in place or editable (`pip install -e .`): a build folder in the tree, reused by the next
+        # build (incremental); else (a wheel) setuptools' temporary one
+        in_tree = self.inplace or getattr(self, "editable_mode", False)
+        build_dir = (os.path.join(ROOT, "build", f"cmake-{sysconfig.get_config_var('SOABI') or 'py'}")
+                     if in_tree else os.path.join(os.path.abspath(self.build_temp), "cmake"))
+        args = [f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+                f"-DFASTOPT_SANITIZE={sanitize}", f"-DFASTOPT_WITH_CUDA={'ON' if cuda_home else 'OFF'}"]
+        ninja = _tool("ninja", "ninja")
+        if ninja:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        if cuda_home:
+            args.append(f"-DCMAKE_CUDA_COMPILER={os.path.join(cuda_home, 'bin', 'nvcc')}")
+        subprocess.check_call([cmake, "-S", ROOT, "-B", build_dir, *args])
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.check_call([cmake, "--build", build_dir, "-j", jobs])
+
+
 ext_modules, cmdclass = [], {}
 if not _flag("FASTOPT_NO_EXT"):
-    import torch
-
-    sanitize = os.environ.get("FASTOPT_SANITIZE", "")
-    cuda_home = find_cuda_home() if torch.version.cuda is not None and not sanitize else None
-    if cuda_home is not None:
-        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when imported
-    elif torch.version.cuda is not None:
-        print("fastopt: torch has CUDA but no CUDA toolkit was found (set CUDA_HOME, or put nvcc on "
-              "PATH): building the CPU part only")
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-
-    root = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    with_cuda = bool(cuda_sources) and cuda_home is not None
-    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no visible GPU: Ampere and Hopper
-    common = dict(
-        include_dirs=[os.path.join(root, "csrc", "include")],
-        # -fno-math-errno: sqrt must not set errno, or the update loops cannot be vectorized.
-        # -fopenmp: at::parallel_for is an inline OpenMP loop in torch's headers; without the flag
-        # the pragma is dropped and every op runs on one thread. libgomp resolves to torch's own.
-        # -mprefer-vector-width=512: where the CPU has AVX-512, fewer instructions per element
-        # (~3% on a memory-bound step; ignored on CPUs without it).
-        extra_compile_args={
-            "cxx": ["-O3", "-fno-math-errno", "-fopenmp", "-mprefer-vector-width=512",
-                    f"-march={os.environ.get('FASTOPT_MARCH', 'native')}"],
-            "nvcc": ["-O3", "--expt-relaxed-constexpr"],
-        },
-        extra_link_args=["-fopenmp"],
-    )
-    if sanitize:  # an instrumented CPU build; -O1 keeps reports readable, frames kept for stacks
-        flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
-        common["extra_compile_args"]["cxx"] = [f for f in common["extra_compile_args"]["cxx"] if f != "-O3"]
-        common["extra_compile_args"]["cxx"] += ["-O1"] + flags
-        common["extra_link_args"] = common["extra_link_args"] + flags
-    if with_cuda:
-        ext = CUDAExtension(
-            "fastopt._C", sources + cuda_sources, define_macros=[("FASTOPT_WITH_CUDA", None)], **common
-        )
-    else:
-        common["extra_compile_args"] = common["extra_compile_args"]["cxx"]
-        ext = CppExtension("fastopt._C", sources, **common)
-    ext_modules = [ext]
-
-    class BuildExt(BuildExtension):
-        def run(self):
-            try:
-                super().run()
-            except Exception as exc:  # noqa: BLE001 - any build failure
-                if _flag("FASTOPT_REQUIRE_EXT"):
-                    raise
-                warnings.warn(
-                    f"fastopt._C was not built ({exc}); fastopt will run on the reference backend"
-                )
-
-    cmdclass = {"build_ext": BuildExt.with_options(use_ninja=True)}
+    ext_modules = [Extension("fastopt._C", sources=[])]  # the sources are CMakeLists.txt's
+    cmdclass = {"build_ext": CMakeBuild}
 
 setup(
     packages=find_packages(include=["fastopt", "fastopt.*"]) + ["fastopt.triton_kernels"],

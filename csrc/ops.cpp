@@ -8,6 +8,7 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "cpu/capability.h"
 #include "cpu/ops.h"
 #include "fastopt/bn_relu_host.h"
 #ifdef FASTOPT_WITH_CUDA
@@ -302,6 +303,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.def("built_with_cuda", [] { return false; });
 #endif
+  // The CPU kernels' build in use, and the ones this CPU can run (csrc/cpu/capability.h); the
+  // first call makes the choice (fastopt's import does), and raises for a FASTOPT_CPU_CAPABILITY
+  // this CPU or build cannot honour.
+  m.def("cpu_capability", [] { return fastopt::cpu::capability_name(fastopt::cpu::capability()); });
+  m.def("cpu_capabilities", [] {
+    std::vector<std::string> out;
+    for (auto c : {fastopt::cpu::Capability::kDefault, fastopt::cpu::Capability::kAvx2,
+                   fastopt::cpu::Capability::kAvx512}) {
+      if (fastopt::cpu::capability_supported(c)) out.emplace_back(fastopt::cpu::capability_name(c));
+    }
+    return out;
+  });
   // relu(batch_norm(x)) with its autograd node in C++ (Note [BatchNorm+ReLU autograd in C++]).
   m.def("bn_relu", [](const at::Tensor& x, OptTensor weight, OptTensor bias, OptTensor running_mean,
                       OptTensor running_var, bool training, double momentum, double eps) {

@@ -1,6 +1,7 @@
 """fastopt: fused optimizer steps for PyTorch, one pass over memory, drop-in for torch.optim."""
 
 from . import _ext, nn, reference
+from ._ext import cpu_capabilities, cpu_capability
 from .backends import BackendUnavailable, available_backends
 from .optim import Adagrad, Adam, AdamW, RMSprop
 
@@ -13,6 +14,8 @@ __all__ = [
     "BackendUnavailable",
     "RMSprop",
     "available_backends",
+    "cpu_capabilities",
+    "cpu_capability",
     "nn",
     "reference",
 ]

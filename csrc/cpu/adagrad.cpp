@@ -1,34 +1,16 @@
-// fastopt::adagrad_ on CPU: Adagrad for every tensor of a group in one call.
+// fastopt::adagrad_ on CPU: Adagrad for every tensor of a group in one call (the kernel:
+// csrc/cpu/kernels/update.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "capability.h"
 #include "fastopt/dispatch.h"
 #include "ops.h"
 
 namespace fastopt {
 namespace cpu {
 
-namespace {
-enum Slot { kParam, kGrad, kSum, kParamOut };
-
-template <typename S, bool kMaster, bool kL2, bool kPrep, typename T>
-void adagrad_chunk(const Slots& sl, const Chunk& c, const AdagradScalars<T> sc, const GradPrep<T> gp) {
-  using P = std::conditional_t<kMaster, float, S>;
-  P* __restrict__ p = sl.ptr<P>(kParam, c.tensor) + c.begin;
-  const S* __restrict__ g = sl.ptr<S>(kGrad, c.tensor) + c.begin;
-  P* __restrict__ sum = sl.ptr<P>(kSum, c.tensor) + c.begin;
-  S* __restrict__ out = kMaster ? sl.ptr<S>(kParamOut, c.tensor) + c.begin : nullptr;
-  const int64_t n = c.end - c.begin;
-  for (int64_t i = 0; i < n; ++i) {
-    T si = static_cast<T>(sum[i]);
-    const T gi = prep<kPrep, T>(static_cast<T>(g[i]), gp);
-    const T pi = adagrad_element<T, kL2>(static_cast<T>(p[i]), gi, si, sc);
-    p[i] = static_cast<P>(pi);
-    sum[i] = static_cast<P>(si);
-    if constexpr (kMaster) out[i] = static_cast<S>(pi);
-  }
-}
-}  // namespace
+using Sl = AdagradSlots;
 
 std::shared_ptr<Slots> adagrad_slots(at::TensorList params, at::TensorList grads, at::TensorList sums,
                                      at::TensorList steps, at::TensorList params_out) {
@@ -40,23 +22,9 @@ std::shared_ptr<Slots> adagrad_slots(at::TensorList params, at::TensorList grads
 
 void adagrad_apply(const Slots& sl, const Lr& lr, const AdagradArgs& a, const GradArgs& ga) {
   if (sl.size() == 0 || ga.skip()) return;
+  check_storage("adagrad_", sl.dtype(Sl::kGrad), sl.dtype(Sl::kParam), sl.present(Sl::kParamOut));
   const std::vector<double> t = sl.increment_steps();
-  dispatch_storage("adagrad_", sl.dtype(kGrad), sl.dtype(kParam), sl.present(kParamOut), [&](auto s, auto kMaster) {
-    using S = decltype(s);
-    using T = typename ComputeType<S>::type;
-    const GradPrep<T> gp = ga.prep<T>(a.maximize);
-    const AdagradHyper hyper{a.lr_decay, a.weight_decay, a.eps};
-    const auto sc =
-        per_step_scalars<AdagradScalars<T>>(t, [&](double step) { return adagrad_scalars<T>(hyper, lr, step); });
-    with_bools(
-        [&](auto kL2, auto kPrep) {
-          sl.for_each_active_chunk([&](const Chunk& c) {
-            adagrad_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kPrep)::value>(
-                sl, c, sc[c.tensor], gp);
-          });
-        },
-        a.weight_decay != 0, gp.active());
-  });
+  kernels().adagrad(sl.update_args(t, lr, ga.prep(a.maximize)), a);
 }
 
 namespace {

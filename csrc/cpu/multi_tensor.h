@@ -1,31 +1,19 @@
-// The CPU multi-tensor engine: work over all tensors of a group is split into fixed-size chunks
-// of the whole group (not tensor by tensor), so 2,000 small tensors cost about what one tensor of
-// the same total size costs.
+// The CPU multi-tensor engine's host side: work over all tensors of a group is split into
+// fixed-size chunks of the whole group (not tensor by tensor), so 2,000 small tensors cost about
+// what one tensor of the same total size costs; the kernels that walk the chunks are kernels.h's.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <utility>
 #include <vector>
 
 #include "fastopt/grad_binding.h"
+#include "kernels.h"
 
 namespace fastopt {
 namespace cpu {
-
-// Note [chunk size]: 32K elements is large enough to amortize the per-chunk bookkeeping and
-// small enough to balance across threads and stay in L2.
-constexpr int64_t kChunkElems = 32 * 1024;
-
-constexpr size_t kGradSlot = 1;  // every update op lists the grads second
-
-struct Chunk {
-  int64_t tensor;  // index into the tensor lists
-  int64_t begin;   // element range [begin, end) inside that tensor (64-bit: tensors may exceed 2^31)
-  int64_t end;
-};
 
 inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels, int64_t chunk = kChunkElems) {
   std::vector<Chunk> chunks;
@@ -44,15 +32,6 @@ inline std::vector<Chunk> make_chunks(at::TensorList tensors, int64_t chunk = kC
   return make_chunks(numels, chunk);
 }
 
-// Runs fn(chunk) for every chunk, in parallel over at::get_num_threads() threads.
-template <typename Fn>
-void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) fn(chunks[i]);
-  });
-}
-
-
 // The tensor lists of one update op ("slots": params, grads, exp_avgs, ...), aligned by index,
 // with their data pointers, the element counts and the chunk table.
 //
@@ -62,6 +41,8 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
 // correct path for any layout, never a wrong result.
 class Slots {
  public:
+  Slots(const Slots&) = delete;  // slot_table_ points into this object's vectors
+  Slots& operator=(const Slots&) = delete;
   Slots(const std::vector<std::pair<const char*, at::TensorList>>& lists, std::vector<bool> written,
         at::TensorList steps)
       : work_(lists.size()), ptrs_(lists.size()), written_(std::move(written)) {
@@ -116,6 +97,7 @@ class Slots {
     }
     for (size_t s = 0; s < work_.size(); ++s) {
       for (const auto& t : work_[s]) ptrs_[s].push_back(t.data_ptr());
+      slot_table_.push_back(ptrs_[s].empty() ? nullptr : ptrs_[s].data());
     }
     for (const auto& st : steps) {
       check_plain(st, "fastopt (cpu)", "steps", step_ptrs_.size());
@@ -159,12 +141,11 @@ class Slots {
     return out;
   }
 
-  // Runs fn(chunk) for every chunk of an active tensor, in parallel.
-  template <typename Fn>
-  void for_each_active_chunk(const Fn& fn) const {
-    for_each_chunk(chunks_, [&](const Chunk& c) {
-      if (active(c.tensor)) fn(c);
-    });
+  // What the update kernels read (kernels.h): `steps` from increment_steps(), `prep` from
+  // GradArgs::prep().
+  UpdateArgs update_args(const std::vector<double>& steps, const LrValue& lr, const GradPrep<double>& prep) const {
+    return UpdateArgs{slot_table_.data(), chunks_.data(), static_cast<int64_t>(chunks_.size()), steps.data(),
+                      dtypes_[kGradSlot], present(work_.size() - 1), lr, prep};
   }
 
   at::ScalarType dtype(size_t slot) const { return dtypes_[slot]; }
@@ -173,11 +154,6 @@ class Slots {
   const std::vector<Chunk>& chunks() const { return chunks_; }
 
   const std::vector<void*>& ptrs(size_t slot) const { return ptrs_[slot]; }
-
-  template <typename scalar_t>
-  scalar_t* ptr(size_t slot, int64_t i) const {
-    return ptrs_[slot].empty() ? nullptr : static_cast<scalar_t*>(ptrs_[slot][i]);
-  }
 
   // Copies the results of the non-linear indices back into the caller's tensors.
   void finish() {
@@ -188,6 +164,7 @@ class Slots {
   GradBinder binder_;
   std::vector<std::vector<at::Tensor>> work_;
   std::vector<std::vector<void*>> ptrs_;
+  std::vector<void* const*> slot_table_;  // ptrs_[s].data(), nullptr for an empty slot
   std::vector<at::ScalarType> dtypes_;
   std::vector<bool> written_;
   std::vector<int64_t> numels_;

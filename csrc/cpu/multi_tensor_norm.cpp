@@ -7,56 +7,13 @@
 #include <cmath>
 #include <limits>
 
-#include "fastopt/grad_math.h"
+#include "capability.h"
 #include "fastopt/tensor_checks.h"
 #include "ops.h"
 
 namespace fastopt {
 namespace cpu {
 namespace {
-
-constexpr int kLanes = 16;  // independent accumulators: the loop vectorizes without reassociation
-
-struct Partial {
-  double value = 0.0;  // sum of squares (L2) or max |g| (inf)
-  int64_t nans = 0;    // NaN count, so that the inf-norm propagates NaN as torch does
-};
-
-// Accumulates in float64 (exact enough for any size; the loop is memory-bound either way).
-template <bool kL2, typename scalar_t>
-Partial reduce_chunk(const scalar_t* __restrict__ x, int64_t n, double inv_scale, double clip) {
-  double acc[kLanes] = {0};
-  int64_t nans[kLanes] = {0};
-  const int64_t body = n - n % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const double g = prepare_grad<double>(static_cast<double>(x[i + j]), inv_scale, true, clip);
-      if constexpr (kL2) {
-        acc[j] += g * g;
-      } else {
-        const double a = std::fabs(g);
-        acc[j] = a > acc[j] ? a : acc[j];
-        nans[j] += (g != g);
-      }
-    }
-  }
-  for (int64_t i = body; i < n; ++i) {
-    const double g = prepare_grad<double>(static_cast<double>(x[i]), inv_scale, true, clip);
-    if constexpr (kL2) {
-      acc[0] += g * g;
-    } else {
-      const double a = std::fabs(g);
-      acc[0] = a > acc[0] ? a : acc[0];
-      nans[0] += (g != g);
-    }
-  }
-  Partial p;
-  for (int j = 0; j < kLanes; ++j) {
-    p.value = kL2 ? p.value + acc[j] : (acc[j] > p.value ? acc[j] : p.value);
-    p.nans += nans[j];
-  }
-  return p;
-}
 
 // The norm over chunks of raw data of one dtype (no checks: the callers checked).
 at::Tensor norm_of_chunks(at::ScalarType dtype, const std::vector<void*>& ptrs, const std::vector<Chunk>& chunks,
@@ -77,22 +34,15 @@ at::Tensor norm_of_chunks(at::ScalarType dtype, const std::vector<void*>& ptrs, 
 
   // Note [deterministic norm]: one partial per chunk, combined in chunk order, so the result does
   // not depend on the number of threads.
-  std::vector<Partial> partials(chunks.size());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cpu", [&] {
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const Chunk& c = chunks[i];
-        if (ptrs[c.tensor] == no_grad_address()) continue;  // Note [absent grads]: partial stays 0
-        const scalar_t* data = static_cast<const scalar_t*>(ptrs[c.tensor]) + c.begin;
-        partials[i] = l2 ? reduce_chunk<true>(data, c.end - c.begin, scale, clip)
-                         : reduce_chunk<false>(data, c.end - c.begin, scale, clip);
-      }
-    });
-  });
+  std::vector<NormPartial> partials(chunks.size());
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "multi_tensor_norm: not implemented for '", c10::toString(dtype), "'");
+  const NormArgs args{ptrs.data(), chunks.data(), static_cast<int64_t>(chunks.size()), dtype, l2, scale, clip};
+  kernels().norm_partials(args, partials.data());
 
   double total = 0.0;
   int64_t nans = 0;
-  for (const Partial& p : partials) {
+  for (const NormPartial& p : partials) {
     total = l2 ? total + p.value : (p.value > total ? p.value : total);
     nans += p.nans;
   }

@@ -14,20 +14,8 @@
 namespace fastopt {
 namespace cpu {
 
-struct AdamArgs {
-  double beta1, beta2, eps, weight_decay;
-  bool amsgrad, maximize, decoupled_weight_decay;
-};
-struct AdagradArgs {
-  double lr_decay, weight_decay, eps;
-  bool maximize;
-};
-struct RMSpropArgs {
-  double alpha, eps, weight_decay, momentum;
-  bool centered, maximize;
-};
-
-// Run one step over prepared slots (grads bound); they increment the step counts.
+// Run one step over prepared slots (grads bound) through the capability kernels (kernels.h);
+// they increment the step counts.
 void adam_apply(const Slots& sl, const Lr& lr, const AdamArgs& a, const GradArgs& g);
 void adagrad_apply(const Slots& sl, const Lr& lr, const AdagradArgs& a, const GradArgs& g);
 void rmsprop_apply(const Slots& sl, const Lr& lr, const RMSpropArgs& a, const GradArgs& g);

@@ -1,40 +1,16 @@
-// fastopt::rmsprop_ on CPU: RMSprop (centered, momentum) for every tensor of a group in one call.
+// fastopt::rmsprop_ on CPU: RMSprop (centered, momentum) for every tensor of a group in one call
+// (the kernel: csrc/cpu/kernels/update.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "capability.h"
 #include "fastopt/dispatch.h"
 #include "ops.h"
 
 namespace fastopt {
 namespace cpu {
 
-namespace {
-enum Slot { kParam, kGrad, kSquareAvg, kGradAvg, kMomentumBuffer, kParamOut };
-
-template <typename S, bool kMaster, bool kL2, bool kCentered, bool kMomentum, bool kPrep, typename T>
-void rmsprop_chunk(const Slots& sl, const Chunk& c, const RMSpropScalars<T> sc, const GradPrep<T> gp) {
-  using P = std::conditional_t<kMaster, float, S>;
-  P* __restrict__ p = sl.ptr<P>(kParam, c.tensor) + c.begin;
-  const S* __restrict__ g = sl.ptr<S>(kGrad, c.tensor) + c.begin;
-  P* __restrict__ v = sl.ptr<P>(kSquareAvg, c.tensor) + c.begin;
-  P* __restrict__ ga = kCentered ? sl.ptr<P>(kGradAvg, c.tensor) + c.begin : nullptr;
-  P* __restrict__ buf = kMomentum ? sl.ptr<P>(kMomentumBuffer, c.tensor) + c.begin : nullptr;
-  S* __restrict__ out = kMaster ? sl.ptr<S>(kParamOut, c.tensor) + c.begin : nullptr;
-  const int64_t n = c.end - c.begin;
-  for (int64_t i = 0; i < n; ++i) {
-    T vi = static_cast<T>(v[i]);
-    T gai = kCentered ? static_cast<T>(ga[i]) : T(0);
-    T bufi = kMomentum ? static_cast<T>(buf[i]) : T(0);
-    const T gi = prep<kPrep, T>(static_cast<T>(g[i]), gp);
-    const T pi = rmsprop_element<T, kL2, kCentered, kMomentum>(static_cast<T>(p[i]), gi, vi, gai, bufi, sc);
-    p[i] = static_cast<P>(pi);
-    v[i] = static_cast<P>(vi);
-    if constexpr (kCentered) ga[i] = static_cast<P>(gai);
-    if constexpr (kMomentum) buf[i] = static_cast<P>(bufi);
-    if constexpr (kMaster) out[i] = static_cast<S>(pi);
-  }
-}
-}  // namespace
+using Sl = RMSpropSlots;
 
 std::shared_ptr<Slots> rmsprop_slots(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                                      at::TensorList grad_avgs, at::TensorList momentum_buffers,
@@ -48,23 +24,11 @@ std::shared_ptr<Slots> rmsprop_slots(at::TensorList params, at::TensorList grads
 
 void rmsprop_apply(const Slots& sl, const Lr& lr, const RMSpropArgs& a, const GradArgs& ga) {
   if (sl.size() == 0 || ga.skip()) return;
-  TORCH_CHECK(!a.centered || sl.present(kGradAvg), "rmsprop_: centered needs grad_avgs");
-  TORCH_CHECK(a.momentum <= 0 || sl.present(kMomentumBuffer), "rmsprop_: momentum needs momentum_buffers");
-  sl.increment_steps();  // RMSprop keeps the count (torch does) but does not use it
-  dispatch_storage("rmsprop_", sl.dtype(kGrad), sl.dtype(kParam), sl.present(kParamOut), [&](auto s, auto kMaster) {
-    using S = decltype(s);
-    using T = typename ComputeType<S>::type;
-    const GradPrep<T> gp = ga.prep<T>(a.maximize);
-    const RMSpropScalars<T> sc = rmsprop_scalars<T>({a.alpha, a.eps, a.weight_decay, a.momentum}, lr);
-    with_bools(
-        [&](auto kL2, auto kCentered, auto kMomentum, auto kPrep) {
-          sl.for_each_active_chunk([&](const Chunk& c) {
-            rmsprop_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kCentered)::value,
-                          decltype(kMomentum)::value, decltype(kPrep)::value>(sl, c, sc, gp);
-          });
-        },
-        a.weight_decay != 0, a.centered, a.momentum > 0, gp.active());
-  });
+  TORCH_CHECK(!a.centered || sl.present(Sl::kGradAvg), "rmsprop_: centered needs grad_avgs");
+  TORCH_CHECK(a.momentum <= 0 || sl.present(Sl::kMomentumBuffer), "rmsprop_: momentum needs momentum_buffers");
+  check_storage("rmsprop_", sl.dtype(Sl::kGrad), sl.dtype(Sl::kParam), sl.present(Sl::kParamOut));
+  const std::vector<double> t = sl.increment_steps();  // RMSprop keeps the count (torch does) but does not use it
+  kernels().rmsprop(sl.update_args(t, lr, ga.prep(a.maximize)), a);
 }
 
 namespace {

@@ -23,13 +23,14 @@ struct GradArgs {
   // GradScaler found inf/NaN: the step changes nothing at all (params, state, step counts).
   bool skip() const { return found_inf.has_value() && found_inf->item<double>() != 0.0; }
 
-  template <typename T>
-  GradPrep<T> prep(bool maximize) const {
-    GradPrep<T> gp;
-    gp.inv_scale = inv_scale.has_value() ? static_cast<T>(inv_scale->item<float>()) : T(1);
-    gp.clip = clip_value.has_value() ? static_cast<T>(*clip_value) : std::numeric_limits<T>::infinity();
-    gp.coef = clip_coef.has_value() ? static_cast<T>(clip_coef->item<double>()) : T(1);
-    gp.sign = maximize ? T(-1) : T(1);
+  // The gradient preparation in double (the kernels round it to their compute type): unscale
+  // factor, value clip, norm-clip coefficient, maximize sign; neutral values when absent.
+  GradPrep<double> prep(bool maximize) const {
+    GradPrep<double> gp;
+    gp.inv_scale = inv_scale.has_value() ? static_cast<double>(inv_scale->item<float>()) : 1.0;
+    gp.clip = clip_value.has_value() ? *clip_value : std::numeric_limits<double>::infinity();
+    gp.coef = clip_coef.has_value() ? clip_coef->item<double>() : 1.0;
+    gp.sign = maximize ? -1.0 : 1.0;
     return gp;
   }
 };
@@ -40,32 +41,6 @@ struct Lr : LrValue {
     TORCH_CHECK(lr.numel() == 1, "fastopt: lr must be a 1-element tensor");
     value = lr.item<double>();
   }
-};
-
-// Per-tensor scalars that depend only on the step count: computed once per distinct count
-// (usually one per step for the whole group).
-template <typename Scalars, typename Fn>
-std::vector<Scalars> per_step_scalars(const std::vector<double>& steps, const Fn& make) {
-  std::vector<Scalars> out(steps.size());
-  double last = std::numeric_limits<double>::quiet_NaN();
-  Scalars cached{};
-  for (size_t i = 0; i < steps.size(); ++i) {
-    if (steps[i] != last) {
-      last = steps[i];
-      cached = make(last);
-    }
-    out[i] = cached;
-  }
-  return out;
-}
-
-template <typename S>
-struct ComputeType {
-  using type = float;
-};
-template <>
-struct ComputeType<double> {
-  using type = double;
 };
 
 }  // namespace cpu

@@ -37,3 +37,25 @@ def stacked_steps(steps: list[Tensor]) -> Tensor:
 def per_tensor(values: Tensor, dtype: torch.dtype) -> list[Tensor]:
     """Split a float64 vector into 0-dim tensors of ``dtype`` (one rounding, see Note [scalars in float64])."""
     return list(values.to(dtype).unbind(0))
+
+
+# Note [torch's rounding, device scalars]: torch.optim's for-loop passes its step sizes to
+# `addcdiv_(value=)` and `add_(alpha=)` as Python numbers; the spec keeps them as device tensors (no
+# host sync, no recompile per value), which those arguments cannot be. These two compose the same
+# value from ops that take tensors and round exactly as the one op does on the CPU (the C++ kernels
+# follow the same rule: Note [torch's fused multiply-adds], csrc/include/fastopt/update_math.h).
+
+
+def addcdiv_(params: list[Tensor], t1: list[Tensor], t2: list[Tensor], values: list[Tensor]) -> None:
+    """``params[i].addcdiv_(t1[i], t2[i], value=values[i])``: ATen's CPU kernel rounds
+    ``value * t1``, divides that by ``t2``, then adds: three ops, each rounded."""
+    update = torch._foreach_mul(t1, values)
+    torch._foreach_div_(update, t2)
+    torch._foreach_add_(params, update)
+
+
+def add_scaled_(params: list[Tensor], others: list[Tensor], alphas: list[Tensor]) -> None:
+    """``params[i].add_(others[i], alpha=alphas[i])``: ``addcmul`` with value 1 rounds as ``add``
+    with ``alpha`` does, once where ATen fuses the product into the sum and twice where it does
+    not."""
+    torch._foreach_addcmul_(params, others, alphas)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._scalars import Scalar, as_scalar, per_tensor, stacked_steps
+from ._scalars import Scalar, addcdiv_, as_scalar, per_tensor, stacked_steps
 
 
 @torch.no_grad()
@@ -41,9 +41,7 @@ def adagrad(
     torch._foreach_addcmul_(state_sums, grads, grads, value=1)
     std = torch._foreach_sqrt(state_sums)
     torch._foreach_add_(std, eps)
-    update = torch._foreach_div(grads, std)
-    torch._foreach_mul_(update, neg_clr)
-    torch._foreach_add_(params, update)
+    addcdiv_(params, grads, std, neg_clr)  # param.addcdiv_(grad, std, value=-clr)
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._scalars import Scalar, as_scalar, per_tensor, stacked_steps
+from ._scalars import Scalar, addcdiv_, as_scalar, per_tensor, stacked_steps
 
 
 @torch.no_grad()
@@ -66,6 +66,4 @@ def adam(
         denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, per_tensor(bias_correction2_sqrt, dtype))
     torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_mul_(update, neg_step_size)
-    torch._foreach_add_(params, update)
+    addcdiv_(params, exp_avgs, denom, neg_step_size)  # param.addcdiv_(exp_avg, denom, value=-step_size)

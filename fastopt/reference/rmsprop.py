@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._scalars import Scalar, as_scalar
+from ._scalars import Scalar, add_scaled_, addcdiv_, as_scalar
 
 
 @torch.no_grad()
@@ -51,11 +51,10 @@ def rmsprop(
         avg = torch._foreach_sqrt(square_avgs)
     torch._foreach_add_(avg, eps)
 
+    neg_lrs = [neg_lr] * len(params)
     if momentum > 0:
         torch._foreach_mul_(momentum_buffers, momentum)
         torch._foreach_addcdiv_(momentum_buffers, grads, avg)
-        update = torch._foreach_mul(momentum_buffers, neg_lr)
+        add_scaled_(params, momentum_buffers, neg_lrs)  # param.add_(buf, alpha=-lr)
     else:
-        update = torch._foreach_div(grads, avg)
-        torch._foreach_mul_(update, neg_lr)
-    torch._foreach_add_(params, update)
+        addcdiv_(params, grads, avg, neg_lrs)  # param.addcdiv_(grad, avg, value=-lr)

@@ -35,20 +35,31 @@ constexpr bool is_low_precision() {
   return std::is_same_v<S, at::BFloat16> || std::is_same_v<S, at::Half>;
 }
 
-// Checks the dtypes of an update op and calls fn(S{}, master) with S the gradient storage type:
-// without master weights, params and state are S too; with them (fp16/bf16 grads and a non-empty
-// `params_out`), params (the masters) and state are float32 and params_out is S.
+// The storage dtypes an update op accepts: without master weights, params and state are the
+// grads' dtype (float64, float32, float16 or bfloat16); with them (fp16/bf16 grads and a non-empty
+// `params_out`), params (the masters) and state are float32 and params_out is the grads' dtype.
+inline void check_storage(const char* op, at::ScalarType grad_dtype, at::ScalarType param_dtype, bool master) {
+  const bool low = grad_dtype == at::kHalf || grad_dtype == at::kBFloat16;
+  TORCH_CHECK(low || grad_dtype == at::kFloat || grad_dtype == at::kDouble, "\"", op, "\" not implemented for '",
+              c10::toString(grad_dtype), "'");
+  if (low) {
+    TORCH_CHECK(param_dtype == (master ? at::kFloat : grad_dtype), op, ": params are ", param_dtype, " for ",
+                grad_dtype, " grads", master ? " (master weights must be float32)" : "");
+  } else {
+    TORCH_CHECK(!master, op, ": master weights are only for float16/bfloat16 params");
+    TORCH_CHECK(param_dtype == grad_dtype, op, ": params are ", param_dtype, ", grads ", grad_dtype);
+  }
+}
+
+// check_storage(), then fn(S{}, master) with S the gradient storage type.
 template <typename Fn>
 void dispatch_storage(const char* op, at::ScalarType grad_dtype, at::ScalarType param_dtype,
                       bool master, Fn&& fn) {
+  check_storage(op, grad_dtype, param_dtype, master);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_dtype, "fastopt_update", [&] {
     if constexpr (is_low_precision<scalar_t>()) {
-      TORCH_CHECK(param_dtype == (master ? at::kFloat : grad_dtype), op, ": params are ", param_dtype,
-                  " for ", grad_dtype, " grads", master ? " (master weights must be float32)" : "");
       with_bool(master, [&](auto kMaster) { fn(scalar_t{}, kMaster); });
     } else {
-      TORCH_CHECK(!master, op, ": master weights are only for float16/bfloat16 params");
-      TORCH_CHECK(param_dtype == grad_dtype, op, ": params are ", param_dtype, ", grads ", grad_dtype);
       fn(scalar_t{}, std::false_type{});
     }
   });

@@ -9,17 +9,10 @@
 #include <utility>
 #include <vector>
 
+#include "fastopt/no_grad.h"
 #include "fastopt/tensor_checks.h"
 
 namespace fastopt {
-
-// Note [absent grads]: a planned param without a grad this step keeps its place in the plan; its
-// grad address is kNoGrad and the kernels skip it (no update, no step count), as torch.optim skips
-// a param whose .grad is None. Not 0: an empty tensor's address may be 0.
-#ifdef __CUDACC__
-__host__ __device__
-#endif
-inline void* no_grad_address() { return reinterpret_cast<void*>(~uintptr_t(0)); }
 
 // Equal sizes or strides, compared inline: this runs several times per param per step, and
 // ArrayRef's operator== calls memcmp (a quarter of the binding's time at 4,000 params).

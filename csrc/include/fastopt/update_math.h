@@ -1,6 +1,7 @@
 // Per-element update math of every optimizer, shared by the C++ (CPU) and CUDA kernels so that
 // they cannot drift apart. Each function follows torch.optim's order of operations (foreach=False
-// path), written out per element; `T` is the compute type (float, or double for float64 params).
+// path), written out per element and rounded where torch's ops round (Note [torch's fused
+// multiply-adds]); `T` is the compute type (float, or double for float64 params).
 #pragma once
 
 #include <cmath>
@@ -19,11 +20,33 @@ FASTOPT_HD T sqrt_(T x) {
 #endif
 }
 
-// torch.lerp: weight < 0.5 ? self + weight * (end - self) : end - (end - self) * (1 - weight).
+// Note [torch's fused multiply-adds]: where one ATen op computes `a + b * c`, it rounds once on
+// some targets and twice on others: ATen's CPU kernels for CPUs with FMA (its AVX2 and AVX-512
+// builds) fuse add(alpha=), addcmul and lerp into one fused multiply-add, its default CPU kernels
+// round the product first, and its CUDA kernels fuse (nvcc contracts). addcdiv divides after the
+// product on the CPU and rounds each operation. madd() is that rule for the target being
+// compiled: one fma where the CPU capability has FMA (csrc/cpu/capability.h) and on the GPU, else
+// a product and a sum. Nothing else may be fused: the CPU kernels are compiled with
+// -ffp-contract=off and the CUDA optimizer kernels with --fmad=false (CMakeLists.txt), so that an
+// expression rounds per operation as torch's chain of ops does. With this the CPU kernels follow
+// torch's for-loop step to the last bit on the same CPU capability (tests/test_numerics.py).
+template <typename T>
+FASTOPT_HD T madd(T b, T c, T a) {
+#if defined(__CUDA_ARCH__)
+  return ::fma(b, c, a);
+#elif defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return std::fma(b, c, a);
+#else
+  return b * c + a;
+#endif
+}
+
+// torch.lerp: weight < 0.5 ? self + weight * (end - self) : end - (end - self) * (1 - weight),
+// each a fused multiply-add where ATen's kernels fuse it (Note [torch's fused multiply-adds]).
 template <typename T>
 FASTOPT_HD T lerp(T self, T end, T weight) {
   const T diff = end - self;
-  return weight < T(0.5) ? self + weight * diff : end - diff * (T(1) - weight);
+  return weight < T(0.5) ? madd(weight, diff, self) : madd(-diff, T(1) - weight, end);
 }
 
 // torch.maximum: NaN in either argument gives NaN.
@@ -100,7 +123,7 @@ struct AdamScalars {  // per tensor: the bias corrections depend on its step cou
   T weight_decay;     // L2 (coupled) decay, used when kL2
   T decay;            // decoupled: 1 - lr * weight_decay (1 when off)
   T neg_step_size;    // -lr / (1 - beta1^t)
-  T bc2_sqrt;         // sqrt(1 - beta2^t)
+  T bc2_sqrt;         // (1 - beta2^t) ** 0.5, as torch computes it (a pow, which may differ from sqrt by an ulp)
 };
 
 template <typename T>
@@ -110,23 +133,23 @@ FASTOPT_HD AdamScalars<T> adam_scalars(const AdamHyper& h, const LrValue& lr, do
   const double decay = h.weight_decay != 0 && h.decoupled ? lr.decay(h.weight_decay) : 1.0;
   return AdamScalars<T>{static_cast<T>(1.0 - h.beta1), static_cast<T>(h.beta2), static_cast<T>(1.0 - h.beta2),
                         static_cast<T>(h.eps),         static_cast<T>(h.weight_decay), static_cast<T>(decay),
-                        static_cast<T>(-lr.div(bc1)),  static_cast<T>(sqrt_(bc2))};
+                        static_cast<T>(-lr.div(bc1)),  static_cast<T>(pow_(bc2, 0.5))};
 }
 
 // Returns the new param; updates m, v and (kAmsgrad) vmax in place.
 template <typename T, bool kL2, bool kAmsgrad>
 FASTOPT_HD T adam_element(T p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& s) {
-  if (kL2) g = g + s.weight_decay * p;
-  p = p * s.decay;
-  m = lerp(m, g, s.lerp_weight);
-  v = v * s.beta2 + s.one_minus_beta2 * g * g;
+  if (kL2) g = madd(s.weight_decay, p, g);          // grad.add(param, alpha=weight_decay)
+  p = p * s.decay;                                   // param.mul_(1 - lr * weight_decay)
+  m = lerp(m, g, s.lerp_weight);                     // exp_avg.lerp_(grad, 1 - beta1)
+  v = madd(s.one_minus_beta2 * g, g, v * s.beta2);   // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
   T vv = v;
   if (kAmsgrad) {
-    vmax = nan_max(vmax, v);
+    vmax = nan_max(vmax, v);                         // torch.maximum(max_exp_avg_sq, exp_avg_sq)
     vv = vmax;
   }
-  const T denom = sqrt_(vv) / s.bc2_sqrt + s.eps;
-  return p + s.neg_step_size * m / denom;
+  const T denom = sqrt_(vv) / s.bc2_sqrt + s.eps;    // (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+  return p + s.neg_step_size * m / denom;            // param.addcdiv_(exp_avg, denom, value=-step_size)
 }
 
 // ---- Adagrad --------------------------------------------------------------------------------
@@ -150,10 +173,10 @@ FASTOPT_HD AdagradScalars<T> adagrad_scalars(const AdagradHyper& h, const LrValu
 
 template <typename T, bool kL2>
 FASTOPT_HD T adagrad_element(T p, T g, T& sum, const AdagradScalars<T>& s) {
-  if (kL2) g = g + s.weight_decay * p;
-  sum = sum + g * g;
-  const T std_ = sqrt_(sum) + s.eps;
-  return p + s.neg_clr * g / std_;
+  if (kL2) g = madd(s.weight_decay, p, g);  // grad.add(param, alpha=weight_decay)
+  sum = madd(g, g, sum);                     // state_sum.addcmul_(grad, grad, value=1)
+  const T std_ = sqrt_(sum) + s.eps;         // state_sum.sqrt().add_(eps)
+  return p + s.neg_clr * g / std_;           // param.addcdiv_(grad, std, value=-clr)
 }
 
 // ---- RMSprop --------------------------------------------------------------------------------
@@ -181,21 +204,21 @@ FASTOPT_HD RMSpropScalars<T> rmsprop_scalars(const RMSpropHyper& h, const LrValu
 
 template <typename T, bool kL2, bool kCentered, bool kMomentum>
 FASTOPT_HD T rmsprop_element(T p, T g, T& v, T& grad_avg, T& buf, const RMSpropScalars<T>& s) {
-  if (kL2) g = g + s.weight_decay * p;
-  v = v * s.alpha + s.one_minus_alpha * g * g;
+  if (kL2) g = madd(s.weight_decay, p, g);            // grad.add(param, alpha=weight_decay)
+  v = madd(s.one_minus_alpha * g, g, v * s.alpha);     // square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
   T avg;
   if (kCentered) {
-    grad_avg = lerp(grad_avg, g, s.one_minus_alpha);
-    avg = sqrt_(v + T(-1) * grad_avg * grad_avg);
+    grad_avg = lerp(grad_avg, g, s.one_minus_alpha);   // grad_avg.lerp_(grad, 1 - alpha)
+    avg = sqrt_(madd(-grad_avg, grad_avg, v));         // square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
   } else {
     avg = sqrt_(v);
   }
   avg = avg + s.eps;
   if (kMomentum) {
-    buf = buf * s.momentum + g / avg;
-    return p + s.neg_lr * buf;
+    buf = buf * s.momentum + g / avg;                  // buf.mul_(momentum).addcdiv_(grad, avg): no fused product
+    return madd(s.neg_lr, buf, p);                     // param.add_(buf, alpha=-lr)
   }
-  return p + s.neg_lr * g / avg;
+  return p + s.neg_lr * g / avg;                       // param.addcdiv_(grad, avg, value=-lr)
 }
 
 }  // namespace fastopt
