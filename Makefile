@@ -23,7 +23,7 @@ BUILD_STAMP := $(VENV)/.fastopt-built
 SOURCES := setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*/*.cpp csrc/*/*/*.h \
   csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: test bench build deps test-deps clean cuda-check asan
+.PHONY: test test-capabilities bench build deps test-deps clean cuda-check asan
 
 # The venv sees the packages of the interpreter that made it, even when that interpreter is itself
 # a venv (as on the GPU machines, where torch lives in one): --system-site-packages alone would
@@ -63,6 +63,21 @@ test-deps: deps
 test: build cuda-check test-deps
 	FASTOPT_REQUIRE_EXT=1 FASTOPT_REQUIRE_INTEGRATIONS=1 FASTOPT_TRITON_MATRIX=$(TRITON_MATRIX) $(PY) -m pytest -q \
 	  $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS)) $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-capabilities
+
+# test-capabilities: the cpu backend's optimizer, numerics and BatchNorm+ReLU tests once more with
+# each other build of the CPU kernels this CPU runs (FASTOPT_CPU_CAPABILITY; the suite above ran the
+# best one, the default choice).
+CAPABILITY_TESTS ?= tests/test_optim.py tests/test_numerics.py tests/test_batch_norm_relu.py tests/test_clipping.py \
+  tests/test_multi_tensor.py tests/test_master_weights.py tests/test_amp.py tests/test_fuzz.py tests/test_failed_step.py \
+  tests/test_cpu_capability.py
+test-capabilities: build
+	@levels=$$($(PY) -c "import fastopt; print(' '.join(fastopt.cpu_capabilities()[:-1]))"); \
+	for level in $$levels; do \
+	  echo "== the cpu tests with FASTOPT_CPU_CAPABILITY=$$level"; \
+	  FASTOPT_CPU_CAPABILITY=$$level FASTOPT_REQUIRE_EXT=1 $(PY) -m pytest -q -p no:cacheprovider \
+	    $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS)) -k "cpu and not triton" $(CAPABILITY_TESTS) || exit 1; \
+	done
 
 # cuda-check: every .cu file compiled by nvcc for the distributable CUDA architectures (Note [CUDA
 # architectures], CMakeLists.txt), warnings as errors, on a machine without a GPU or a CUDA build of

@@ -60,11 +60,6 @@ def _pair(cls, channels, flags, dtype, device, backend):
     return ours, theirs
 
 
-def _skip_dtype(backend, dtype):
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("triton: no float64 inputs (auto resolves them to another backend)")
-
-
 def _compare_modules(ours, theirs, tol, what):
     for name, buf in theirs.named_buffers():
         mine = dict(ours.named_buffers())[name]
@@ -80,7 +75,6 @@ def _compare_modules(ours, theirs, tol, what):
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "default")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_matches_torch(backend, device, cls, shape, channels_last, flags, dtype):
-    _skip_dtype(backend, dtype)
     tol = TOL[dtype]
     ours, theirs = _pair(cls, shape[1], flags, dtype, device, backend)
     for step, mode in enumerate(["train", "train", "train", "eval", "train"]):
@@ -144,7 +138,6 @@ PACK_CASES = [((6, 8, 16, 16), False, False), ((6, 32, 12, 12), True, False), ((
                          ids=["nchw", "channels_last", "nchw-misaligned", "channels_last-misaligned"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_pack_paths_match_torch(backend, device, shape, channels_last, misaligned, dtype):
-    _skip_dtype(backend, dtype)
     tol = TOL[dtype]
     ours, theirs = _pair(BatchNormReLU2d, shape[1], {}, dtype, device, backend)
     x = _input(shape, channels_last, dtype, device)
@@ -174,7 +167,6 @@ def test_pack_paths_match_torch(backend, device, shape, channels_last, misaligne
 @pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_gradcheck_float64(backend, device, training, channels_last):
-    _skip_dtype(backend, torch.float64)
     x = _input((3, 4, 2, 3), channels_last, torch.float64, device, offset=0.0).requires_grad_()
     w = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
     b = (torch.rand(4, dtype=torch.float64, device=device) - 0.5).requires_grad_()

@@ -107,14 +107,16 @@ def main(arch: int) -> None:
         count += 1
     bn = batch_norm_relu
     for grad, channels_last, on, (dtype, name) in itertools.product(
-        (False, True), (False, True), (False, True), ((tl.float32, "fp32"), (tl.bfloat16, "bf16"), (tl.float16, "fp16")),
+        (False, True), (False, True), (False, True),
+        ((tl.float32, "fp32"), (tl.bfloat16, "bf16"), (tl.float16, "fp16"), (tl.float64, "fp64")),
     ):
-        types = {"x_ptr": f"*{name}", "dy_ptr": f"*{name}", "out_ptr": f"*{name}", "part_ptr": "*fp32",
+        acc, stat = (tl.float64, "*fp64") if dtype == tl.float64 else (tl.float32, "*fp32")
+        types = {"x_ptr": f"*{name}", "dy_ptr": f"*{name}", "out_ptr": f"*{name}", "part_ptr": stat,
                  "counter_ptr": "*i32", "N": "i32", "C": "i32", "S": "i32", "SPLITS": "i32",
-                 **{v: "*fp32" for v in ("w_ptr", "b_ptr", "mean_ptr", "invstd_ptr", "rm_ptr", "rv_ptr", "vec_ptr",
-                                         "dw_ptr", "db_ptr")}}
+                 **{v: stat for v in ("w_ptr", "b_ptr", "mean_ptr", "invstd_ptr", "rm_ptr", "rv_ptr", "vec_ptr",
+                                      "dw_ptr", "db_ptr")}}
         block_c, block_j = bn._blocks(64, 49, channels_last)
-        flags = {"CHANNELS_LAST": channels_last, "HAS_WEIGHT": on, "HAS_BIAS": on, "BLOCK_C": block_c,
+        flags = {"CHANNELS_LAST": channels_last, "HAS_WEIGHT": on, "HAS_BIAS": on, "ACC": acc, "BLOCK_C": block_c,
                  "BLOCK_J": block_j}
         compile_one(bn._bn_relu_sums_kernel, {"GRAD": grad, "TRAINING": on or not grad, "HAS_RM": on, "HAS_RV": on,
                                               **flags}, target, types)

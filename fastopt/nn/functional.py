@@ -54,7 +54,7 @@ class _Compiled:
 
 class _Triton:
     name = "triton"
-    dtypes = _LOW_PRECISION
+    dtypes = _LOW_PRECISION + (torch.float64,)
 
     @staticmethod
     def forward(*args):
