@@ -234,7 +234,7 @@ class Bucket:
     device: torch.device
     dtype: torch.dtype
     backend: Any
-    rule: str  # the update rule ("adam", "adagrad", "rmsprop")
+    rule: Any  # the update rule, a fastopt.rules.Rule
     segments: list[Segment] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # backend-private data (pointer tables, ...)
     spec: Optional[tuple] = None  # (mesh, placements) of a bucket of DTensor shards (Note [DTensor shards])

@@ -16,8 +16,12 @@ from .multi_tensor import MultiTensorPlan
 from .norm import grad_norm
 from .rmsprop import rmsprop_step
 
+# the step launcher of each rule, by the rule's name (fastopt/rules.py)
+STEPS = {"adam": adam_step, "adagrad": adagrad_step, "rmsprop": rmsprop_step}
+
 __all__ = [
     "MultiTensorPlan",
+    "STEPS",
     "adagrad_step",
     "adam_step",
     "bn_relu_backward",

@@ -19,13 +19,15 @@ case) a step is exactly one norm call and one update call.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import functools
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from .. import _ext
 from .._plan import Bucket, Segment, local
+from ..rules import ADAGRAD, ADAM, RMSPROP, Rule
 from .planned import PlannedBackend
 from .reference import GradTransform
 
@@ -36,7 +38,7 @@ def _lr(lr: Union[float, Tensor]) -> Tensor:
     return lr.detach() if isinstance(lr, Tensor) else torch.ones((), dtype=torch.float64) * lr
 
 
-def _grad_args(x: GradTransform) -> tuple:
+def grad_args(x: GradTransform) -> tuple:
     return (x.inv_scale, x.clip_value, x.clip_coef, x.found_inf)
 
 
@@ -44,52 +46,39 @@ def _params_out(seg: Segment) -> list[Tensor]:
     return seg.params if seg.masters is not None else []
 
 
-def _adam_hp(hp: dict) -> tuple:
-    return (_lr(hp["lr"]), hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"], hp["amsgrad"],
-            hp["maximize"], hp["decoupled_weight_decay"])
+def segment_lists(rule: Rule, seg: Segment, grads: list[Tensor]) -> tuple:
+    """A segment's tensor lists in the order of the rule's op and plan (csrc/ops.cpp)."""
+    return (seg.targets, grads, *rule.state_lists(seg.states), seg.steps, _params_out(seg))
 
 
-def _adagrad_hp(hp: dict) -> tuple:
-    return (_lr(hp["lr"]), hp["lr_decay"], hp["weight_decay"], hp["eps"], hp["maximize"])
+def op_args(rule: Rule, hp: dict) -> tuple:
+    """lr and the rule's hyperparameters as the C++ ops and CPU plans take them."""
+    return (_lr(hp["lr"]), *rule.hyper_args(hp))
 
 
-def _rmsprop_hp(hp: dict) -> tuple:
-    return (_lr(hp["lr"]), hp["alpha"], hp["eps"], hp["weight_decay"], hp["momentum"], hp["centered"],
-            hp["maximize"])
+@functools.lru_cache(maxsize=None)
+def _compiled(rule: Rule) -> tuple:
+    """(plan builder, planned step, list op) of ``rule`` on the CPU."""
+    C, ops = _ext._C, torch.ops.fastopt
+    return {
+        ADAM: (C.cpu_adam_plan, C.cpu_adam_step, ops.adam_),
+        ADAGRAD: (C.cpu_adagrad_plan, C.cpu_adagrad_step, ops.adagrad_),
+        RMSPROP: (C.cpu_rmsprop_plan, C.cpu_rmsprop_step, ops.rmsprop_),
+    }[rule]
 
 
-def _adam_lists(seg: Segment, grads: list[Tensor]) -> tuple:
-    st = seg.states
-    return (seg.targets, grads, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq", []), seg.steps,
-            _params_out(seg))
+def list_op(rule: Rule) -> Callable:
+    """The ``torch.ops.fastopt`` op of ``rule`` (any device the extension was built for)."""
+    return _compiled(rule)[2]
 
 
-def _adagrad_lists(seg: Segment, grads: list[Tensor]) -> tuple:
-    return (seg.targets, grads, seg.states["sum"], seg.steps, _params_out(seg))
-
-
-def _rmsprop_lists(seg: Segment, grads: list[Tensor]) -> tuple:
-    st = seg.states
-    return (seg.targets, grads, st["square_avg"], st.get("grad_avg", []), st.get("momentum_buffer", []),
-            seg.steps, _params_out(seg))
-
-
-# rule -> (the slot lists of a segment, the hyperparameters in op order, op name)
-_RULES = {
-    "adam": (_adam_lists, _adam_hp, "adam"),
-    "adagrad": (_adagrad_lists, _adagrad_hp, "adagrad"),
-    "rmsprop": (_rmsprop_lists, _rmsprop_hp, "rmsprop"),
-}
-
-
-def compiled_plan(prefix: str, bucket: Bucket, seg: Segment):
-    """A plan of ``fastopt._C`` (``prefix`` "cpu" or "cuda") for the segment (params that
+def compiled_plan(build: Callable, rule: Rule, seg: Segment):
+    """A plan of ``fastopt._C`` (``build``, a ``*_plan`` function) for the segment (params that
     PlannedBackend.can_plan accepted). The grads slot holds the params as placeholders (the
     layout and dtype of the grads a plan takes); bind_grads() fills it every step from the owners'
     grads (a real view for complex params)."""
-    lists, _, name = _RULES[bucket.rule]
     owners = [local(p) for p in seg.owners] if seg.sharded else list(seg.owners)  # Note [DTensor shards]
-    return getattr(_ext._C, f"{prefix}_{name}_plan")(*lists(seg, seg.params), owners)
+    return build(*segment_lists(rule, seg, seg.params), owners)
 
 
 class CpuBackend(PlannedBackend):
@@ -106,19 +95,17 @@ class CpuBackend(PlannedBackend):
         return "kernel"  # the list ops run the same C++ kernels, on contiguous copies if need be
 
     def _build(self, bucket: Bucket, seg: Segment):
-        return compiled_plan("cpu", bucket, seg)
+        return compiled_plan(_compiled(bucket.rule)[0], bucket.rule, seg)
 
     def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
         return plan.grad_norm(norm_type, xform.inv_scale, xform.clip_value), None
 
-    def _plan_step(self, rule: str, plan, bucket: Bucket, hp: dict, xform: GradTransform) -> None:
-        _, hp_args, name = _RULES[rule]
-        getattr(_ext._C, f"cpu_{name}_step")(plan, *hp_args(hp), *_grad_args(xform))
+    def _plan_step(self, rule: Rule, plan, bucket: Bucket, hp: dict, xform: GradTransform) -> None:
+        _compiled(rule)[1](plan, *op_args(rule, hp), *grad_args(xform))
 
     def _fallback_norm(self, bucket: Bucket, seg: Segment, norm_type: float, xform: GradTransform) -> Tensor:
         grads = [g.contiguous() for g in seg.grads]
         return torch.ops.fastopt.multi_tensor_norm(grads, norm_type, xform.inv_scale, xform.clip_value)
 
-    def _fallback_step(self, rule: str, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
-        lists, hp_args, name = _RULES[rule]
-        getattr(torch.ops.fastopt, f"{name}_")(*lists(seg, seg.grads), *hp_args(hp), *_grad_args(xform))
+    def _fallback_step(self, rule: Rule, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
+        list_op(rule)(*segment_lists(rule, seg, seg.grads), *op_args(rule, hp), *grad_args(xform))

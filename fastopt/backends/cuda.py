@@ -13,6 +13,7 @@ Dynamo sees as opaque, mutating custom ops (their meta kernels are in csrc/ops.c
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -20,7 +21,8 @@ from torch import Tensor
 
 from .. import _ext
 from .._plan import Bucket, Segment
-from .cpu import _RULES, _grad_args, compiled_plan
+from ..rules import ADAGRAD, ADAM, RMSPROP, Rule
+from .cpu import compiled_plan, grad_args, list_op, op_args, segment_lists
 from .planned import PlannedBackend
 from .reference import GradTransform
 
@@ -34,13 +36,15 @@ def _lr_args(lr: Union[float, Tensor], device: torch.device) -> tuple:
     return None, float(lr), False
 
 
-def _hp_tail(rule: str, hp: dict) -> tuple:
-    if rule == "adam":
-        return (hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"], hp["amsgrad"], hp["maximize"],
-                hp["decoupled_weight_decay"])
-    if rule == "adagrad":
-        return (hp["lr_decay"], hp["weight_decay"], hp["eps"], hp["maximize"])
-    return (hp["alpha"], hp["eps"], hp["weight_decay"], hp["momentum"], hp["centered"], hp["maximize"])
+@functools.lru_cache(maxsize=None)
+def _compiled(rule: Rule) -> tuple:
+    """(plan builder, planned step) of ``rule`` on CUDA."""
+    C = _ext._C
+    return {
+        ADAM: (C.cuda_adam_plan, C.cuda_adam_step),
+        ADAGRAD: (C.cuda_adagrad_plan, C.cuda_adagrad_step),
+        RMSPROP: (C.cuda_rmsprop_plan, C.cuda_rmsprop_step),
+    }[rule]
 
 
 class CudaBackend(PlannedBackend):
@@ -59,17 +63,15 @@ class CudaBackend(PlannedBackend):
         return "kernel" if bucket.cache.get("compiling") and not seg.is_complex else "reference"
 
     def _build(self, bucket: Bucket, seg: Segment):
-        return compiled_plan("cuda", bucket, seg)
+        return compiled_plan(_compiled(bucket.rule)[0], bucket.rule, seg)
 
     def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
         out = plan.grad_norm(norm_type, xform.grad_scale, xform.clip_value, max_norm)
         return out[0], (out[1] if max_norm is not None else None)
 
-    def _plan_step(self, rule: str, plan, bucket: Bucket, hp: dict, xform: GradTransform) -> None:
-        getattr(_ext._C, f"cuda_{_RULES[rule][2]}_step")(
-            plan, *_lr_args(hp["lr"], bucket.device), *_hp_tail(rule, hp), xform.grad_scale, xform.clip_value,
-            xform.clip_coef, xform.found_inf,
-        )
+    def _plan_step(self, rule: Rule, plan, bucket: Bucket, hp: dict, xform: GradTransform) -> None:
+        _compiled(rule)[1](plan, *_lr_args(hp["lr"], bucket.device), *rule.hyper_args(hp), xform.grad_scale,
+                           xform.clip_value, xform.clip_coef, xform.found_inf)
 
     # Under torch.compile the list ops run the same kernels (Dynamo sees opaque, mutating custom ops).
     def _fallback_norm(self, bucket: Bucket, seg: Segment, norm_type: float, xform: GradTransform) -> Tensor:
@@ -78,9 +80,8 @@ class CudaBackend(PlannedBackend):
             return torch.ops.fastopt.multi_tensor_norm(grads, norm_type, xform.inv_scale, xform.clip_value)
         return super()._fallback_norm(bucket, seg, norm_type, xform)
 
-    def _fallback_step(self, rule: str, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
+    def _fallback_step(self, rule: Rule, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
         if bucket.cache.get("compiling") and not seg.is_complex:
-            lists, hp_args, name = _RULES[rule]
-            getattr(torch.ops.fastopt, f"{name}_")(*lists(seg, seg.grads), *hp_args(hp), *_grad_args(xform))
+            list_op(rule)(*segment_lists(rule, seg, seg.grads), *op_args(rule, hp), *grad_args(xform))
         else:
             super()._fallback_step(rule, bucket, seg, hp, xform)

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from .. import reference as ref
 from .._plan import Bucket, OwnerRecord, Segment, StepStats, dense, local, plain_tensors, shard_spec, walks_with
-from .reference import GradTransform, ReferenceBackend, RULES, _step_segment
+from ..rules import Rule
+from .reference import GradTransform, ReferenceBackend, _step_segment
 
 
 @dataclass
@@ -43,15 +44,15 @@ class PlannedBackend(ReferenceBackend):
                    max_norm: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
         raise NotImplementedError
 
-    def _plan_step(self, rule: str, plan: Any, bucket: Bucket, hp: dict, xform: GradTransform) -> None:
+    def _plan_step(self, rule: Rule, plan: Any, bucket: Bucket, hp: dict, xform: GradTransform) -> None:
         raise NotImplementedError
 
     def _fallback_norm(self, bucket: Bucket, seg: Segment, norm_type: float, xform: GradTransform) -> Tensor:
         grads = ref.prepare_grads(seg.grads, inv_scale=xform.inv_scale, clip_value=xform.clip_value)
         return ref.grad_norm(grads, norm_type)
 
-    def _fallback_step(self, rule: str, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
-        _step_segment(RULES[rule], seg, hp, xform)
+    def _fallback_step(self, rule: Rule, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
+        _step_segment(rule, seg, hp, xform)
 
     # -- build ---------------------------------------------------------------------------------
 
@@ -154,7 +155,7 @@ class PlannedBackend(ReferenceBackend):
         norm, coef = self._norm(bucket, norm_type, xform, max_norm)
         return norm, (coef if coef is not None else ref.clip_coefficient(norm, max_norm))
 
-    def step(self, rule: str, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
+    def step(self, rule: Rule, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
         if bucket.cache["compiling"]:
             for seg, hp in zip(bucket.cache["now"], hparams):
                 self._fallback_step(rule, bucket, seg, hp, xform)

@@ -7,13 +7,14 @@ ops, several passes over memory). Every compiled backend is tested against it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference as ref
 from .._plan import Bucket, Segment, StepStats
+from ..rules import Rule
 
 
 @dataclass
@@ -36,20 +37,6 @@ class GradTransform:
         if self.grad_scale is not None and self._inv_scale is None:
             self._inv_scale = self.grad_scale.double().reciprocal().float()
         return self._inv_scale
-
-
-Rule = Callable[[list, list, dict, list, dict], None]
-
-# How each rule's state keys map onto the specification functions' arguments.
-RULES: dict[str, Rule] = {
-    "adam": lambda p, g, s, t, hp: ref.adam(
-        p, g, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq", []), t, **hp
-    ),
-    "adagrad": lambda p, g, s, t, hp: ref.adagrad(p, g, s["sum"], t, **hp),
-    "rmsprop": lambda p, g, s, t, hp: ref.rmsprop(
-        p, g, s["square_avg"], s.get("grad_avg", []), s.get("momentum_buffer", []), **hp
-    ),
-}
 
 
 class ReferenceBackend:
@@ -90,9 +77,9 @@ class ReferenceBackend:
         """Whether this backend updates params stored in ``dtype`` (real view for complex)."""
         return True
 
-    def step(self, rule: str, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
+    def step(self, rule: Rule, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
         for segment, hp in zip(bucket.cache["now"], hparams):
-            _step_segment(RULES[rule], segment, hp, xform)
+            _step_segment(rule, segment, hp, xform)
         release(bucket)
 
 
@@ -121,7 +108,7 @@ def _step_segment(rule: Rule, seg: Segment, hp: dict, xform: GradTransform) -> N
     states = {k: [t.to(dtype, copy=True) for t in v] for k, v in seg.states.items()}
     torch._foreach_add_(seg.steps, 1)
 
-    rule(work, grads, states, seg.steps, hp)
+    rule.run_spec(work, grads, states, seg.steps, hp)
 
     pairs = list(zip(seg.targets, work))
     for key, tensors in seg.states.items():

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .._plan import Bucket, Segment, local
+from ..rules import Rule
 from .planned import PlannedBackend
 from .reference import GradTransform
 
@@ -40,29 +41,10 @@ def kernels():
     return _kernels
 
 
-def _slots(rule: str, seg: Segment) -> dict[str, list[Tensor]]:
-    st = seg.states
+def _slots(rule: Rule, seg: Segment) -> dict[str, list[Tensor]]:
     # the grads slot holds the params as placeholders (their layout and dtype); bind_grads() fills it
-    slots = {"params": seg.targets, "grads": seg.params}
-    if rule == "adam":
-        slots.update(exp_avgs=st["exp_avg"], exp_avg_sqs=st["exp_avg_sq"],
-                     max_exp_avg_sqs=st.get("max_exp_avg_sq", []))
-    elif rule == "adagrad":
-        slots.update(state_sums=st["sum"])
-    else:
-        slots.update(square_avgs=st["square_avg"], grad_avgs=st.get("grad_avg", []),
-                     momentum_buffers=st.get("momentum_buffer", []))
-    slots["params_out"] = seg.params if seg.masters is not None else []
-    return slots
-
-
-def _hp_kwargs(rule: str, hp: dict) -> dict:
-    if rule == "adam":
-        return {k: hp[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize",
-                                   "decoupled_weight_decay")}
-    if rule == "adagrad":
-        return {k: hp[k] for k in ("lr", "lr_decay", "weight_decay", "eps", "maximize")}
-    return {k: hp[k] for k in ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")}
+    return {"params": seg.targets, "grads": seg.params, **rule.slots(seg.states),
+            "params_out": seg.params if seg.masters is not None else []}
 
 
 class TritonBackend(PlannedBackend):
@@ -93,7 +75,6 @@ class TritonBackend(PlannedBackend):
         return kernels().grad_norm(plan, norm_type, grad_scale=xform.grad_scale, clip_value=xform.clip_value,
                                    max_norm=max_norm)
 
-    def _plan_step(self, rule: str, plan, bucket: Bucket, hp: dict, xform: GradTransform) -> None:
-        getattr(kernels(), f"{rule}_step")(plan, **_hp_kwargs(rule, hp), grad_scale=xform.grad_scale,
-                                           clip_value=xform.clip_value, clip_coef=xform.clip_coef,
-                                           found_inf=xform.found_inf)
+    def _plan_step(self, rule: Rule, plan, bucket: Bucket, hp: dict, xform: GradTransform) -> None:
+        kernels().STEPS[rule.name](plan, **rule.hyper_kwargs(hp), grad_scale=xform.grad_scale,
+                                   clip_value=xform.clip_value, clip_coef=xform.clip_coef, found_inf=xform.found_inf)

@@ -7,13 +7,14 @@ from typing import Any, Optional, Union
 from torch import Tensor
 
 from .. import reference as ref
+from .. import rules
 from ._docs import EXTRAS_DOC
 from ._options import parse_extras
 from .optimizer import FusedOptimizer
 
 
 class Adagrad(FusedOptimizer):
-    _rule = "adagrad"
+    _rule = rules.ADAGRAD
     _group_keys = ("lr", "lr_decay", "weight_decay", "eps", "initial_accumulator_value")
     _state_names = ("sum",)
     _supports_sparse = True

@@ -6,6 +6,7 @@ from typing import Any, Union
 
 from torch import Tensor
 
+from .. import rules
 from ._docs import EXTRAS_DOC
 from ._options import parse_extras
 from .optimizer import FusedOptimizer
@@ -19,7 +20,7 @@ def _scalar(x: Union[float, Tensor]) -> float:
 
 
 class Adam(FusedOptimizer):
-    _rule = "adam"
+    _rule = rules.ADAM
     _group_keys = ("lr", "betas", "eps", "weight_decay")
     _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _sparse_message = "Adam does not support sparse gradients, please consider SparseAdam instead"

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from .. import backends
 from .. import reference as ref
 from .._plan import Bucket, Plan, Segment, StepStats, is_dtensor, local, plain_tensors, real_view, shard_spec
+from ..rules import Rule
 from ._options import FusedOptions
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -96,7 +97,7 @@ class _StepState:
 
 
 class FusedOptimizer(Optimizer):
-    _rule: str = ""
+    _rule: Rule  # fastopt/rules.py
     # What a state dict of this class must hold (load_state_dict refuses another optimizer's):
     # the group keys its rule reads (torch's __setstate__ defaults the flags) and the state keys
     # it may keep per param, besides "step" and "master_param".

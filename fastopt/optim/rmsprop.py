@@ -6,13 +6,14 @@ from typing import Any, Optional, Union
 
 from torch import Tensor
 
+from .. import rules
 from ._docs import EXTRAS_DOC
 from ._options import parse_extras
 from .optimizer import FusedOptimizer
 
 
 class RMSprop(FusedOptimizer):
-    _rule = "rmsprop"
+    _rule = rules.RMSPROP
     _group_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
     _state_names = ("square_avg", "momentum_buffer", "grad_avg")
 
