@@ -20,7 +20,7 @@ std::shared_ptr<Slots> adagrad_slots(at::TensorList params, at::TensorList grads
       std::vector<bool>{true, false, true, true}, steps);
 }
 
-void adagrad_apply(const Slots& sl, const Lr& lr, const AdagradArgs& a, const GradArgs& ga) {
+void adagrad_apply(const Slots& sl, const Lr& lr, const AdagradHyper& a, const GradArgs& ga) {
   if (sl.size() == 0 || ga.skip()) return;
   check_storage("adagrad_", sl.dtype(Sl::kGrad), sl.dtype(Sl::kParam), sl.present(Sl::kParamOut));
   const std::vector<double> t = sl.increment_steps();

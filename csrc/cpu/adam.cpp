@@ -22,7 +22,7 @@ std::shared_ptr<Slots> adam_slots(at::TensorList params, at::TensorList grads, a
       std::vector<bool>{true, false, true, true, true, true}, steps);
 }
 
-void adam_apply(const Slots& sl, const Lr& lr, const AdamArgs& a, const GradArgs& ga) {
+void adam_apply(const Slots& sl, const Lr& lr, const AdamHyper& a, const GradArgs& ga) {
   if (sl.size() == 0 || ga.skip()) return;
   TORCH_CHECK(!a.amsgrad || sl.present(Sl::kMaxExpAvgSq), "adam_: amsgrad needs one max_exp_avg_sq per param");
   check_storage("adam_", sl.dtype(Sl::kGrad), sl.dtype(Sl::kParam), sl.present(Sl::kParamOut));

@@ -45,19 +45,6 @@ struct RMSpropSlots {
 };
 constexpr size_t kGradSlot = 1;  // every update op lists the grads second
 
-struct AdamArgs {
-  double beta1, beta2, eps, weight_decay;
-  bool amsgrad, maximize, decoupled_weight_decay;
-};
-struct AdagradArgs {
-  double lr_decay, weight_decay, eps;
-  bool maximize;
-};
-struct RMSpropArgs {
-  double alpha, eps, weight_decay, momentum;
-  bool centered, maximize;
-};
-
 // One update over a plan's (or an op's) tensors, checked by the caller: every slot of a tensor
 // walks its memory alike (Note [dense tensors, any layout], multi_tensor.h), slot dtypes as
 // dispatch_storage (fastopt/dispatch.h) accepts them.
@@ -115,9 +102,9 @@ inline int64_t bn_scratch_doubles(const BnShape& sh, int threads) { return bn_ma
 
 // The kernels of one capability, declared once for every namespace that has them.
 #define FASTOPT_CPU_KERNELS_DECLARE                                                                   \
-  void adam(const UpdateArgs& u, const AdamArgs& a);                                                  \
-  void adagrad(const UpdateArgs& u, const AdagradArgs& a);                                            \
-  void rmsprop(const UpdateArgs& u, const RMSpropArgs& a);                                            \
+  void adam(const UpdateArgs& u, const AdamHyper& h);                                                  \
+  void adagrad(const UpdateArgs& u, const AdagradHyper& h);                                            \
+  void rmsprop(const UpdateArgs& u, const RMSpropHyper& h);                                            \
   void norm_partials(const NormArgs& n, NormPartial* partials);                                       \
   void bn_moment_sums(const BnArgs& b);   /* sum(x - k), sum((x - k)^2) */                            \
   void bn_apply(const BnArgs& b);         /* y = relu(x * scale + shift) */                           \

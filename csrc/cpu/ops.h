@@ -16,9 +16,9 @@ namespace cpu {
 
 // Run one step over prepared slots (grads bound) through the capability kernels (kernels.h);
 // they increment the step counts.
-void adam_apply(const Slots& sl, const Lr& lr, const AdamArgs& a, const GradArgs& g);
-void adagrad_apply(const Slots& sl, const Lr& lr, const AdagradArgs& a, const GradArgs& g);
-void rmsprop_apply(const Slots& sl, const Lr& lr, const RMSpropArgs& a, const GradArgs& g);
+void adam_apply(const Slots& sl, const Lr& lr, const AdamHyper& a, const GradArgs& g);
+void adagrad_apply(const Slots& sl, const Lr& lr, const AdagradHyper& a, const GradArgs& g);
+void rmsprop_apply(const Slots& sl, const Lr& lr, const RMSpropHyper& a, const GradArgs& g);
 
 // Slot builders, in each op's slot order.
 std::shared_ptr<Slots> adam_slots(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

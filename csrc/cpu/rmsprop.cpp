@@ -22,7 +22,7 @@ std::shared_ptr<Slots> rmsprop_slots(at::TensorList params, at::TensorList grads
       std::vector<bool>{true, false, true, true, true, true}, steps);
 }
 
-void rmsprop_apply(const Slots& sl, const Lr& lr, const RMSpropArgs& a, const GradArgs& ga) {
+void rmsprop_apply(const Slots& sl, const Lr& lr, const RMSpropHyper& a, const GradArgs& ga) {
   if (sl.size() == 0 || ga.skip()) return;
   TORCH_CHECK(!a.centered || sl.present(Sl::kGradAvg), "rmsprop_: centered needs grad_avgs");
   TORCH_CHECK(a.momentum <= 0 || sl.present(Sl::kMomentumBuffer), "rmsprop_: momentum needs momentum_buffers");

@@ -50,9 +50,9 @@ struct AdagradChunk {
 };
 }  // namespace
 
-void adagrad_step(const CudaPlan& plan, const CudaLr& lr, const AdagradFlags& f, const CudaGradArgs& g) {
+void adagrad_step(const CudaPlan& plan, const CudaLr& lr, const AdagradHyper& f, const CudaGradArgs& g) {
   if (plan.size() == 0) return;
-  const AdagradParams prm{{f.lr_decay, f.weight_decay, f.eps}, device_lr(lr, plan.device()),
+  const AdagradParams prm{f, device_lr(lr, plan.device()),
                           device_grad_args(g, f.maximize, plan.device())};
   dispatch_storage("adagrad_", plan.dtype(kGrad), plan.dtype(kParam), plan.present(kParamOut),
                    [&](auto s, auto kMaster) {

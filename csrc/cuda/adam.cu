@@ -62,10 +62,10 @@ struct AdamChunk {
 };
 }  // namespace
 
-void adam_step(const CudaPlan& plan, const CudaLr& lr, const AdamFlags& f, const CudaGradArgs& g) {
+void adam_step(const CudaPlan& plan, const CudaLr& lr, const AdamHyper& f, const CudaGradArgs& g) {
   if (plan.size() == 0) return;
   TORCH_CHECK(!f.amsgrad || plan.present(kMaxExpAvgSq), "adam_: amsgrad needs one max_exp_avg_sq per param");
-  const AdamParams prm{{f.beta1, f.beta2, f.eps, f.weight_decay, f.decoupled}, device_lr(lr, plan.device()),
+  const AdamParams prm{f, device_lr(lr, plan.device()),
                        device_grad_args(g, f.maximize, plan.device())};
   const bool l2 = f.weight_decay != 0 && !f.decoupled;
   dispatch_storage("adam_", plan.dtype(kGrad), plan.dtype(kParam), plan.present(kParamOut), [&](auto s, auto kMaster) {

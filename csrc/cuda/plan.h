@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "fastopt/grad_binding.h"
+#include "fastopt/update_math.h"
 
 namespace fastopt {
 namespace cuda {
@@ -91,19 +92,6 @@ struct CudaLr {
   bool fp32 = false;  // the value came from a float32 tensor: torch's float32 arithmetic (LrValue)
 };
 
-struct AdamFlags {
-  double beta1, beta2, eps, weight_decay;
-  bool amsgrad, maximize, decoupled;
-};
-struct AdagradFlags {
-  double lr_decay, weight_decay, eps;
-  bool maximize;
-};
-struct RMSpropFlags {
-  double alpha, eps, weight_decay, momentum;
-  bool centered, maximize;
-};
-
 // Slot orders (the same as the CPU ops'): params, grads, state..., params_out.
 std::shared_ptr<CudaPlan> adam_plan(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                                     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
@@ -120,9 +108,9 @@ std::shared_ptr<CudaPlan> rmsprop_plan(const std::vector<at::Tensor>& params, co
                                        const std::vector<at::Tensor>& params_out, std::vector<at::Tensor> owners);
 
 // One launch each (the plan's grads bound this step).
-void adam_step(const CudaPlan& plan, const CudaLr& lr, const AdamFlags& f, const CudaGradArgs& g);
-void adagrad_step(const CudaPlan& plan, const CudaLr& lr, const AdagradFlags& f, const CudaGradArgs& g);
-void rmsprop_step(const CudaPlan& plan, const CudaLr& lr, const RMSpropFlags& f, const CudaGradArgs& g);
+void adam_step(const CudaPlan& plan, const CudaLr& lr, const AdamHyper& f, const CudaGradArgs& g);
+void adagrad_step(const CudaPlan& plan, const CudaLr& lr, const AdagradHyper& f, const CudaGradArgs& g);
+void rmsprop_step(const CudaPlan& plan, const CudaLr& lr, const RMSpropHyper& f, const CudaGradArgs& g);
 
 // The norm (2 or inf) of the bound grads after unscale and value clip, and, with max_norm, the
 // clip coefficient, in one launch: a float32 tensor [norm, coef].

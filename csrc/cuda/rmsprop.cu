@@ -61,11 +61,11 @@ struct RMSpropChunk {
 };
 }  // namespace
 
-void rmsprop_step(const CudaPlan& plan, const CudaLr& lr, const RMSpropFlags& f, const CudaGradArgs& g) {
+void rmsprop_step(const CudaPlan& plan, const CudaLr& lr, const RMSpropHyper& f, const CudaGradArgs& g) {
   if (plan.size() == 0) return;
   TORCH_CHECK(!f.centered || plan.present(kGradAvg), "rmsprop_: centered needs grad_avgs");
   TORCH_CHECK(f.momentum <= 0 || plan.present(kMomentumBuffer), "rmsprop_: momentum needs momentum_buffers");
-  const RMSpropParams prm{{f.alpha, f.eps, f.weight_decay, f.momentum}, device_lr(lr, plan.device()),
+  const RMSpropParams prm{f, device_lr(lr, plan.device()),
                           device_grad_args(g, f.maximize, plan.device())};
   dispatch_storage("rmsprop_", plan.dtype(kGrad), plan.dtype(kParam), plan.present(kParamOut),
                    [&](auto s, auto kMaster) {

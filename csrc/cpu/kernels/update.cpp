@@ -137,9 +137,8 @@ void rmsprop_chunk(const UpdateArgs& u, const Chunk& c, const RMSpropScalars<T>&
 
 }  // namespace
 
-void adam(const UpdateArgs& u, const AdamArgs& a) {
-  const bool l2 = a.weight_decay != 0 && !a.decoupled_weight_decay;
-  const AdamHyper hyper{a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled_weight_decay};
+void adam(const UpdateArgs& u, const AdamHyper& hyper) {
+  const bool l2 = hyper.weight_decay != 0 && !hyper.decoupled;
   with_storage(u, [&](auto s, auto kMaster) {
     using S = decltype(s);
     using T = typename Compute<S>::type;
@@ -152,12 +151,11 @@ void adam(const UpdateArgs& u, const AdamArgs& a) {
                        decltype(kPrep)::value>(u, c, sc, gp);
           });
         },
-        l2, a.amsgrad, gp.active());
+        l2, hyper.amsgrad, gp.active());
   });
 }
 
-void adagrad(const UpdateArgs& u, const AdagradArgs& a) {
-  const AdagradHyper hyper{a.lr_decay, a.weight_decay, a.eps};
+void adagrad(const UpdateArgs& u, const AdagradHyper& hyper) {
   with_storage(u, [&](auto s, auto kMaster) {
     using S = decltype(s);
     using T = typename Compute<S>::type;
@@ -169,12 +167,11 @@ void adagrad(const UpdateArgs& u, const AdagradArgs& a) {
             adagrad_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kPrep)::value>(u, c, sc, gp);
           });
         },
-        a.weight_decay != 0, gp.active());
+        hyper.weight_decay != 0, gp.active());
   });
 }
 
-void rmsprop(const UpdateArgs& u, const RMSpropArgs& a) {
-  const RMSpropHyper hyper{a.alpha, a.eps, a.weight_decay, a.momentum};
+void rmsprop(const UpdateArgs& u, const RMSpropHyper& hyper) {
   with_storage(u, [&](auto s, auto kMaster) {
     using S = decltype(s);
     using T = typename Compute<S>::type;
@@ -188,7 +185,7 @@ void rmsprop(const UpdateArgs& u, const RMSpropArgs& a) {
                           decltype(kMomentum)::value, decltype(kPrep)::value>(u, c, sc, gp);
           });
         },
-        a.weight_decay != 0, a.centered, a.momentum > 0, gp.active());
+        hyper.weight_decay != 0, hyper.centered, hyper.momentum > 0, gp.active());
   });
 }
 

@@ -109,9 +109,12 @@ FASTOPT_HD T pow_(T x, T y) {
 
 // ---- Adam / AdamW ---------------------------------------------------------------------------
 
+// Note [one struct per rule]: a rule's hyperparameters, in the order of its declaration
+// (fastopt/rules.py, Rule.hyper) and of its ops' schemas (csrc/ops.cpp); the CPU kernels, the CUDA
+// kernels and the bindings all take this struct.
 struct AdamHyper {
   double beta1, beta2, eps, weight_decay;
-  bool decoupled;
+  bool amsgrad, maximize, decoupled;  // decoupled_weight_decay
 };
 
 template <typename T>
@@ -161,8 +164,9 @@ struct AdagradScalars {
   T neg_clr;  // -lr / (1 + (t - 1) * lr_decay)
 };
 
-struct AdagradHyper {
+struct AdagradHyper {  // Note [one struct per rule]
   double lr_decay, weight_decay, eps;
+  bool maximize;
 };
 
 template <typename T>
@@ -191,8 +195,9 @@ struct RMSpropScalars {
   T neg_lr;
 };
 
-struct RMSpropHyper {
+struct RMSpropHyper {  // Note [one struct per rule]
   double alpha, eps, weight_decay, momentum;
+  bool centered, maximize;
 };
 
 template <typename T>
