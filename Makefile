@@ -81,7 +81,7 @@ test-capabilities: build
 
 # cuda-check: every .cu file compiled by nvcc for the distributable CUDA architectures (Note [CUDA
 # architectures], CMakeLists.txt), warnings as errors, on a machine without a GPU or a CUDA build of
-# torch, plus ops.cpp with the CUDA bindings: CMakeLists.txt's FASTOPT_CUDA_CHECK configuration.
+# torch, plus the CUDA plans' bindings (csrc/bindings/plans.cpp): CMakeLists.txt's FASTOPT_CUDA_CHECK configuration.
 # Skipped without nvcc.
 NVCC ?= nvcc
 CUDA_CHECK_DIR ?= build/cuda-check

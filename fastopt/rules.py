@@ -1,8 +1,10 @@
 """The update rules, each declared once: its name, its state (the state-dict keys and the compiled
 ops' list names, in the ops' order), its hyperparameters (in the ops' order, after lr) and its
 specification function. Every backend builds its calls from these (the C++ ops and plans,
-csrc/ops.cpp; the Triton launchers, triton_kernels/; the reference rules, fastopt/reference/), so a
-rule's state and hyperparameters are listed here and in its math, nowhere in between.
+csrc/bindings/plans.cpp; the Triton launchers, triton_kernels/; the reference rules,
+fastopt/reference/), so a rule's state and hyperparameters are listed here and in its C++ mirror
+(Note [a rule in C++], csrc/include/fastopt/update_math.h), nowhere in between;
+tests/test_rules.py checks that the two agree.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from . import reference as ref
@@ -24,6 +27,16 @@ class Rule:
     hyper: tuple[str, ...]  # the hyperparameters after lr, in the ops' order
     spec: Callable  # the reference function: (params, grads, *state lists, [steps,] lr=..., **hyper)
     uses_step: bool = True  # the spec takes the step counts (RMSprop keeps them but does not use them)
+
+    @property
+    def op_name(self) -> str:
+        """The name of the rule's compiled list op, ``torch.ops.fastopt.<name>_`` (the C++ rule's
+        kName and its schema, csrc/include/fastopt/update_op.h)."""
+        return f"{self.name}_"
+
+    def list_op(self) -> Callable:
+        """``torch.ops.fastopt.<name>_`` (needs the compiled extension loaded)."""
+        return getattr(torch.ops.fastopt, self.op_name)
 
     def state_lists(self, states: dict[str, list[Tensor]]) -> list[list[Tensor]]:
         """The state lists of a segment, in the ops' order."""

@@ -145,6 +145,11 @@ def test_no_avx_outside_the_capability_kernels():
     bad = isa_violations(listing)
     assert not bad, f"{len(bad)} functions outside the capability kernels use AVX: " + "; ".join(
         f"{f} ({i})" for f, i in list(bad.items())[:10])
+    rules = fastopt._ext._C.declared_rules()
     for ns in ("DEFAULT", "AVX2", "AVX512"):
-        for kernel in ("adam", "adagrad", "rmsprop", "norm_partials", "bn_apply"):
+        for kernel in ("norm_partials", "bn_apply"):
             assert f"fastopt::cpu::{ns}::{kernel}(" in listing, f"{ns}::{kernel} is not in {so}"
+        # one update kernel per rule: update(UpdateArgs const&, <Rule>::Hyper const&)
+        updates = set(re.findall(rf"<fastopt::cpu::{ns}::update\(fastopt::cpu::UpdateArgs const&, "
+                                 rf"fastopt::(\w+)::Hyper const&\)>:", listing))
+        assert {u.lower() for u in updates} == set(rules), f"{ns}: update kernels of {updates}, rules {set(rules)}"

@@ -191,7 +191,7 @@ def _entry_points_refuse_dtensors(rank: int, port: int) -> None:
                               ((plain[0:1], plain[1:2], plain[2:3], plain[3:4]), d[:1])):
             p, g, m, v = lists
             with pytest.raises(RuntimeError, match="not a plain dense tensor"):
-                C.cpu_adam_plan(p, g, m, v, [], steps, [], owners)
+                C.cpu_plan("adam", [p, g, m, v, [], []], steps, owners)
         # the registered ops (bn_relu calls one): DTensor's own dispatch refuses an op it has no
         # rule for, before our kernels see it
         with pytest.raises(NotImplementedError, match="sharding strategy"):

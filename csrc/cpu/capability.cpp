@@ -11,10 +11,14 @@ namespace fastopt {
 namespace cpu {
 
 namespace {
-#define FASTOPT_KERNEL_TABLE(ns)                                                                        \
-  Kernels {                                                                                           \
-    &ns::adam, &ns::adagrad, &ns::rmsprop, &ns::norm_partials, &ns::bn_moment_sums, &ns::bn_apply,    \
-        &ns::bn_grad_sums, &ns::bn_input_grad                                                         \
+// Each rule's update() of a capability namespace (the overload for the rule's Hyper).
+#define FASTOPT_UPDATE_OF_DEFAULT(R) static_cast<UpdateKernel<R>>(&DEFAULT::update),
+#define FASTOPT_UPDATE_OF_AVX2(R) static_cast<UpdateKernel<R>>(&AVX2::update),
+#define FASTOPT_UPDATE_OF_AVX512(R) static_cast<UpdateKernel<R>>(&AVX512::update),
+#define FASTOPT_KERNEL_TABLE(ns)                                                                      \
+  Kernels {                                                                                         \
+    FASTOPT_RULES(FASTOPT_UPDATE_OF_##ns) &ns::norm_partials, &ns::bn_moment_sums, &ns::bn_apply, \
+        &ns::bn_grad_sums, &ns::bn_input_grad                                                       \
   }
 
 // What each level asks of the CPU: the x86-64 microarchitecture levels the kernels are compiled for

@@ -15,15 +15,25 @@ const char* capability_name(Capability c);
 bool capability_supported(Capability c);
 Capability capability();
 
+// A rule's update kernel of one capability.
+template <typename R>
+using UpdateKernel = void (*)(const UpdateArgs&, const typename R::Hyper&);
+
 struct Kernels {
-  decltype(&DEFAULT::adam) adam;
-  decltype(&DEFAULT::adagrad) adagrad;
-  decltype(&DEFAULT::rmsprop) rmsprop;
+#define FASTOPT_KERNELS_FIELD(R) UpdateKernel<R> update_##R;
+  FASTOPT_RULES(FASTOPT_KERNELS_FIELD)
+#undef FASTOPT_KERNELS_FIELD
   decltype(&DEFAULT::norm_partials) norm_partials;
   decltype(&DEFAULT::bn_moment_sums) bn_moment_sums;
   decltype(&DEFAULT::bn_apply) bn_apply;
   decltype(&DEFAULT::bn_grad_sums) bn_grad_sums;
   decltype(&DEFAULT::bn_input_grad) bn_input_grad;
+
+  // The update kernel of the rule whose hyperparameters these are.
+#define FASTOPT_KERNELS_UPDATE(R) \
+  void update(const UpdateArgs& u, const R::Hyper& h) const { update_##R(u, h); }
+  FASTOPT_RULES(FASTOPT_KERNELS_UPDATE)
+#undef FASTOPT_KERNELS_UPDATE
 };
 
 // The kernels of capability().

@@ -33,17 +33,6 @@ struct Chunk {
   int64_t end;
 };
 
-// The slots of each update op, in the order its schema lists its tensor lists (ops.cpp).
-struct AdamSlots {
-  enum : size_t { kParam, kGrad, kExpAvg, kExpAvgSq, kMaxExpAvgSq, kParamOut };
-};
-struct AdagradSlots {
-  enum : size_t { kParam, kGrad, kSum, kParamOut };
-};
-struct RMSpropSlots {
-  enum : size_t { kParam, kGrad, kSquareAvg, kGradAvg, kMomentumBuffer, kParamOut };
-};
-constexpr size_t kGradSlot = 1;  // every update op lists the grads second
 
 // One update over a plan's (or an op's) tensors, checked by the caller: every slot of a tensor
 // walks its memory alike (Note [dense tensors, any layout], multi_tensor.h), slot dtypes as
@@ -100,11 +89,11 @@ inline int64_t bn_max_chunks(int threads) { return 4 * static_cast<int64_t>(thre
 // Its scratch: per chunk, the chunk's partial sums (2 * c doubles) and its float accumulators (2 * c).
 inline int64_t bn_scratch_doubles(const BnShape& sh, int threads) { return bn_max_chunks(threads) * 4 * sh.c; }
 
-// The kernels of one capability, declared once for every namespace that has them.
+// The kernels of one capability, declared once for every namespace that has them: update() once
+// per rule (overloaded on the rule's Hyper), then the norm and BatchNorm+ReLU kernels.
+#define FASTOPT_CPU_UPDATE_DECLARE(R) void update(const UpdateArgs& u, const R::Hyper& h);
 #define FASTOPT_CPU_KERNELS_DECLARE                                                                   \
-  void adam(const UpdateArgs& u, const AdamHyper& h);                                                  \
-  void adagrad(const UpdateArgs& u, const AdagradHyper& h);                                            \
-  void rmsprop(const UpdateArgs& u, const RMSpropHyper& h);                                            \
+  FASTOPT_RULES(FASTOPT_CPU_UPDATE_DECLARE)                                                             \
   void norm_partials(const NormArgs& n, NormPartial* partials);                                       \
   void bn_moment_sums(const BnArgs& b);   /* sum(x - k), sum((x - k)^2) */                            \
   void bn_apply(const BnArgs& b);         /* y = relu(x * scale + shift) */                           \

@@ -8,27 +8,22 @@
 #include <memory>
 #include <vector>
 
+#include "fastopt/update_op.h"
 #include "multi_tensor.h"
 #include "step_scalars.h"
 
 namespace fastopt {
 namespace cpu {
 
-// Run one step over prepared slots (grads bound) through the capability kernels (kernels.h);
-// they increment the step counts.
-void adam_apply(const Slots& sl, const Lr& lr, const AdamHyper& a, const GradArgs& g);
-void adagrad_apply(const Slots& sl, const Lr& lr, const AdagradHyper& a, const GradArgs& g);
-void rmsprop_apply(const Slots& sl, const Lr& lr, const RMSpropHyper& a, const GradArgs& g);
+// A plan of rule R's lists (fastopt/update_op.h: params, grads, R's state lists, params_out) and
+// their step counts.
+template <typename R>
+std::shared_ptr<Slots> make_slots(const SlotLists& lists, at::TensorList steps);
 
-// Slot builders, in each op's slot order.
-std::shared_ptr<Slots> adam_slots(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                                  at::TensorList steps, at::TensorList params_out);
-std::shared_ptr<Slots> adagrad_slots(at::TensorList params, at::TensorList grads, at::TensorList sums,
-                                     at::TensorList steps, at::TensorList params_out);
-std::shared_ptr<Slots> rmsprop_slots(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-                                     at::TensorList grad_avgs, at::TensorList momentum_buffers,
-                                     at::TensorList steps, at::TensorList params_out);
+// One step over prepared slots (grads bound) through the capability kernels (kernels.h); increments
+// the step counts. Both are instantiated for every rule of FASTOPT_RULES (update.cpp).
+template <typename R>
+void apply(const Slots& sl, const Lr& lr, const typename R::Hyper& h, const GradArgs& g);
 
 // The norm (2.0 or inf) of the gradients bound in `sl`, after unscale and the value clip.
 at::Tensor grad_norm(const Slots& sl, size_t slot, double norm_type, const c10::optional<at::Tensor>& inv_scale,

@@ -46,8 +46,6 @@ struct Tables {
 
   // Note [absent grads] (fastopt/grad_binding.h): a param without a grad this step is skipped.
   __device__ bool has_grad(int32_t t) const { return slot<void>(kGradSlot, t) != no_grad_address(); }
-
-  static constexpr int kGradSlot = 1;  // every update op lists the grads second
 };
 
 inline Tables tables(const CudaPlan& plan) {

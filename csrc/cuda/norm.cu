@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(Tables tb, NormParams pr
     const int32_t t = tb.chunk_tensor[c];
     const int64_t start = tb.chunk_start[c];
     const int64_t end = tb.has_grad(t) ? min(tb.numels[t], start + kChunk) : start;  // absent: adds 0
-    const S* g = tb.slot<const S>(Tables::kGradSlot, t);
+    const S* g = tb.slot<const S>(kGradSlot, t);
     T acc = T(0);
     for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
       const T x = prepare_grad<T>(static_cast<T>(g[i]), inv_scale, true, clip);

@@ -92,25 +92,10 @@ struct CudaLr {
   bool fp32 = false;  // the value came from a float32 tensor: torch's float32 arithmetic (LrValue)
 };
 
-// Slot orders (the same as the CPU ops'): params, grads, state..., params_out.
-std::shared_ptr<CudaPlan> adam_plan(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                                    const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                                    const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& steps,
-                                    const std::vector<at::Tensor>& params_out, std::vector<at::Tensor> owners);
-std::shared_ptr<CudaPlan> adagrad_plan(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                                       const std::vector<at::Tensor>& sums, const std::vector<at::Tensor>& steps,
-                                       const std::vector<at::Tensor>& params_out, std::vector<at::Tensor> owners);
-std::shared_ptr<CudaPlan> rmsprop_plan(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                                       const std::vector<at::Tensor>& square_avgs,
-                                       const std::vector<at::Tensor>& grad_avgs,
-                                       const std::vector<at::Tensor>& momentum_buffers,
-                                       const std::vector<at::Tensor>& steps,
-                                       const std::vector<at::Tensor>& params_out, std::vector<at::Tensor> owners);
-
-// One launch each (the plan's grads bound this step).
-void adam_step(const CudaPlan& plan, const CudaLr& lr, const AdamHyper& f, const CudaGradArgs& g);
-void adagrad_step(const CudaPlan& plan, const CudaLr& lr, const AdagradHyper& f, const CudaGradArgs& g);
-void rmsprop_step(const CudaPlan& plan, const CudaLr& lr, const RMSpropHyper& f, const CudaGradArgs& g);
+// One launch of rule R over the plan's tensors (their grads bound this step); the plan's lists are
+// R's slots (fastopt/update_op.h). Instantiated for every rule of FASTOPT_RULES (update.cu).
+template <typename R>
+void step(const CudaPlan& plan, const CudaLr& lr, const typename R::Hyper& h, const CudaGradArgs& g);
 
 // The norm (2 or inf) of the bound grads after unscale and value clip, and, with max_norm, the
 // clip coefficient, in one launch: a float32 tensor [norm, coef].

@@ -19,7 +19,6 @@ case) a step is exactly one norm call and one update call.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional, Union
 
 import torch
@@ -27,7 +26,7 @@ from torch import Tensor
 
 from .. import _ext
 from .._plan import Bucket, Segment, local
-from ..rules import ADAGRAD, ADAM, RMSPROP, Rule
+from ..rules import Rule
 from .planned import PlannedBackend
 from .reference import GradTransform
 
@@ -47,7 +46,7 @@ def _params_out(seg: Segment) -> list[Tensor]:
 
 
 def segment_lists(rule: Rule, seg: Segment, grads: list[Tensor]) -> tuple:
-    """A segment's tensor lists in the order of the rule's op and plan (csrc/ops.cpp)."""
+    """A segment's tensor lists in the order of the rule's op (csrc/include/fastopt/update_op.h)."""
     return (seg.targets, grads, *rule.state_lists(seg.states), seg.steps, _params_out(seg))
 
 
@@ -56,29 +55,14 @@ def op_args(rule: Rule, hp: dict) -> tuple:
     return (_lr(hp["lr"]), *rule.hyper_args(hp))
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(rule: Rule) -> tuple:
-    """(plan builder, planned step, list op) of ``rule`` on the CPU."""
-    C, ops = _ext._C, torch.ops.fastopt
-    return {
-        ADAM: (C.cpu_adam_plan, C.cpu_adam_step, ops.adam_),
-        ADAGRAD: (C.cpu_adagrad_plan, C.cpu_adagrad_step, ops.adagrad_),
-        RMSPROP: (C.cpu_rmsprop_plan, C.cpu_rmsprop_step, ops.rmsprop_),
-    }[rule]
-
-
-def list_op(rule: Rule) -> Callable:
-    """The ``torch.ops.fastopt`` op of ``rule`` (any device the extension was built for)."""
-    return _compiled(rule)[2]
-
-
 def compiled_plan(build: Callable, rule: Rule, seg: Segment):
-    """A plan of ``fastopt._C`` (``build``, a ``*_plan`` function) for the segment (params that
-    PlannedBackend.can_plan accepted). The grads slot holds the params as placeholders (the
-    layout and dtype of the grads a plan takes); bind_grads() fills it every step from the owners'
-    grads (a real view for complex params)."""
+    """A plan of ``fastopt._C`` (``build``: ``cpu_plan`` or ``cuda_plan``) of the rule for the
+    segment (params that PlannedBackend.can_plan accepted). The grads slot holds the params as
+    placeholders (the layout and dtype of the grads a plan takes); bind_grads() fills it every step
+    from the owners' grads (a real view for complex params)."""
     owners = [local(p) for p in seg.owners] if seg.sharded else list(seg.owners)  # Note [DTensor shards]
-    return build(*segment_lists(rule, seg, seg.params), owners)
+    lists = [seg.targets, seg.params, *rule.state_lists(seg.states), _params_out(seg)]
+    return build(rule.name, lists, seg.steps, owners)
 
 
 class CpuBackend(PlannedBackend):
@@ -95,17 +79,17 @@ class CpuBackend(PlannedBackend):
         return "kernel"  # the list ops run the same C++ kernels, on contiguous copies if need be
 
     def _build(self, bucket: Bucket, seg: Segment):
-        return compiled_plan(_compiled(bucket.rule)[0], bucket.rule, seg)
+        return compiled_plan(_ext._C.cpu_plan, bucket.rule, seg)
 
     def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
         return plan.grad_norm(norm_type, xform.inv_scale, xform.clip_value), None
 
     def _plan_step(self, rule: Rule, plan, bucket: Bucket, hp: dict, xform: GradTransform) -> None:
-        _compiled(rule)[1](plan, *op_args(rule, hp), *grad_args(xform))
+        _ext._C.cpu_step(plan, _lr(hp["lr"]), rule.hyper_args(hp), *grad_args(xform))
 
     def _fallback_norm(self, bucket: Bucket, seg: Segment, norm_type: float, xform: GradTransform) -> Tensor:
         grads = [g.contiguous() for g in seg.grads]
         return torch.ops.fastopt.multi_tensor_norm(grads, norm_type, xform.inv_scale, xform.clip_value)
 
     def _fallback_step(self, rule: Rule, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
-        list_op(rule)(*segment_lists(rule, seg, seg.grads), *op_args(rule, hp), *grad_args(xform))
+        rule.list_op()(*segment_lists(rule, seg, seg.grads), *op_args(rule, hp), *grad_args(xform))

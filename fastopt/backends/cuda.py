@@ -13,7 +13,6 @@ Dynamo sees as opaque, mutating custom ops (their meta kernels are in csrc/ops.c
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Union
 
 import torch
@@ -21,8 +20,8 @@ from torch import Tensor
 
 from .. import _ext
 from .._plan import Bucket, Segment
-from ..rules import ADAGRAD, ADAM, RMSPROP, Rule
-from .cpu import compiled_plan, grad_args, list_op, op_args, segment_lists
+from ..rules import Rule
+from .cpu import compiled_plan, grad_args, op_args, segment_lists
 from .planned import PlannedBackend
 from .reference import GradTransform
 
@@ -34,17 +33,6 @@ def _lr_args(lr: Union[float, Tensor], device: torch.device) -> tuple:
             return lr.detach(), 0.0, lr.dtype == torch.float32
         return None, float(lr), lr.dtype == torch.float32  # a CPU tensor: a host read, no sync
     return None, float(lr), False
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(rule: Rule) -> tuple:
-    """(plan builder, planned step) of ``rule`` on CUDA."""
-    C = _ext._C
-    return {
-        ADAM: (C.cuda_adam_plan, C.cuda_adam_step),
-        ADAGRAD: (C.cuda_adagrad_plan, C.cuda_adagrad_step),
-        RMSPROP: (C.cuda_rmsprop_plan, C.cuda_rmsprop_step),
-    }[rule]
 
 
 class CudaBackend(PlannedBackend):
@@ -63,15 +51,15 @@ class CudaBackend(PlannedBackend):
         return "kernel" if bucket.cache.get("compiling") and not seg.is_complex else "reference"
 
     def _build(self, bucket: Bucket, seg: Segment):
-        return compiled_plan(_compiled(bucket.rule)[0], bucket.rule, seg)
+        return compiled_plan(_ext._C.cuda_plan, bucket.rule, seg)
 
     def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
         out = plan.grad_norm(norm_type, xform.grad_scale, xform.clip_value, max_norm)
         return out[0], (out[1] if max_norm is not None else None)
 
     def _plan_step(self, rule: Rule, plan, bucket: Bucket, hp: dict, xform: GradTransform) -> None:
-        _compiled(rule)[1](plan, *_lr_args(hp["lr"], bucket.device), *rule.hyper_args(hp), xform.grad_scale,
-                           xform.clip_value, xform.clip_coef, xform.found_inf)
+        _ext._C.cuda_step(plan, *_lr_args(hp["lr"], bucket.device), rule.hyper_args(hp), xform.grad_scale,
+                          xform.clip_value, xform.clip_coef, xform.found_inf)
 
     # Under torch.compile the list ops run the same kernels (Dynamo sees opaque, mutating custom ops).
     def _fallback_norm(self, bucket: Bucket, seg: Segment, norm_type: float, xform: GradTransform) -> Tensor:
@@ -82,6 +70,6 @@ class CudaBackend(PlannedBackend):
 
     def _fallback_step(self, rule: Rule, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
         if bucket.cache.get("compiling") and not seg.is_complex:
-            list_op(rule)(*segment_lists(rule, seg, seg.grads), *op_args(rule, hp), *grad_args(xform))
+            rule.list_op()(*segment_lists(rule, seg, seg.grads), *op_args(rule, hp), *grad_args(xform))
         else:
             super()._fallback_step(rule, bucket, seg, hp, xform)

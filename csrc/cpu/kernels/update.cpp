@@ -1,6 +1,7 @@
-// The update kernels of every rule on the CPU: one pass over the chunks of a group's tensors
-// (chunks of the whole group, so 2,000 small tensors cost about what one tensor of the same size
-// does), in parallel over at::get_num_threads() threads, math from fastopt/update_math.h.
+// The update kernel of every rule on the CPU (Note [a rule in C++]): one pass over the chunks of a
+// group's tensors (chunks of the whole group, so 2,000 small tensors cost about what one tensor of
+// the same size does), in parallel over at::get_num_threads() threads, math from
+// fastopt/update_math.h.
 // Compiled once per CPU capability (Note [capability kernels], ../kernels.h).
 #include <ATen/Parallel.h>
 
@@ -60,134 +61,61 @@ void for_each_active_chunk(const UpdateArgs& u, const Make& make, const Fn& fn) 
   });
 }
 
-// ---- Adam / AdamW ---------------------------------------------------------------------------
-
-template <typename S, bool kMaster, bool kL2, bool kAmsgrad, bool kPrep, typename T>
-void adam_chunk(const UpdateArgs& u, const Chunk& c, const AdamScalars<T>& sc, const GradPrep<T>& gp) {
-  using P = std::conditional_t<kMaster, float, S>;  // storage of params (masters) and state
-  using Sl = AdamSlots;
-  P* __restrict__ p = slot<P>(u, Sl::kParam, c);
-  const S* __restrict__ g = slot<const S>(u, Sl::kGrad, c);
-  P* __restrict__ m = slot<P>(u, Sl::kExpAvg, c);
-  P* __restrict__ v = slot<P>(u, Sl::kExpAvgSq, c);
-  P* __restrict__ vmax = kAmsgrad ? slot<P>(u, Sl::kMaxExpAvgSq, c) : nullptr;
-  S* __restrict__ out = kMaster ? slot<S>(u, Sl::kParamOut, c) : nullptr;
+// One chunk of rule R (Note [a rule in C++]): each element loaded into the compute type T,
+// R::update<kF>, stored back. S: the grads' storage; P: params' and state's (float32 masters).
+// Every slot has a pointer of its own, declared __restrict__ (the slots never overlap: the callers
+// check it), so that the loop vectorizes without runtime alias checks.
+template <typename R, typename S, bool kMaster, unsigned kF, bool kPrep, typename T>
+void update_chunk(const UpdateArgs& u, const Chunk& c, const typename R::template Scalars<T>& sc,
+                  const GradPrep<T>& gp) {
+  using P = std::conditional_t<kMaster, float, S>;
+  static_assert(R::kStates >= 1 && R::kStates <= 3, "update_chunk walks one to three state slots");
+  constexpr bool k0 = R::uses(kF, 0), k1 = R::kStates > 1 && R::uses(kF, 1), k2 = R::kStates > 2 && R::uses(kF, 2);
+  P* __restrict__ p = slot<P>(u, kParamSlot, c);
+  const S* __restrict__ g = slot<const S>(u, kGradSlot, c);
+  P* __restrict__ s0 = k0 ? slot<P>(u, 2, c) : nullptr;
+  P* __restrict__ s1 = k1 ? slot<P>(u, 3, c) : nullptr;
+  P* __restrict__ s2 = k2 ? slot<P>(u, 4, c) : nullptr;
+  S* __restrict__ out = kMaster ? slot<S>(u, 2 + R::kStates, c) : nullptr;
   const int64_t n = c.end - c.begin;
   for (int64_t i = 0; i < n; ++i) {
-    T mi = static_cast<T>(m[i]);
-    T vi = static_cast<T>(v[i]);
-    T vmaxi = kAmsgrad ? static_cast<T>(vmax[i]) : T(0);
+    T st[R::kStates] = {};
+    if constexpr (k0) st[0] = static_cast<T>(s0[i]);
+    if constexpr (k1) st[1] = static_cast<T>(s1[i]);
+    if constexpr (k2) st[2] = static_cast<T>(s2[i]);
     const T gi = prep<kPrep, T>(static_cast<T>(g[i]), gp);
-    const T pi = adam_element<T, kL2, kAmsgrad>(static_cast<T>(p[i]), gi, mi, vi, vmaxi, sc);
+    const T pi = R::template update<kF>(static_cast<T>(p[i]), gi, st, sc);
     p[i] = static_cast<P>(pi);
-    m[i] = static_cast<P>(mi);
-    v[i] = static_cast<P>(vi);
-    if constexpr (kAmsgrad) vmax[i] = static_cast<P>(vmaxi);
+    if constexpr (k0) s0[i] = static_cast<P>(st[0]);
+    if constexpr (k1) s1[i] = static_cast<P>(st[1]);
+    if constexpr (k2) s2[i] = static_cast<P>(st[2]);
     if constexpr (kMaster) out[i] = static_cast<S>(pi);
   }
 }
 
-// ---- Adagrad --------------------------------------------------------------------------------
-
-template <typename S, bool kMaster, bool kL2, bool kPrep, typename T>
-void adagrad_chunk(const UpdateArgs& u, const Chunk& c, const AdagradScalars<T>& sc, const GradPrep<T>& gp) {
-  using P = std::conditional_t<kMaster, float, S>;
-  using Sl = AdagradSlots;
-  P* __restrict__ p = slot<P>(u, Sl::kParam, c);
-  const S* __restrict__ g = slot<const S>(u, Sl::kGrad, c);
-  P* __restrict__ sum = slot<P>(u, Sl::kSum, c);
-  S* __restrict__ out = kMaster ? slot<S>(u, Sl::kParamOut, c) : nullptr;
-  const int64_t n = c.end - c.begin;
-  for (int64_t i = 0; i < n; ++i) {
-    T si = static_cast<T>(sum[i]);
-    const T gi = prep<kPrep, T>(static_cast<T>(g[i]), gp);
-    const T pi = adagrad_element<T, kL2>(static_cast<T>(p[i]), gi, si, sc);
-    p[i] = static_cast<P>(pi);
-    sum[i] = static_cast<P>(si);
-    if constexpr (kMaster) out[i] = static_cast<S>(pi);
-  }
-}
-
-// ---- RMSprop --------------------------------------------------------------------------------
-
-template <typename S, bool kMaster, bool kL2, bool kCentered, bool kMomentum, bool kPrep, typename T>
-void rmsprop_chunk(const UpdateArgs& u, const Chunk& c, const RMSpropScalars<T>& sc, const GradPrep<T>& gp) {
-  using P = std::conditional_t<kMaster, float, S>;
-  using Sl = RMSpropSlots;
-  P* __restrict__ p = slot<P>(u, Sl::kParam, c);
-  const S* __restrict__ g = slot<const S>(u, Sl::kGrad, c);
-  P* __restrict__ v = slot<P>(u, Sl::kSquareAvg, c);
-  P* __restrict__ ga = kCentered ? slot<P>(u, Sl::kGradAvg, c) : nullptr;
-  P* __restrict__ buf = kMomentum ? slot<P>(u, Sl::kMomentumBuffer, c) : nullptr;
-  S* __restrict__ out = kMaster ? slot<S>(u, Sl::kParamOut, c) : nullptr;
-  const int64_t n = c.end - c.begin;
-  for (int64_t i = 0; i < n; ++i) {
-    T vi = static_cast<T>(v[i]);
-    T gai = kCentered ? static_cast<T>(ga[i]) : T(0);
-    T bufi = kMomentum ? static_cast<T>(buf[i]) : T(0);
-    const T gi = prep<kPrep, T>(static_cast<T>(g[i]), gp);
-    const T pi = rmsprop_element<T, kL2, kCentered, kMomentum>(static_cast<T>(p[i]), gi, vi, gai, bufi, sc);
-    p[i] = static_cast<P>(pi);
-    v[i] = static_cast<P>(vi);
-    if constexpr (kCentered) ga[i] = static_cast<P>(gai);
-    if constexpr (kMomentum) buf[i] = static_cast<P>(bufi);
-    if constexpr (kMaster) out[i] = static_cast<S>(pi);
-  }
+template <typename R>
+void run_update(const UpdateArgs& u, const typename R::Hyper& hyper) {
+  with_storage(u, [&](auto s, auto kMaster) {
+    using S = decltype(s);
+    using T = typename Compute<S>::type;
+    using Scalars = typename R::template Scalars<T>;
+    const GradPrep<T> gp = cast_prep<T>(u.prep);
+    const auto make = [&](double step) { return R::template scalars<T>(hyper, u.lr, step); };
+    with_flags<R::kFlagBits>(R::flags(hyper), [&](auto kF) {
+      with_bool(gp.active(), [&](auto kPrep) {
+        for_each_active_chunk<Scalars>(u, make, [&](const Chunk& c, const Scalars& sc) {
+          update_chunk<R, S, decltype(kMaster)::value, decltype(kF)::value, decltype(kPrep)::value>(u, c, sc, gp);
+        });
+      });
+    });
+  });
 }
 
 }  // namespace
 
-void adam(const UpdateArgs& u, const AdamHyper& hyper) {
-  const bool l2 = hyper.weight_decay != 0 && !hyper.decoupled;
-  with_storage(u, [&](auto s, auto kMaster) {
-    using S = decltype(s);
-    using T = typename Compute<S>::type;
-    const GradPrep<T> gp = cast_prep<T>(u.prep);
-    const auto make = [&](double step) { return adam_scalars<T>(hyper, u.lr, step); };
-    with_bools(
-        [&](auto kL2, auto kAms, auto kPrep) {
-          for_each_active_chunk<AdamScalars<T>>(u, make, [&](const Chunk& c, const AdamScalars<T>& sc) {
-            adam_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kAms)::value,
-                       decltype(kPrep)::value>(u, c, sc, gp);
-          });
-        },
-        l2, hyper.amsgrad, gp.active());
-  });
-}
-
-void adagrad(const UpdateArgs& u, const AdagradHyper& hyper) {
-  with_storage(u, [&](auto s, auto kMaster) {
-    using S = decltype(s);
-    using T = typename Compute<S>::type;
-    const GradPrep<T> gp = cast_prep<T>(u.prep);
-    const auto make = [&](double step) { return adagrad_scalars<T>(hyper, u.lr, step); };
-    with_bools(
-        [&](auto kL2, auto kPrep) {
-          for_each_active_chunk<AdagradScalars<T>>(u, make, [&](const Chunk& c, const AdagradScalars<T>& sc) {
-            adagrad_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kPrep)::value>(u, c, sc, gp);
-          });
-        },
-        hyper.weight_decay != 0, gp.active());
-  });
-}
-
-void rmsprop(const UpdateArgs& u, const RMSpropHyper& hyper) {
-  with_storage(u, [&](auto s, auto kMaster) {
-    using S = decltype(s);
-    using T = typename Compute<S>::type;
-    const GradPrep<T> gp = cast_prep<T>(u.prep);
-    const RMSpropScalars<T> scalars = rmsprop_scalars<T>(hyper, u.lr);  // RMSprop does not use the step
-    const auto make = [&](double) { return scalars; };
-    with_bools(
-        [&](auto kL2, auto kCentered, auto kMomentum, auto kPrep) {
-          for_each_active_chunk<RMSpropScalars<T>>(u, make, [&](const Chunk& c, const RMSpropScalars<T>& sc) {
-            rmsprop_chunk<S, decltype(kMaster)::value, decltype(kL2)::value, decltype(kCentered)::value,
-                          decltype(kMomentum)::value, decltype(kPrep)::value>(u, c, sc, gp);
-          });
-        },
-        hyper.weight_decay != 0, hyper.centered, hyper.momentum > 0, gp.active());
-  });
-}
+#define FASTOPT_CPU_UPDATE_DEFINE(R) \
+  void update(const UpdateArgs& u, const R::Hyper& h) { run_update<R>(u, h); }
+FASTOPT_RULES(FASTOPT_CPU_UPDATE_DEFINE)
 
 }  // namespace FASTOPT_CPU_CAPABILITY
 }  // namespace cpu

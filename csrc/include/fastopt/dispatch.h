@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 
 #include <type_traits>
+#include <utility>
 
 namespace fastopt {
 
@@ -28,6 +29,17 @@ void with_bools(Fn&& fn) {
 template <typename Fn, typename... Bools>
 void with_bools(Fn&& fn, bool b, Bools... rest) {
   with_bool(b, [&](auto k) { with_bools([&](auto... ks) { fn(k, ks...); }, rest...); });
+}
+
+// with_flags<kBits>(f, fn) calls fn(integral_constant<unsigned, f>{}) for a flag mask f < 2^kBits (a
+// rule's flags(), Note [a rule in C++]): one instantiation per combination of flags.
+template <unsigned kBits, typename Fn, unsigned... kMasks>
+void with_flags_of(unsigned f, Fn& fn, std::integer_sequence<unsigned, kMasks...>) {
+  static_cast<void>(((f == kMasks ? (fn(std::integral_constant<unsigned, kMasks>{}), true) : false) || ...));
+}
+template <unsigned kBits, typename Fn>
+void with_flags(unsigned f, Fn&& fn) {
+  with_flags_of<kBits>(f, fn, std::make_integer_sequence<unsigned, (1u << kBits)>{});
 }
 
 template <typename S>

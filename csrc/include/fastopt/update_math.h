@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
+#include <tuple>
 
 #include "fastopt/grad_math.h"
 #include "fastopt/macros.h"
@@ -107,123 +109,212 @@ FASTOPT_HD T pow_(T x, T y) {
 #endif
 }
 
+// ---- the rules ------------------------------------------------------------------------------
+//
+// Note [a rule in C++]: each update rule is one struct, the C++ mirror of its declaration in
+// fastopt/rules.py (tests/test_rules.py checks that they agree):
+//   kName, kStateNames  the op's name and its state lists, in the op's order (after params, grads);
+//   Hyper, kHyper       the hyperparameters after lr, in the op's order, and their names;
+//   flags(h), uses(f,s) the compile-time flags a kernel is specialized on (a bit mask, at most
+//                       kFlagBits bits) and which state slots a flag set reads and writes;
+//   Scalars, scalars()  the per-tensor scalars of a step, computed in double (Note [scalars in
+//                       float64]) from the hyperparameters, lr and the tensor's step count;
+//   update<kF>()        the per-element math: returns the new param, updates the state values.
+// Everything else (op schemas, bindings, the CPU and CUDA loops, checks) is written once for every
+// rule (csrc/update_ops.cpp, csrc/cpu/kernels/update.cpp, csrc/cuda/update.cu) and instantiated
+// from FASTOPT_RULES. Adding a rule: its struct here, one line in FASTOPT_RULES.
+
+// The slots of every update op, in the order its schema lists its tensor lists (Note [one schema
+// per rule], update_op.h): params, grads, the rule's state lists (slot 2 + k for its state k),
+// params_out (slot 2 + R::kStates).
+constexpr size_t kParamSlot = 0;
+constexpr size_t kGradSlot = 1;
+
+// A hyperparameter's name and member (the bindings read and write Hyper through these).
+template <typename H, typename V>
+struct HyperField {
+  using value_type = V;
+  const char* name;
+  V H::*member;
+};
+template <typename H, typename V>
+constexpr HyperField<H, V> hyper_field(const char* name, V H::*member) {
+  return {name, member};
+}
+
 // ---- Adam / AdamW ---------------------------------------------------------------------------
 
-// Note [one struct per rule]: a rule's hyperparameters, in the order of its declaration
-// (fastopt/rules.py, Rule.hyper) and of its ops' schemas (csrc/ops.cpp); the CPU kernels, the CUDA
-// kernels and the bindings all take this struct.
-struct AdamHyper {
-  double beta1, beta2, eps, weight_decay;
-  bool amsgrad, maximize, decoupled;  // decoupled_weight_decay
-};
+struct Adam {
+  static constexpr const char* kName = "adam";
+  static constexpr int kStates = 3;
+  static constexpr const char* kStateNames[kStates] = {"exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
 
-template <typename T>
-struct AdamScalars {  // per tensor: the bias corrections depend on its step count
-  T lerp_weight;      // 1 - beta1
-  T beta2;
-  T one_minus_beta2;
-  T eps;
-  T weight_decay;     // L2 (coupled) decay, used when kL2
-  T decay;            // decoupled: 1 - lr * weight_decay (1 when off)
-  T neg_step_size;    // -lr / (1 - beta1^t)
-  T bc2_sqrt;         // (1 - beta2^t) ** 0.5, as torch computes it (a pow, which may differ from sqrt by an ulp)
-};
+  struct Hyper {
+    double beta1, beta2, eps, weight_decay;
+    bool amsgrad, maximize, decoupled_weight_decay;
+  };
+  static constexpr auto kHyper = std::make_tuple(
+      hyper_field("beta1", &Hyper::beta1), hyper_field("beta2", &Hyper::beta2), hyper_field("eps", &Hyper::eps),
+      hyper_field("weight_decay", &Hyper::weight_decay), hyper_field("amsgrad", &Hyper::amsgrad),
+      hyper_field("maximize", &Hyper::maximize), hyper_field("decoupled_weight_decay", &Hyper::decoupled_weight_decay));
 
-template <typename T>
-FASTOPT_HD AdamScalars<T> adam_scalars(const AdamHyper& h, const LrValue& lr, double step) {
-  const double bc1 = 1.0 - pow_(h.beta1, step);
-  const double bc2 = 1.0 - pow_(h.beta2, step);
-  const double decay = h.weight_decay != 0 && h.decoupled ? lr.decay(h.weight_decay) : 1.0;
-  return AdamScalars<T>{static_cast<T>(1.0 - h.beta1), static_cast<T>(h.beta2), static_cast<T>(1.0 - h.beta2),
-                        static_cast<T>(h.eps),         static_cast<T>(h.weight_decay), static_cast<T>(decay),
-                        static_cast<T>(-lr.div(bc1)),  static_cast<T>(pow_(bc2, 0.5))};
-}
-
-// Returns the new param; updates m, v and (kAmsgrad) vmax in place.
-template <typename T, bool kL2, bool kAmsgrad>
-FASTOPT_HD T adam_element(T p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& s) {
-  if (kL2) g = madd(s.weight_decay, p, g);          // grad.add(param, alpha=weight_decay)
-  p = p * s.decay;                                   // param.mul_(1 - lr * weight_decay)
-  m = lerp(m, g, s.lerp_weight);                     // exp_avg.lerp_(grad, 1 - beta1)
-  v = madd(s.one_minus_beta2 * g, g, v * s.beta2);   // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-  T vv = v;
-  if (kAmsgrad) {
-    vmax = nan_max(vmax, v);                         // torch.maximum(max_exp_avg_sq, exp_avg_sq)
-    vv = vmax;
+  enum : unsigned { kL2 = 1, kAmsgrad = 2 };
+  static constexpr unsigned kFlagBits = 2;
+  FASTOPT_HD static unsigned flags(const Hyper& h) {
+    return (h.weight_decay != 0 && !h.decoupled_weight_decay ? kL2 : 0u) | (h.amsgrad ? kAmsgrad : 0u);
   }
-  const T denom = sqrt_(vv) / s.bc2_sqrt + s.eps;    // (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-  return p + s.neg_step_size * m / denom;            // param.addcdiv_(exp_avg, denom, value=-step_size)
-}
+  FASTOPT_HD static constexpr bool uses(unsigned f, int s) { return s < 2 || (f & kAmsgrad) != 0; }
+
+  template <typename T>
+  struct Scalars {       // per tensor: the bias corrections depend on its step count
+    T lerp_weight;       // 1 - beta1
+    T beta2;
+    T one_minus_beta2;
+    T eps;
+    T weight_decay;      // L2 (coupled) decay, used when kL2
+    T decay;             // decoupled: 1 - lr * weight_decay (1 when off)
+    T neg_step_size;     // -lr / (1 - beta1^t)
+    T bc2_sqrt;          // (1 - beta2^t) ** 0.5, as torch computes it (a pow, which may differ from sqrt by an ulp)
+  };
+
+  template <typename T>
+  FASTOPT_HD static Scalars<T> scalars(const Hyper& h, const LrValue& lr, double step) {
+    const double bc1 = 1.0 - pow_(h.beta1, step);
+    const double bc2 = 1.0 - pow_(h.beta2, step);
+    const double decay = h.weight_decay != 0 && h.decoupled_weight_decay ? lr.decay(h.weight_decay) : 1.0;
+    return Scalars<T>{static_cast<T>(1.0 - h.beta1), static_cast<T>(h.beta2), static_cast<T>(1.0 - h.beta2),
+                      static_cast<T>(h.eps),         static_cast<T>(h.weight_decay), static_cast<T>(decay),
+                      static_cast<T>(-lr.div(bc1)),  static_cast<T>(pow_(bc2, 0.5))};
+  }
+
+  // s: exp_avg, exp_avg_sq, max_exp_avg_sq (read and written only with kAmsgrad)
+  template <unsigned kF, typename T>
+  FASTOPT_HD static T update(T p, T g, T (&s)[kStates], const Scalars<T>& c) {
+    T &m = s[0], &v = s[1], &vmax = s[2];
+    if (kF & kL2) g = madd(c.weight_decay, p, g);      // grad.add(param, alpha=weight_decay)
+    p = p * c.decay;                                   // param.mul_(1 - lr * weight_decay)
+    m = lerp(m, g, c.lerp_weight);                     // exp_avg.lerp_(grad, 1 - beta1)
+    v = madd(c.one_minus_beta2 * g, g, v * c.beta2);   // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    T vv = v;
+    if (kF & kAmsgrad) {
+      vmax = nan_max(vmax, v);                         // torch.maximum(max_exp_avg_sq, exp_avg_sq)
+      vv = vmax;
+    }
+    const T denom = sqrt_(vv) / c.bc2_sqrt + c.eps;    // (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    return p + c.neg_step_size * m / denom;            // param.addcdiv_(exp_avg, denom, value=-step_size)
+  }
+};
 
 // ---- Adagrad --------------------------------------------------------------------------------
 
-template <typename T>
-struct AdagradScalars {
-  T weight_decay;
-  T eps;
-  T neg_clr;  // -lr / (1 + (t - 1) * lr_decay)
+struct Adagrad {
+  static constexpr const char* kName = "adagrad";
+  static constexpr int kStates = 1;
+  static constexpr const char* kStateNames[kStates] = {"state_sums"};
+
+  struct Hyper {
+    double lr_decay, weight_decay, eps;
+    bool maximize;
+  };
+  static constexpr auto kHyper =
+      std::make_tuple(hyper_field("lr_decay", &Hyper::lr_decay), hyper_field("weight_decay", &Hyper::weight_decay),
+                      hyper_field("eps", &Hyper::eps), hyper_field("maximize", &Hyper::maximize));
+
+  enum : unsigned { kL2 = 1 };
+  static constexpr unsigned kFlagBits = 1;
+  FASTOPT_HD static unsigned flags(const Hyper& h) { return h.weight_decay != 0 ? kL2 : 0u; }
+  FASTOPT_HD static constexpr bool uses(unsigned, int) { return true; }
+
+  template <typename T>
+  struct Scalars {
+    T weight_decay;
+    T eps;
+    T neg_clr;  // -lr / (1 + (t - 1) * lr_decay)
+  };
+
+  template <typename T>
+  FASTOPT_HD static Scalars<T> scalars(const Hyper& h, const LrValue& lr, double step) {
+    return Scalars<T>{static_cast<T>(h.weight_decay), static_cast<T>(h.eps),
+                      static_cast<T>(-lr.div(1.0 + (step - 1.0) * h.lr_decay))};
+  }
+
+  // s: sum
+  template <unsigned kF, typename T>
+  FASTOPT_HD static T update(T p, T g, T (&s)[kStates], const Scalars<T>& c) {
+    T& sum = s[0];
+    if (kF & kL2) g = madd(c.weight_decay, p, g);  // grad.add(param, alpha=weight_decay)
+    sum = madd(g, g, sum);                         // state_sum.addcmul_(grad, grad, value=1)
+    const T std_ = sqrt_(sum) + c.eps;             // state_sum.sqrt().add_(eps)
+    return p + c.neg_clr * g / std_;               // param.addcdiv_(grad, std, value=-clr)
+  }
 };
-
-struct AdagradHyper {  // Note [one struct per rule]
-  double lr_decay, weight_decay, eps;
-  bool maximize;
-};
-
-template <typename T>
-FASTOPT_HD AdagradScalars<T> adagrad_scalars(const AdagradHyper& h, const LrValue& lr, double step) {
-  return AdagradScalars<T>{static_cast<T>(h.weight_decay), static_cast<T>(h.eps),
-                           static_cast<T>(-lr.div(1.0 + (step - 1.0) * h.lr_decay))};
-}
-
-template <typename T, bool kL2>
-FASTOPT_HD T adagrad_element(T p, T g, T& sum, const AdagradScalars<T>& s) {
-  if (kL2) g = madd(s.weight_decay, p, g);  // grad.add(param, alpha=weight_decay)
-  sum = madd(g, g, sum);                     // state_sum.addcmul_(grad, grad, value=1)
-  const T std_ = sqrt_(sum) + s.eps;         // state_sum.sqrt().add_(eps)
-  return p + s.neg_clr * g / std_;           // param.addcdiv_(grad, std, value=-clr)
-}
 
 // ---- RMSprop --------------------------------------------------------------------------------
 
-template <typename T>
-struct RMSpropScalars {
-  T alpha;
-  T one_minus_alpha;
-  T eps;
-  T weight_decay;
-  T momentum;
-  T neg_lr;
+struct RMSprop {
+  static constexpr const char* kName = "rmsprop";
+  static constexpr int kStates = 3;
+  static constexpr const char* kStateNames[kStates] = {"square_avgs", "grad_avgs", "momentum_buffers"};
+
+  struct Hyper {
+    double alpha, eps, weight_decay, momentum;
+    bool centered, maximize;
+  };
+  static constexpr auto kHyper = std::make_tuple(
+      hyper_field("alpha", &Hyper::alpha), hyper_field("eps", &Hyper::eps),
+      hyper_field("weight_decay", &Hyper::weight_decay), hyper_field("momentum", &Hyper::momentum),
+      hyper_field("centered", &Hyper::centered), hyper_field("maximize", &Hyper::maximize));
+
+  enum : unsigned { kL2 = 1, kCentered = 2, kMomentum = 4 };
+  static constexpr unsigned kFlagBits = 3;
+  FASTOPT_HD static unsigned flags(const Hyper& h) {
+    return (h.weight_decay != 0 ? kL2 : 0u) | (h.centered ? kCentered : 0u) | (h.momentum > 0 ? kMomentum : 0u);
+  }
+  FASTOPT_HD static constexpr bool uses(unsigned f, int s) {
+    return s == 0 || (s == 1 && (f & kCentered) != 0) || (s == 2 && (f & kMomentum) != 0);
+  }
+
+  template <typename T>
+  struct Scalars {
+    T alpha;
+    T one_minus_alpha;
+    T eps;
+    T weight_decay;
+    T momentum;
+    T neg_lr;
+  };
+
+  // RMSprop keeps a step count (torch does) but its math does not read it.
+  template <typename T>
+  FASTOPT_HD static Scalars<T> scalars(const Hyper& h, const LrValue& lr, double /*step*/) {
+    return Scalars<T>{static_cast<T>(h.alpha),    static_cast<T>(1.0 - h.alpha), static_cast<T>(h.eps),
+                      static_cast<T>(h.weight_decay), static_cast<T>(h.momentum), static_cast<T>(-lr.value)};
+  }
+
+  // s: square_avg, grad_avg (kCentered), momentum_buffer (kMomentum)
+  template <unsigned kF, typename T>
+  FASTOPT_HD static T update(T p, T g, T (&s)[kStates], const Scalars<T>& c) {
+    T &v = s[0], &grad_avg = s[1], &buf = s[2];
+    if (kF & kL2) g = madd(c.weight_decay, p, g);        // grad.add(param, alpha=weight_decay)
+    v = madd(c.one_minus_alpha * g, g, v * c.alpha);     // square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+    T avg;
+    if (kF & kCentered) {
+      grad_avg = lerp(grad_avg, g, c.one_minus_alpha);   // grad_avg.lerp_(grad, 1 - alpha)
+      avg = sqrt_(madd(-grad_avg, grad_avg, v));         // square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+    } else {
+      avg = sqrt_(v);
+    }
+    avg = avg + c.eps;
+    if (kF & kMomentum) {
+      buf = buf * c.momentum + g / avg;                  // buf.mul_(momentum).addcdiv_(grad, avg): no fused product
+      return madd(c.neg_lr, buf, p);                     // param.add_(buf, alpha=-lr)
+    }
+    return p + c.neg_lr * g / avg;                       // param.addcdiv_(grad, avg, value=-lr)
+  }
 };
 
-struct RMSpropHyper {  // Note [one struct per rule]
-  double alpha, eps, weight_decay, momentum;
-  bool centered, maximize;
-};
-
-template <typename T>
-FASTOPT_HD RMSpropScalars<T> rmsprop_scalars(const RMSpropHyper& h, const LrValue& lr) {
-  return RMSpropScalars<T>{static_cast<T>(h.alpha),        static_cast<T>(1.0 - h.alpha),
-                           static_cast<T>(h.eps),          static_cast<T>(h.weight_decay),
-                           static_cast<T>(h.momentum),     static_cast<T>(-lr.value)};
-}
-
-template <typename T, bool kL2, bool kCentered, bool kMomentum>
-FASTOPT_HD T rmsprop_element(T p, T g, T& v, T& grad_avg, T& buf, const RMSpropScalars<T>& s) {
-  if (kL2) g = madd(s.weight_decay, p, g);            // grad.add(param, alpha=weight_decay)
-  v = madd(s.one_minus_alpha * g, g, v * s.alpha);     // square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-  T avg;
-  if (kCentered) {
-    grad_avg = lerp(grad_avg, g, s.one_minus_alpha);   // grad_avg.lerp_(grad, 1 - alpha)
-    avg = sqrt_(madd(-grad_avg, grad_avg, v));         // square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
-  } else {
-    avg = sqrt_(v);
-  }
-  avg = avg + s.eps;
-  if (kMomentum) {
-    buf = buf * s.momentum + g / avg;                  // buf.mul_(momentum).addcdiv_(grad, avg): no fused product
-    return madd(s.neg_lr, buf, p);                     // param.add_(buf, alpha=-lr)
-  }
-  return p + s.neg_lr * g / avg;                       // param.addcdiv_(grad, avg, value=-lr)
-}
+// The rules, each once: FASTOPT_RULES(X) expands X(Rule) for every rule (the op registrations, the
+// CPU kernel table, the CUDA instantiations).
+#define FASTOPT_RULES(X) X(Adam) X(Adagrad) X(RMSprop)
 
 }  // namespace fastopt

@@ -1,0 +1,148 @@
+// What every rule's update op shares on the host, written once (Note [a rule in C++],
+// fastopt/update_math.h): the op's schema, its arguments as the dispatcher hands them over, the
+// slots its tensor lists fill, and the checks of what a rule's flags need. The CPU and CUDA
+// implementations (csrc/cpu/update.cpp, csrc/cuda/update.cu) and the registrations
+// (csrc/update_ops.cpp) are templates over the rule, instantiated for FASTOPT_RULES.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/stack.h>
+
+#include <cstddef>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "fastopt/update_math.h"
+
+namespace fastopt {
+
+using Tensors = std::vector<at::Tensor>;
+// A plan's or an op's tensor lists by slot (params, grads, state..., params_out), with their names
+// for the error messages; an empty list is an absent slot.
+using SlotLists = std::vector<std::pair<const char*, Tensors>>;
+
+template <typename R>
+constexpr size_t params_out_slot() {
+  return 2 + R::kStates;
+}
+
+template <typename R>
+std::string op_name() {  // "adam_": the op mutates its lists in place
+  return std::string(R::kName) + "_";
+}
+
+template <typename R>
+constexpr size_t hyper_count() {
+  return std::tuple_size_v<std::decay_t<decltype(R::kHyper)>>;
+}
+
+// fn(field) for each hyperparameter of R, in order.
+template <typename R, typename Fn>
+void for_each_hyper(Fn&& fn) {
+  std::apply([&](const auto&... f) { (fn(f), ...); }, R::kHyper);
+}
+
+template <typename V>
+constexpr const char* schema_type() {
+  static_assert(std::is_same_v<V, double> || std::is_same_v<V, bool>, "a hyperparameter is a double or a bool");
+  return std::is_same_v<V, double> ? "float" : "bool";
+}
+
+// Note [one schema per rule]: "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, ...,
+// Tensor(e!)[] steps, Tensor(f!)[] params_out, Tensor lr, float beta1, ..., Tensor? inv_scale,
+// float? clip_value, Tensor? clip_coef, Tensor? found_inf) -> ()". One step for every tensor of a
+// (device, dtype) group, in place: `params` are the tensors the math runs on (the fp32 masters
+// with master weights, whose rounded values go to `params_out`; otherwise `params_out` is empty),
+// `steps` are incremented (not when found_inf is set); the grads are first unscaled, value-clipped
+// and multiplied by clip_coef (fastopt/grad_math.h).
+template <typename R>
+std::string op_schema() {
+  std::string s = op_name<R>() + "(Tensor(a!)[] params, Tensor[] grads";
+  char alias = 'b';
+  for (const char* name : R::kStateNames) s += std::string(", Tensor(") + alias++ + "!)[] " + name;
+  s += std::string(", Tensor(") + alias++ + "!)[] steps";
+  s += std::string(", Tensor(") + alias++ + "!)[] params_out, Tensor lr";
+  for_each_hyper<R>([&](const auto& f) {
+    s += std::string(", ") + schema_type<typename std::decay_t<decltype(f)>::value_type>() + " " + f.name;
+  });
+  return s + ", Tensor? inv_scale, float? clip_value, Tensor? clip_coef, Tensor? found_inf) -> ()";
+}
+
+// The slots of R's lists: names in the op's order, empty lists.
+template <typename R>
+SlotLists empty_slots() {
+  SlotLists out{{"params", {}}, {"grads", {}}};
+  for (const char* name : R::kStateNames) out.emplace_back(name, Tensors{});
+  out.emplace_back("params_out", Tensors{});
+  return out;
+}
+
+// Which slots a step writes (all but the grads).
+template <typename R>
+std::vector<bool> written_slots() {
+  std::vector<bool> w(params_out_slot<R>() + 1, true);
+  w[kGradSlot] = false;
+  return w;
+}
+
+// A step with these hyperparameters reads and writes the state lists its flags use: each must hold
+// one tensor per param (`present(slot)`: the list is not empty).
+template <typename R, typename Present>
+void check_states(const typename R::Hyper& h, Present&& present) {
+  const unsigned f = R::flags(h);
+  for (int k = 0; k < R::kStates; ++k) {
+    TORCH_CHECK(!R::uses(f, k) || present(2 + k), op_name<R>(), ": these hyperparameters need `", R::kStateNames[k],
+                "`, one tensor per param (it is empty)");
+  }
+}
+
+// The arguments of R's op as the dispatcher gives them to a boxed kernel.
+template <typename R>
+struct UpdateOpArgs {
+  SlotLists slots;
+  Tensors steps;
+  at::Tensor lr;
+  typename R::Hyper hyper{};
+  c10::optional<at::Tensor> inv_scale;
+  c10::optional<double> clip_value;
+  c10::optional<at::Tensor> clip_coef;
+  c10::optional<at::Tensor> found_inf;
+};
+
+template <typename R>
+constexpr size_t op_argument_count() {
+  return 2 + R::kStates + 2 + 1 + hyper_count<R>() + 4;
+}
+
+// Takes the op's arguments off the stack (the op returns nothing). A state list the flags do not
+// use is left empty, whatever was passed: the kernels neither read nor write it.
+template <typename R>
+UpdateOpArgs<R> pop_update_args(torch::jit::Stack& stack) {
+  constexpr size_t n = op_argument_count<R>();
+  TORCH_INTERNAL_ASSERT(stack.size() >= n);
+  const c10::IValue* v = stack.data() + (stack.size() - n);
+  UpdateOpArgs<R> a;
+  a.slots = empty_slots<R>();
+  size_t i = 0;
+  for (size_t s = 0; s < 2 + R::kStates; ++s) a.slots[s].second = v[i++].toTensorVector();
+  a.steps = v[i++].toTensorVector();
+  a.slots[params_out_slot<R>()].second = v[i++].toTensorVector();
+  a.lr = v[i++].toTensor();
+  for_each_hyper<R>([&](const auto& f) {
+    a.hyper.*(f.member) = v[i++].template to<typename std::decay_t<decltype(f)>::value_type>();
+  });
+  a.inv_scale = v[i++].toOptional<at::Tensor>();
+  a.clip_value = v[i++].toOptional<double>();
+  a.clip_coef = v[i++].toOptional<at::Tensor>();
+  a.found_inf = v[i++].toOptional<at::Tensor>();
+  torch::jit::drop(stack, n);
+  const unsigned f = R::flags(a.hyper);
+  for (int k = 0; k < R::kStates; ++k) {
+    if (!R::uses(f, k)) a.slots[2 + k].second.clear();
+  }
+  return a;
+}
+
+}  // namespace fastopt
