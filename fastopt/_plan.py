@@ -228,15 +228,25 @@ class StepStats:
 
 
 @dataclass
+class BucketRun:
+    """What the bucket's backend keeps between its calls: within a step (bind, then norm, then
+    step) and, for the compiled backends, their plans from step to step."""
+
+    compiling: bool = False  # this step is traced by torch.compile: list ops or reference rules only
+    now: Optional[list[Segment]] = None  # this step's segments with their grads (the reference path)
+    plans: Optional[list[Any]] = None  # a compiled backend's SegmentPlan per segment (backends/planned.py)
+
+
+@dataclass
 class Bucket:
     """Every tensor of one (device, storage dtype) across all param groups: one launch's worth."""
 
     device: torch.device
     dtype: torch.dtype
-    backend: Any
+    backend: Any  # a fastopt.backends.base.Backend
     rule: Any  # the update rule, a fastopt.rules.Rule
     segments: list[Segment] = field(default_factory=list)
-    cache: dict = field(default_factory=dict)  # backend-private data (pointer tables, ...)
+    run: BucketRun = field(default_factory=BucketRun)
     spec: Optional[tuple] = None  # (mesh, placements) of a bucket of DTensor shards (Note [DTensor shards])
 
 
@@ -247,6 +257,11 @@ class Plan:
     absent: list[Tensor]  # params that had no grad when the plan was built
     state_keys: tuple  # the state keys of every param group (they follow the group's flags)
     masters: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (param, its fp32 master)
+
+    @property
+    def sharded(self) -> bool:
+        """Some bucket holds DTensor shards (Note [DTensor shards])."""
+        return any(b.spec is not None for b in self.buckets)
 
     def still_holds(self, state_keys: tuple) -> bool:
         """The cheap part of the staleness check (the grads of planned params are checked by the

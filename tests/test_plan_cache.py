@@ -141,5 +141,5 @@ def test_cpu_eager_steps_reuse_one_plan():
             p.grad = torch.randn_like(p)
         opt.step()
         assert (opt.step_stats.kernel, opt.step_stats.reference) == (3, 0)
-        plans.append(opt._run.plan.buckets[0].cache["plans"][0].plan)
+        plans.append(opt._run.plan.buckets[0].run.plans[0].plan)
     assert plans[0] is plans[1] is plans[2]

@@ -113,7 +113,7 @@ def test_the_triton_plan_binds_alike_in_cpp_and_python(binder, backend, device, 
     elif not fastopt._ext.has_cpu_ops():
         pytest.skip("fastopt._C is not built")
     pair = _state_machine(backend, device)
-    plans = [sp.plan for b in pair.opt_f._run.plan.buckets for sp in b.cache["plans"]]
+    plans = [sp.plan for b in pair.opt_f._run.plan.buckets for sp in b.run.plans]
     assert len(plans) == 2 and all((plan._binder is None) == (binder == "Python") for plan in plans)
 
 

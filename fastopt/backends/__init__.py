@@ -8,7 +8,8 @@ import torch
 
 from .cpu import CpuBackend
 from .cuda import CudaBackend
-from .reference import GradTransform, ReferenceBackend
+from .base import Backend, GradTransform
+from .reference import ReferenceBackend
 from .triton import TritonBackend
 
 NAMES = ("auto", "reference", "cpu", "triton", "cuda")
@@ -55,4 +56,4 @@ def resolve(name: str, device: Union[str, torch.device], dtype: Optional[torch.d
     return _BACKENDS[name]
 
 
-__all__ = ["BackendUnavailable", "GradTransform", "available_backends", "resolve", "why_unavailable"]
+__all__ = ["Backend", "BackendUnavailable", "GradTransform", "available_backends", "resolve", "why_unavailable"]

@@ -28,7 +28,7 @@ from .. import _ext
 from .._plan import Bucket, Segment, local
 from ..rules import Rule
 from .planned import PlannedBackend
-from .reference import GradTransform
+from .base import GradTransform
 
 
 def _lr(lr: Union[float, Tensor]) -> Tensor:

@@ -23,7 +23,7 @@ from .._plan import Bucket, Segment
 from ..rules import Rule
 from .cpu import compiled_plan, grad_args, op_args, segment_lists
 from .planned import PlannedBackend
-from .reference import GradTransform
+from .base import GradTransform
 
 
 def _lr_args(lr: Union[float, Tensor], device: torch.device) -> tuple:
@@ -48,7 +48,7 @@ class CudaBackend(PlannedBackend):
         return None
 
     def fallback_kind(self, bucket: Bucket, seg: Segment) -> str:
-        return "kernel" if bucket.cache.get("compiling") and not seg.is_complex else "reference"
+        return "kernel" if bucket.run.compiling and not seg.is_complex else "reference"
 
     def _build(self, bucket: Bucket, seg: Segment):
         return compiled_plan(_ext._C.cuda_plan, bucket.rule, seg)
@@ -63,13 +63,13 @@ class CudaBackend(PlannedBackend):
 
     # Under torch.compile the list ops run the same kernels (Dynamo sees opaque, mutating custom ops).
     def _fallback_norm(self, bucket: Bucket, seg: Segment, norm_type: float, xform: GradTransform) -> Tensor:
-        if bucket.cache.get("compiling"):
+        if bucket.run.compiling:
             grads = [g.contiguous() for g in seg.grads]
             return torch.ops.fastopt.multi_tensor_norm(grads, norm_type, xform.inv_scale, xform.clip_value)
         return super()._fallback_norm(bucket, seg, norm_type, xform)
 
     def _fallback_step(self, rule: Rule, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
-        if bucket.cache.get("compiling") and not seg.is_complex:
+        if bucket.run.compiling and not seg.is_complex:
             rule.list_op()(*segment_lists(rule, seg, seg.grads), *op_args(rule, hp), *grad_args(xform))
         else:
             super()._fallback_step(rule, bucket, seg, hp, xform)

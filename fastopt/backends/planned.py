@@ -20,7 +20,8 @@ from torch import Tensor
 from .. import reference as ref
 from .._plan import Bucket, OwnerRecord, Segment, StepStats, dense, local, plain_tensors, shard_spec, walks_with
 from ..rules import Rule
-from .reference import GradTransform, ReferenceBackend, _step_segment
+from .base import GradTransform
+from .reference import ReferenceBackend, _step_segment, release
 
 
 @dataclass
@@ -85,16 +86,15 @@ class PlannedBackend(ReferenceBackend):
         return SegmentPlan(plan, rest, [OwnerRecord(p) for p in rest.owners] if rest is not None else [])
 
     def _plans(self, bucket: Bucket) -> list[SegmentPlan]:
-        plans = bucket.cache.get("plans")
-        if plans is None:
-            plans = bucket.cache["plans"] = [self._plan_segment(bucket, seg) for seg in bucket.segments]
-        return plans
+        if bucket.run.plans is None:
+            bucket.run.plans = [self._plan_segment(bucket, seg) for seg in bucket.segments]
+        return bucket.run.plans
 
     # -- bind ----------------------------------------------------------------------------------
 
     def bind(self, bucket: Bucket, stats: StepStats) -> bool:
-        bucket.cache["compiling"] = torch.compiler.is_compiling()
-        if bucket.cache["compiling"]:  # Dynamo cannot trace the host side of a plan
+        bucket.run.compiling = torch.compiler.is_compiling()
+        if bucket.run.compiling:  # Dynamo cannot trace the host side of a plan
             return super().bind(bucket, stats)
         for sp, seg in zip(self._plans(bucket), bucket.segments):
             if sp.plan is not None:
@@ -123,16 +123,16 @@ class PlannedBackend(ReferenceBackend):
 
     @staticmethod
     def _stale(bucket: Bucket) -> bool:
-        bucket.cache.pop("plans", None)
+        bucket.run.plans = None
         return False
 
     # -- the step --------------------------------------------------------------------------------
 
     def _parts(self, bucket: Bucket) -> tuple[list, list[Segment]]:
         """This step's bound plans and the segments that take the fallback path."""
-        if bucket.cache["compiling"]:
-            return [], bucket.cache["now"]
-        plans = bucket.cache["plans"]
+        if bucket.run.compiling:
+            return [], bucket.run.now
+        plans = bucket.run.plans
         return ([sp.plan for sp in plans if sp.plan is not None],
                 [sp.rest_now for sp in plans if sp.rest_now is not None and sp.rest_now.params])
 
@@ -156,11 +156,12 @@ class PlannedBackend(ReferenceBackend):
         return norm, (coef if coef is not None else ref.clip_coefficient(norm, max_norm))
 
     def step(self, rule: Rule, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
-        if bucket.cache["compiling"]:
-            for seg, hp in zip(bucket.cache["now"], hparams):
+        if bucket.run.compiling:
+            for seg, hp in zip(bucket.run.now, hparams):
                 self._fallback_step(rule, bucket, seg, hp, xform)
+            release(bucket)
             return
-        for sp, hp in zip(bucket.cache["plans"], hparams):
+        for sp, hp in zip(bucket.run.plans, hparams):
             if sp.plan is not None:
                 self._plan_step(rule, sp.plan, bucket, hp, xform)
                 sp.plan.release_grads()  # Note [grads held only for the step] (grad_binding.h)

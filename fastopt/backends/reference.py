@@ -6,7 +6,6 @@ ops, several passes over memory). Every compiled backend is tested against it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -15,28 +14,7 @@ from torch import Tensor
 from .. import reference as ref
 from .._plan import Bucket, Segment, StepStats
 from ..rules import Rule
-
-
-@dataclass
-class GradTransform:
-    """What is done to the gradients before the update, as 0-dim tensors on the bucket's device."""
-
-    grad_scale: Optional[Tensor] = None  # AMP: the grads are scaled by this
-    clip_value: Optional[float] = None
-    clip_coef: Optional[Tensor] = None  # global-norm clipping: min(max_norm / (norm + 1e-6), 1)
-    found_inf: Optional[Tensor] = None  # AMP: non-zero skips the step entirely
-
-    _inv_scale: Optional[Tensor] = field(default=None, repr=False)
-
-    @property
-    def inv_scale(self) -> Optional[Tensor]:
-        """1 / grad_scale as GradScaler.unscale_ computes it (float64, rounded once to float32).
-        Computed on first use: the GPU kernels read grad_scale itself and need no extra launches.
-        (Not functools.cached_property: on Python 3.11 it takes an RLock, a graph break under
-        torch.compile.)"""
-        if self.grad_scale is not None and self._inv_scale is None:
-            self._inv_scale = self.grad_scale.double().reciprocal().float()
-        return self._inv_scale
+from .base import GradTransform
 
 
 class ReferenceBackend:
@@ -55,14 +33,14 @@ class ReferenceBackend:
         now = [seg.with_grads(self.name) for seg in bucket.segments]
         if any(seg is None for seg in now):
             return False
-        bucket.cache["now"] = now
+        bucket.run.now = now
         for seg in now:
             stats.count_fallback(self.fallback_kind(bucket, seg), len(seg.params))
         return True
 
     def grad_norm(self, bucket: Bucket, norm_type: float, xform: GradTransform) -> Tensor:
         """The norm of the bucket's unscaled, value-clipped gradients."""
-        grads = [g for seg in bucket.cache["now"] for g in seg.grads]
+        grads = [g for seg in bucket.run.now for g in seg.grads]
         grads = ref.prepare_grads(grads, inv_scale=xform.inv_scale, clip_value=xform.clip_value)
         return ref.grad_norm(grads, norm_type)
 
@@ -77,8 +55,13 @@ class ReferenceBackend:
         """Whether this backend updates params stored in ``dtype`` (real view for complex)."""
         return True
 
+    @staticmethod
+    def can_plan(seg: Segment, i: int) -> bool:
+        """The reference rules keep no plan: they take any param as it is."""
+        return False
+
     def step(self, rule: Rule, bucket: Bucket, hparams: list[dict], xform: GradTransform) -> None:
-        for segment, hp in zip(bucket.cache["now"], hparams):
+        for segment, hp in zip(bucket.run.now, hparams):
             _step_segment(rule, segment, hp, xform)
         release(bucket)
 
@@ -86,8 +69,9 @@ class ReferenceBackend:
 def release(bucket: Bucket) -> None:
     """Let go of the step's grads once it has run (Note [grads held only for the step],
     csrc/include/fastopt/grad_binding.h): zero_grad(set_to_none=True) then frees them."""
-    for segment in bucket.cache.pop("now", None) or ():
+    for segment in bucket.run.now or ():
         segment.grads = []
+    bucket.run.now = None
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from torch import Tensor
 from .._plan import Bucket, Segment, local
 from ..rules import Rule
 from .planned import PlannedBackend
-from .reference import GradTransform
+from .base import GradTransform
 
 _kernels = None
 _import_error: Optional[str] = None

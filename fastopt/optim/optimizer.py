@@ -1,70 +1,31 @@
-"""The base class of fastopt's optimizers: state, the plan, clipping, AMP and backend dispatch.
+"""The base class of fastopt's optimizers: the ``torch.optim.Optimizer`` face (param groups,
+lazy state, the plan and its life cycle, GradScaler's protocol, master weights).
 
 A subclass says which rule it runs (``_rule``), which state tensors a param group needs
-(``_state_keys``) and which hyperparameters the rule reads (``_hparams``); everything else —
-lazy state, the (device, dtype) plan, gradient clipping, GradScaler's unscale and inf skip, master
-weights and the state-dict format — lives here, once.
+(``_state_keys``) and which hyperparameters the rule reads (``_hparams``). The step itself is
+fastopt/functional.py (bind, grad transform, norm, clip coefficient, update); the cross-rank
+reductions are fastopt/_distributed.py, a failed step's rollback _rollback.py, the loading of a
+state dict _state_dict.py.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import backends
-from .. import reference as ref
-from .._plan import Bucket, Plan, Segment, StepStats, is_dtensor, local, plain_tensors, real_view, shard_spec
+from .. import backends, functional
+from .._plan import Bucket, Plan, Segment, StepStats, local, plain_tensors, real_view, shard_spec
 from ..rules import Rule
+from . import _state_dict
 from ._options import FusedOptions
+from ._rollback import undo_created
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
-    return None if t is None else t.to(device, non_blocking=True)
-
-
-def _over_shards(bucket: Bucket, norm: Tensor, norm_type: float) -> Tensor:
-    """A bucket's gradient norm over every rank: for a bucket of DTensor shards (Note [DTensor
-    shards]) the norm of this rank's shards reduced over the mesh dims the params are sharded on,
-    as DTensor reduces a norm (p-th powers summed, or the max for inf); replicated dims hold
-    copies and are left out. One all-reduce per sharded mesh dim; no host sync. A bucket of
-    DTensors on the reference rules has a DTensor norm: its value, to combine with the others."""
-    if bucket.spec is None:
-        return norm.full_tensor() if is_dtensor(norm) else norm
-    mesh, placements = bucket.spec
-    dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
-    if not dims:
-        return norm
-    inf = math.isinf(norm_type)
-    t = norm.clone() if inf else norm ** norm_type
-    for dim in dims:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=mesh.get_group(dim))
-    return t if inf else t ** (1.0 / norm_type)
-
-
-def _on_any_rank(found_inf: Tensor, plan: Plan) -> Tensor:
-    """GradScaler's found_inf of this rank, or-ed over the ranks that hold the DTensor shards of
-    the plan (Note [DTensor shards]): every rank skips the step when any rank's grads hold an inf
-    or NaN, so the shards of one param never part ways. (GradScaler computes found_inf from this
-    rank's shards only; its scale update stays per rank, as with torch.optim.)"""
-    out = found_inf.clone()
-    seen = set()
-    for b in plan.buckets:
-        if b.spec is None or id(b.spec[0]) in seen:
-            continue
-        seen.add(id(b.spec[0]))
-        mesh = b.spec[0]
-        for dim in range(mesh.ndim):
-            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
-    return out
 
 
 def _write_mark(p: Tensor) -> tuple[int, int]:
@@ -232,15 +193,14 @@ class FusedOptimizer(Optimizer):
         """The plan, rebuilt if stale, with this step's grads bound (Note [the plan life cycle])."""
         plan = self._run.plan
         if plan is not None and plan.still_holds(self._state_key()):
-            stats = StepStats()
-            if all(b.backend.bind(b, stats) for b in plan.buckets):
+            stats = functional.bind(plan)
+            if stats is not None:
                 return plan, stats
         plan = self._run.plan = self._build_plan()
-        stats = StepStats()
-        for b in plan.buckets:
-            if not b.backend.bind(b, stats):
-                raise RuntimeError(f"fastopt: {type(self).__name__} could not bind the gradients of a "
-                                   "fresh plan (a gradient changed during the step?)")
+        stats = functional.bind(plan)
+        if stats is None:
+            raise RuntimeError(f"fastopt: {type(self).__name__} could not bind the gradients of a "
+                               "fresh plan (a gradient changed during the step?)")
         return plan, stats
 
     def _build_plan(self) -> Plan:
@@ -299,7 +259,7 @@ class FusedOptimizer(Optimizer):
         ``p`` (Note [DTensor shards]): its grad and every state tensor (not the step count) are
         DTensors laid out alike, and the shards can be walked together; else None."""
         spec = shard_spec(p)
-        if spec is None or backend.name == "reference" or not hasattr(backend, "can_plan"):
+        if spec is None:
             return None
         others = [p.grad] + [state[k] for k in keys] + ([state["master_param"]] if "master_param" in state else [])
         if any(shard_spec(t) != spec for t in others) or not plain_tensors(state["step"]):
@@ -353,14 +313,7 @@ class FusedOptimizer(Optimizer):
         try:
             self._step()
         except Exception:
-            # A step that raises changes nothing (DESIGN.md, Safety): every check runs before the
-            # first write, and the state this step created for the first time is removed again.
-            for p, key in self._run.created:
-                state = self.state.get(p)
-                if state is not None:
-                    state.pop(key, None)
-                    if not state:
-                        del self.state[p]
+            undo_created(self.state, self._run.created)  # Note [a failed step changes nothing]
             self._run.plan = None
             raise
         finally:
@@ -372,59 +325,24 @@ class FusedOptimizer(Optimizer):
         plan, stats = self._bound_plan()
         stats.reference += len(plan.sparse)
         grad_scale, found_inf = self._amp_tensors()
-        if found_inf is not None and any(b.spec is not None for b in plan.buckets):
-            found_inf = _on_any_rank(found_inf, plan)
         if plan.sparse and (grad_scale is not None or found_inf is not None or opts.clips_norm
                             or opts.clip_value is not None):
             raise NotImplementedError(
                 f"{type(self).__name__}: sparse gradients cannot be combined with gradient clipping "
                 "or GradScaler in fastopt"
             )
-        xforms = [
-            backends.GradTransform(
-                grad_scale=_on(grad_scale, b.device), clip_value=opts.clip_value, found_inf=_on(found_inf, b.device)
-            )
-            for b in plan.buckets
-        ]
+        keeps_masters = bool(plan.masters) and not torch.compiler.is_compiling()
+        norm = functional.step(plan, self._rule, self._hparams, opts, grad_scale=grad_scale, found_inf=found_inf,
+                               before_update=(lambda: self._reseed_masters(plan)) if keeps_masters else None)
         if opts.clips_norm:
-            if len(plan.buckets) == 1 and plan.buckets[0].spec is None:  # the backend may fuse the coefficient
-                b = plan.buckets[0]
-                norm, clip_coef = b.backend.norm_and_coef(b, opts.norm_type, xforms[0], opts.max_grad_norm)
-            else:
-                norms = [_over_shards(b, b.backend.grad_norm(b, opts.norm_type, x), opts.norm_type)
-                         for b, x in zip(plan.buckets, xforms)]
-                norm = ref.norm_of_norms(norms, opts.norm_type)
-                clip_coef = ref.clip_coefficient(norm, opts.max_grad_norm)
-            if opts.error_if_nonfinite:
-                self._check_finite(norm, found_inf)
             self._run.last_grad_norm = norm
-            for b, x in zip(plan.buckets, xforms):
-                x.clip_coef = _on(clip_coef, b.device)
-
-        compiling = torch.compiler.is_compiling()
-        if plan.masters and not compiling:
-            self._reseed_masters(plan)
-        for b, x in zip(plan.buckets, xforms):
-            b.backend.step(self._rule, b, [self._hparams(s.group) for s in b.segments], x)
         for p, group in plan.sparse:
             self._sparse_step(p, group)
-        if plan.masters and not compiling:
+        if keeps_masters:
             marks = self._run.master_marks
             for p, _ in plan.masters:
                 marks[p] = _write_mark(p)
         self._run.stats = stats
-
-    def _check_finite(self, norm: Tensor, found_inf: Optional[Tensor]) -> None:
-        """``error_if_nonfinite``: clip_grad_norm_'s error (one host sync), before anything is
-        written; not when a GradScaler skips the step anyway."""
-        bad = ~torch.isfinite(norm)
-        if found_inf is not None:
-            bad = bad & (found_inf.to(bad.device) == 0)
-        if bool(bad):
-            raise RuntimeError(
-                f"The total norm of order {self._options.norm_type} for gradients from `parameters` is "
-                "non-finite, so it cannot be clipped. To disable this error and scale the gradients by the "
-                "non-finite norm anyway, set `error_if_nonfinite=False`")
 
     def _reseed_masters(self, plan: Plan) -> None:
         """Note [stale master weights]: a bf16/fp16 param written since the last step
@@ -443,56 +361,13 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by this class or by the torch.optim class of the same name.
 
-        On top of torch's loading: a state tensor whose shape does not match its parameter is
-        refused; ``step`` lives on the parameter's device as float32 (no host sync in step());
-        with master weights, moments and ``master_param`` of fp16/bf16 params stay float32.
+        On top of torch's loading: the whole dict is validated before anything is replaced (another
+        optimizer's dict, a state tensor whose shape does not match its parameter are refused);
+        ``step`` lives on the parameter's device as float32 (no host sync in step()); with master
+        weights, moments and ``master_param`` of fp16/bf16 params stay float32.
         """
-        groups, saved_groups = self.param_groups, state_dict["param_groups"]
-        name = type(self).__name__
-        for i, saved in enumerate(saved_groups):  # another optimizer's state dict: nothing replaced
-            for key in self._group_keys:
-                if key not in saved:
-                    raise KeyError(f"{key!r}: param group {i} of the loaded state dict has no {key!r}, which "
-                                   f"{name} needs (is it another optimizer's state dict?)")
-        allowed = set(self._state_names) | {"step", "master_param"}
-        for saved_id, saved_state in state_dict["state"].items():
-            extra = sorted(set(saved_state) - allowed)
-            if extra:
-                raise ValueError(f"loaded state dict does not belong to {name}: the state of parameter "
-                                 f"{saved_id} has {extra}, {name} keeps {sorted(allowed)}")
-        if len(groups) == len(saved_groups) and all(
-            len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)
-        ):
-            id_map = {
-                saved_id: p
-                for g, s in zip(groups, saved_groups)
-                for saved_id, p in zip(s["params"], g["params"])
-            }
-            for saved_id, saved_state in state_dict["state"].items():
-                p = id_map.get(saved_id)
-                if p is None:
-                    continue
-                for key, value in saved_state.items():
-                    if key != "step" and isinstance(value, Tensor) and value.shape != p.shape:
-                        raise ValueError(
-                            f"loaded state dict does not match this optimizer's parameters: state "
-                            f"{key!r} of parameter {saved_id} has shape {tuple(value.shape)}, the "
-                            f"parameter has shape {tuple(p.shape)}"
-                        )
-        else:
-            id_map = {}
+        id_map = _state_dict.validate(self, state_dict)
         super().load_state_dict(state_dict)  # torch's own checks of group and parameter counts
-
-        for saved_id, p in id_map.items():
-            state = self.state.get(p)
-            if not state:
-                continue
-            state["step"] = torch.as_tensor(state["step"]).to(dtype=torch.float32, device=p.device)
-            if self._uses_master(p):
-                for key, value in state_dict["state"].get(saved_id, {}).items():
-                    if key != "step" and isinstance(value, Tensor):
-                        state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
-            else:
-                state.pop("master_param", None)
+        _state_dict.settle(self, state_dict, id_map)
         self._run.plan = None
         self._run.master_marks = {}  # the loaded masters are the truth, whatever was written before
