@@ -127,3 +127,14 @@ TOL = {
     torch.float64: dict(rtol=1e-12, atol=1e-14),
     torch.float32: dict(rtol=1e-5, atol=1e-6),
 }
+
+
+def low_precision_error_bound(dtype: torch.dtype, torch_error: float, scale: float) -> float:
+    """The largest error against a float64 run that fastopt may have in ``dtype`` (float16 or
+    bfloat16 params without master weights) where torch.optim's own error in that dtype is
+    ``torch_error`` and the param's largest magnitude ``scale``: twice torch's error (both round the
+    stored param once per step, and fastopt computes in float32, so its error is at most torch's
+    order) plus one rounding of the stored param (eps * scale), for the elements where torch's
+    rounding happens to land exactly."""
+    return 2 * torch_error + torch.finfo(dtype).eps * scale
+
