@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -15,6 +16,37 @@ def set_grads(params, grads) -> None:
         p.grad = g.clone()
 
 
+@dataclass
+class Side:
+    """One optimizer of a lockstep run and its params; ``cast`` makes its grads from the shared
+    ones (a dtype, say), ``backend`` (fastopt's) is checked after every step with assert_ran_on."""
+
+    opt: Any
+    params: list
+    cast: Optional[Callable] = None
+    backend: Optional[str] = None
+
+
+def lockstep(sides: list[Side], like: list, steps: int = 20, *, before_step: Optional[Callable] = None,
+             after_step: Optional[Callable] = None) -> None:
+    """The one lockstep loop: ``steps`` times, fresh random grads shaped like ``like`` (and laid out
+    like it: random_grads keeps strides), given to every side (cast per side), then
+    ``before_step(step)`` (to drop or change a grad), every side's step in order, and
+    ``after_step(step)`` (a scheduler's step, say)."""
+    for step in range(steps):
+        grads = random_grads(like)
+        for side in sides:
+            set_grads(side.params, grads if side.cast is None else [side.cast(g) for g in grads])
+        if before_step is not None:
+            before_step(step)
+        for side in sides:
+            side.opt.step()
+            if side.backend is not None:
+                assert_ran_on(side.opt, side.backend)
+        if after_step is not None:
+            after_step(step)
+
+
 def run_lockstep(spec, config, *, dtype, device, backend, steps=20, extras=None,
                  before_torch_step: Optional[Callable] = None, params=None):
     """Run torch.optim (foreach=False) and fastopt on identical params and grads for ``steps``."""
@@ -23,15 +55,8 @@ def run_lockstep(spec, config, *, dtype, device, backend, steps=20, extras=None,
     hdtype = dtype if dtype is not None else torch.float32
     opt_t = spec.torch_cls(theirs, foreach=False, **materialize(spec, config, hdtype))
     opt_f = spec.fastopt_cls(ours, backend=backend, **materialize(spec, config, hdtype), **(extras or {}))
-    for _ in range(steps):
-        grads = random_grads(params)
-        set_grads(theirs, grads)
-        set_grads(ours, grads)
-        if before_torch_step is not None:
-            before_torch_step(theirs)
-        opt_t.step()
-        opt_f.step()
-        assert_ran_on(opt_f, backend)
+    before = None if before_torch_step is None else (lambda step: before_torch_step(theirs))
+    lockstep([Side(opt_t, theirs), Side(opt_f, ours, backend=backend)], params, steps, before_step=before)
     return opt_t, opt_f, theirs, ours
 
 

@@ -10,8 +10,8 @@ import torch
 
 import fastopt
 from conftest import assert_close
-from harness import assert_same_state, set_grads
-from specs import SPEC_BY_NAME, TOL, clone_params, low_precision_error_bound, make_params, materialize, random_grads
+from harness import Side, assert_same_state, lockstep
+from specs import SPEC_BY_NAME, TOL, clone_params, low_precision_error_bound, make_params, materialize
 
 LOW = [torch.bfloat16, torch.float16]
 CONFIGS = [("Adam", {"weight_decay": 0.1, "amsgrad": True}), ("AdamW", {}), ("Adagrad", {"lr_decay": 0.1}),
@@ -26,11 +26,9 @@ def test_master_weights_follow_an_fp32_run(name, config, dtype, backend, device)
     fp32 = [torch.nn.Parameter(p.detach().float()) for p in low]
     opt_f = spec.fastopt_cls(low, master_weights=True, backend=backend, **materialize(spec, config))
     opt_t = spec.torch_cls(fp32, foreach=False, **materialize(spec, config))
-    for _ in range(20):
-        grads = [g.to(dtype) for g in random_grads(fp32)]
-        set_grads(low, grads)
-        set_grads(fp32, [g.float() for g in grads])
-        opt_f.step(), opt_t.step()
+    # grads in the low dtype; the fp32 run gets the same values
+    lockstep([Side(opt_f, low, cast=lambda g: g.to(dtype), backend=backend),
+              Side(opt_t, fp32, cast=lambda g: g.to(dtype).float())], fp32)
     state = opt_f.state_dict()["state"]
     for i, p in enumerate(low):
         master = state[i]["master_param"]
@@ -54,12 +52,8 @@ def test_low_precision_without_master_is_as_accurate_as_torch(name, config, dtyp
     opt64 = spec.fastopt_cls(exact, backend="reference", **materialize(spec, config))
     opt_f = spec.fastopt_cls(ours, backend=backend, **materialize(spec, config))
     opt_t = spec.torch_cls(theirs, foreach=False, **materialize(spec, config))
-    for _ in range(20):
-        grads = [g.to(dtype) for g in random_grads(low)]
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        set_grads(exact, [g.double() for g in grads])
-        opt64.step(), opt_f.step(), opt_t.step()
+    lockstep([Side(opt64, exact, cast=torch.Tensor.double), Side(opt_f, ours, backend=backend), Side(opt_t, theirs)],
+             low)
     for i, (e, a, b) in enumerate(zip(exact, ours, theirs)):
         if e.numel() == 0:
             continue

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import skip_unsupported
-from harness import assert_matches, run_lockstep, set_grads
-from specs import SPEC_BY_NAME, SPECS, clone_params, make_params, materialize, random_grads, spec_cases
+from harness import Side, assert_matches, lockstep, run_lockstep
+from specs import SPEC_BY_NAME, SPECS, clone_params, make_params, materialize, spec_cases
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -29,12 +29,8 @@ def test_fp32_error_vs_fp64_reference(spec, config, backend, device):
     ours, theirs = clone_params(params32), clone_params(params32)
     opt_f = spec.fastopt_cls(ours, backend=backend, **materialize(spec, config))
     opt_t = spec.torch_cls(theirs, foreach=False, **materialize(spec, config))
-    for _ in range(20):
-        grads = random_grads(params32)
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        set_grads(exact, [g.double() for g in grads])
-        opt64.step(), opt_f.step(), opt_t.step()
+    lockstep([Side(opt64, exact, cast=torch.Tensor.double), Side(opt_f, ours, backend=backend), Side(opt_t, theirs)],
+             params32)
     for i, (e, a, b) in enumerate(zip(exact, ours, theirs)):
         if e.numel() == 0:
             continue
@@ -54,11 +50,7 @@ def test_two_param_groups(backend, device):
 
     opt_t = torch.optim.Adam(groups(theirs), lr=0.01, foreach=False)
     opt_f = spec.fastopt_cls(groups(ours), lr=0.01, backend=backend)
-    for _ in range(20):
-        grads = random_grads(params)
-        set_grads(theirs, grads)
-        set_grads(ours, grads)
-        opt_t.step(), opt_f.step()
+    lockstep([Side(opt_t, theirs), Side(opt_f, ours, backend=backend)], params)
     assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
 
 
@@ -67,14 +59,12 @@ def test_params_without_grad_are_untouched(backend, device):
     ours, theirs = clone_params(params), clone_params(params)
     opt_f = SPEC_BY_NAME["RMSprop"].fastopt_cls(ours, momentum=0.5, backend=backend)
     opt_t = torch.optim.RMSprop(theirs, momentum=0.5, foreach=False)
-    for step in range(10):
-        grads = random_grads(params)
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
+    def drop_a_grad(step):
         if step % 3 == 0:  # the set of params with grads changes: the plan must follow
             ours[2].grad = None
             theirs[2].grad = None
-        opt_f.step(), opt_t.step()
+
+    lockstep([Side(opt_f, ours, backend=backend), Side(opt_t, theirs)], params, 10, before_step=drop_a_grad)
     assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastopt
-from harness import assert_matches, set_grads
+from harness import Side, assert_matches, lockstep, set_grads
 from specs import SPEC_BY_NAME, clone_params, make_params, random_grads
 
 
@@ -64,16 +64,14 @@ def test_grads_laid_out_unlike_their_params(name, backend, device):
 def test_grads_appear_and_vanish(backend, device):
     """Params gain and lose grads from step to step (frozen branches, set_to_none)."""
     params, ours, theirs, opt_f, opt_t = _pair("Adam", backend, device, weight_decay=0.1)
-    for step in range(9):
-        grads = random_grads(params)
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
+
+    def drop_grads(step):
         for i in range(len(params)):
             if (step + i) % 4 == 0:
                 ours[i].grad = None
                 theirs[i].grad = None
-        opt_f.step()
-        opt_t.step()
+
+    lockstep([Side(opt_f, ours, backend=backend), Side(opt_t, theirs)], params, 9, before_step=drop_grads)
     assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
 
 

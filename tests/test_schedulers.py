@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as S
 
-from harness import assert_matches, set_grads
-from specs import SPEC_BY_NAME, clone_params, make_params, random_grads
+from harness import Side, assert_matches, lockstep
+from specs import SPEC_BY_NAME, clone_params, make_params
 
 SCHEDULERS = {
     "StepLR": lambda o: S.StepLR(o, step_size=3, gamma=0.5),
@@ -37,15 +37,14 @@ def test_scheduler_matches_torch(name, sched, lr_kind, backend, device):
     opt_t = spec.torch_cls(theirs, lr=lr(), foreach=False, **kw)
     opt_f = spec.fastopt_cls(ours, lr=lr(), backend=backend, **kw)
     sch_t, sch_f = SCHEDULERS[sched](opt_t), SCHEDULERS[sched](opt_f)
-    for step in range(20):
-        grads = random_grads(params)
-        set_grads(theirs, grads)
-        set_grads(ours, grads)
-        opt_t.step(), opt_f.step()
+
+    def scheduler_steps(step):
         if sched == "ReduceLROnPlateau":
             metric = 1.0  # a plateau: the lr is cut every other step
             sch_t.step(metric), sch_f.step(metric)
         else:
             sch_t.step(), sch_f.step()
         assert [float(g["lr"]) for g in opt_f.param_groups] == [float(g["lr"]) for g in opt_t.param_groups]
+
+    lockstep([Side(opt_t, theirs), Side(opt_f, ours, backend=backend)], params, after_step=scheduler_steps)
     assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
