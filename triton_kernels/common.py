@@ -23,6 +23,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._plan import NO_GRAD as _NO_GRAD
+
+# Note [absent grads] (fastopt/_plan.py): the grad table's entry of a param without a grad
+NO_GRAD: tl.constexpr = tl.constexpr(_NO_GRAD)
+
 
 @triton.jit
 def chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK: tl.constexpr):
@@ -43,8 +48,8 @@ def typed_ptr(table, t, DTYPE: tl.constexpr):
 @triton.jit
 def has_grad(g_ptrs, t):
     """Whether tensor ``t`` has a grad this step (Note [absent grads], fastopt/_plan.py: NO_GRAD
-    is -1 in the grad table)."""
-    return tl.load(g_ptrs + t) != -1
+    in the grad table)."""
+    return tl.load(g_ptrs + t) != NO_GRAD
 
 
 @triton.jit

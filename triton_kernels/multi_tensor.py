@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import _ext
 from .._plan import NO_GRAD, STALE, OwnerRecord, bind_grad, plain_tensors, walks_with
 
-CHUNK = 16384  # elements per program
+CHUNK = 16384  # elements per program, as the CUDA engine's (Note [chunk size], csrc/cpu/kernels.h)
 BLOCK = 1024  # elements per iteration of a program's loop
 
 

@@ -23,8 +23,15 @@
 namespace fastopt {
 namespace cpu {
 
-// Note [chunk size]: 32K elements is large enough to amortize the per-chunk bookkeeping and
-// small enough to balance across threads and stay in L2.
+// Note [chunk size]: a chunk is the unit of work one worker takes, so its size is tuned per
+// target: on the CPU a chunk is one task of at::parallel_for, 32K elements, large enough to
+// amortize the per-chunk bookkeeping (the step's scalars, seven slot pointers) and small enough to
+// balance over the threads and keep a chunk's streams in L2; on a GPU (csrc/cuda/plan.h kChunk,
+// triton_kernels/multi_tensor.py CHUNK) one thread block or program takes a chunk, 16K elements
+// (16 vector iterations of 256 threads), so that a grid of a few blocks per SM has enough chunks
+// to balance even for one large tensor. The update is elementwise, so its results do not depend
+// on the chunk size; a norm's partials are per chunk, combined in chunk order, so a norm's rounding
+// does (each backend's is deterministic for its own chunking).
 constexpr int64_t kChunkElems = 32 * 1024;
 
 struct Chunk {

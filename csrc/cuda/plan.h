@@ -22,7 +22,7 @@
 namespace fastopt {
 namespace cuda {
 
-constexpr int64_t kChunk = 16384;  // elements per chunk (a block walks one chunk at a time)
+constexpr int64_t kChunk = 16384;  // elements per chunk, a block's unit of work (Note [chunk size], csrc/cpu/kernels.h)
 
 class CudaPlan {
  public:
