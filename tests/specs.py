@@ -129,12 +129,12 @@ TOL = {
 }
 
 
-def low_precision_error_bound(dtype: torch.dtype, torch_error: float, scale: float) -> float:
-    """The largest error against a float64 run that fastopt may have in ``dtype`` (float16 or
-    bfloat16 params without master weights) where torch.optim's own error in that dtype is
-    ``torch_error`` and the param's largest magnitude ``scale``: twice torch's error (both round the
-    stored param once per step, and fastopt computes in float32, so its error is at most torch's
-    order) plus one rounding of the stored param (eps * scale), for the elements where torch's
-    rounding happens to land exactly."""
-    return 2 * torch_error + torch.finfo(dtype).eps * scale
-
+def error_bound(dtype: torch.dtype, torch_error: float, scale: float, roundings: int) -> float:
+    """The largest error against a float64 run that fastopt may have in ``dtype`` where
+    torch.optim's own error in that dtype is ``torch_error`` and the param's largest magnitude
+    ``scale``: twice torch's error (both round the stored state and param per step; fastopt's
+    per-step scalars are rounded once from float64, Note [scalars in float64]) plus ``roundings``
+    roundings of the param at its scale (eps * scale each), for params where torch's rounding
+    happens to land on the float64 value: 4 for float32 params (a few ulps over 20 steps), 1 for
+    float16/bfloat16 params computed in float32 (one rounding of the stored param)."""
+    return 2 * torch_error + roundings * torch.finfo(dtype).eps * scale

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import skip_unsupported
-from harness import Side, assert_matches, lockstep, run_lockstep
+from harness import Side, assert_as_accurate_as_torch, assert_matches, lockstep, run_lockstep
 from specs import SPEC_BY_NAME, SPECS, clone_params, make_params, materialize, spec_cases
 
 
@@ -31,13 +31,7 @@ def test_fp32_error_vs_fp64_reference(spec, config, backend, device):
     opt_t = spec.torch_cls(theirs, foreach=False, **materialize(spec, config))
     lockstep([Side(opt64, exact, cast=torch.Tensor.double), Side(opt_f, ours, backend=backend), Side(opt_t, theirs)],
              params32)
-    for i, (e, a, b) in enumerate(zip(exact, ours, theirs)):
-        if e.numel() == 0:
-            continue
-        ours_err = (a.double() - e).abs().max().item()
-        torch_err = (b.double() - e).abs().max().item()
-        floor = 4 * torch.finfo(torch.float32).eps * e.abs().max().item()
-        assert ours_err <= 2 * torch_err + floor, f"param {i}: fastopt err {ours_err:.3g}, torch err {torch_err:.3g}"
+    assert_as_accurate_as_torch(exact, ours, theirs, torch.float32, roundings=4)
 
 
 def test_two_param_groups(backend, device):

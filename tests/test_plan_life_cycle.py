@@ -104,7 +104,7 @@ def test_the_plan_as_a_state_machine(backend, device):
 
 @pytest.mark.parametrize("binder", ["C++", "Python"])
 def test_the_triton_plan_binds_alike_in_cpp_and_python(binder, backend, device, monkeypatch):
-    """Note [the Triton plan binds in C++] (csrc/ops.cpp): the extension's binder, and the Python
+    """Note [the Triton plan binds in C++] (csrc/bindings/grad_binder.cpp): the extension's binder, and the Python
     loop that binds when the extension is not there, through the same state machine."""
     if backend != "triton":
         pytest.skip("the Triton plan's binding")
