@@ -114,7 +114,7 @@ void bind_cpu(py::module& m) {
   // cpu_step(plan, lr, hyper, inv_scale, clip_value, clip_coef, found_inf): lr a CPU tensor.
   m.def("cpu_step", [](const CpuPlan& p, const at::Tensor& lr, const py::sequence& hyper, OptTensor inv_scale,
                        c10::optional<double> clip, OptTensor coef, OptTensor found_inf) {
-    const cpu::GradArgs ga{inv_scale, clip, coef, found_inf};
+    const GradArgs ga{inv_scale, clip, coef, found_inf, /*scale_is_inverse=*/true};
     if (ga.skip()) return;
     with_rule(p.rule, [&](auto r) {
       using R = decltype(r);
@@ -153,7 +153,8 @@ void bind_cuda(py::module& m) {
                         OptTensor grad_scale, c10::optional<double> clip, OptTensor coef, OptTensor found_inf) {
     with_rule(p.rule, [&](auto r) {
       using R = decltype(r);
-      cuda::step<R>(*p.plan, {lr, lr_value, lr_fp32}, hyper_from<R>(hyper), {grad_scale, clip, coef, found_inf});
+      cuda::step<R>(*p.plan, {lr, lr_value, lr_fp32}, hyper_from<R>(hyper),
+                    GradArgs{grad_scale, clip, coef, found_inf, /*scale_is_inverse=*/false});
     });
   });
 }

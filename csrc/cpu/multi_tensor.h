@@ -142,7 +142,7 @@ class Slots {
   }
 
   // What the update kernels read (kernels.h): `steps` from increment_steps(), `prep` from
-  // GradArgs::prep().
+  // GradArgs::prep() (fastopt/update_op.h).
   UpdateArgs update_args(const std::vector<double>& steps, const LrValue& lr, const GradPrep<double>& prep) const {
     return UpdateArgs{slot_table_.data(), chunks_.data(), static_cast<int64_t>(chunks_.size()), steps.data(),
                       dtypes_[kGradSlot], present(work_.size() - 1), lr, prep};

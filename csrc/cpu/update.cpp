@@ -37,10 +37,9 @@ template <typename R>
 void update_op(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   const UpdateOpArgs<R> a = pop_update_args<R>(*stack);
   if (a.slots[kParamSlot].second.empty()) return;
-  const GradArgs ga{a.inv_scale, a.clip_value, a.clip_coef, a.found_inf};
-  if (ga.skip()) return;
+  if (a.grad.skip()) return;
   auto sl = make_slots<R>(a.slots, a.steps);
-  apply<R>(*sl, Lr(a.lr), a.hyper, ga);
+  apply<R>(*sl, Lr(a.lr), a.hyper, a.grad);
   sl->finish();
 }
 }  // namespace

@@ -158,7 +158,7 @@ inline const float* float_ptr(const c10::optional<at::Tensor>& t, const char* wh
   return t->data_ptr<float>();
 }
 
-inline DeviceGradArgs device_grad_args(const CudaGradArgs& g, bool maximize, const at::Device& device) {
+inline DeviceGradArgs device_grad_args(const GradArgs& g, bool maximize, const at::Device& device) {
   const void* coef = nullptr;
   bool coef_double = false;
   if (g.clip_coef.has_value()) {
@@ -169,7 +169,7 @@ inline DeviceGradArgs device_grad_args(const CudaGradArgs& g, bool maximize, con
     coef = c.data_ptr();
     coef_double = c.scalar_type() == at::kDouble;
   }
-  return DeviceGradArgs{float_ptr(g.grad_scale, "grad_scale", device), coef, float_ptr(g.found_inf, "found_inf", device),
+  return DeviceGradArgs{float_ptr(g.scale, "grad_scale", device), coef, float_ptr(g.found_inf, "found_inf", device),
                         g.clip_value.has_value() ? *g.clip_value : std::numeric_limits<double>::infinity(), maximize,
                         g.scale_is_inverse, coef_double};
 }

@@ -1,4 +1,4 @@
-// The host side of the CUDA multi-tensor engine (no CUDA types here: ops.cpp includes it).
+// The host side of the CUDA multi-tensor engine (no CUDA types here: csrc/bindings/plans.cpp includes it).
 //
 // Note [CUDA tables in device memory]: torch's multi_tensor_apply packs tensor addresses into the
 // 4 KB kernel-argument buffer and so launches once every ~36 tensors. A CudaPlan keeps the
@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "fastopt/grad_binding.h"
-#include "fastopt/update_math.h"
+#include "fastopt/update_op.h"
 
 namespace fastopt {
 namespace cuda {
@@ -76,15 +76,6 @@ class CudaPlan {
       chunks_of_tensor_, done_, partials_, norm_counter_;
 };
 
-// The gradient transform of a step: device tensors (or absent) and the value clip.
-struct CudaGradArgs {
-  c10::optional<at::Tensor> grad_scale;  // GradScaler's scale (or, with scale_is_inverse, 1/scale)
-  c10::optional<double> clip_value;
-  c10::optional<at::Tensor> clip_coef;
-  c10::optional<at::Tensor> found_inf;
-  bool scale_is_inverse = false;
-};
-
 // The learning rate: a device tensor (read by the kernel: CUDA-graph safe) or a value.
 struct CudaLr {
   c10::optional<at::Tensor> tensor;
@@ -95,7 +86,7 @@ struct CudaLr {
 // One launch of rule R over the plan's tensors (their grads bound this step); the plan's lists are
 // R's slots (fastopt/update_op.h). Instantiated for every rule of FASTOPT_RULES (update.cu).
 template <typename R>
-void step(const CudaPlan& plan, const CudaLr& lr, const typename R::Hyper& h, const CudaGradArgs& g);
+void step(const CudaPlan& plan, const CudaLr& lr, const typename R::Hyper& h, const GradArgs& g);
 
 // The norm (2 or inf) of the bound grads after unscale and value clip, and, with max_norm, the
 // clip coefficient, in one launch: a float32 tensor [norm, coef].

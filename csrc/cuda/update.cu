@@ -72,7 +72,7 @@ struct UpdateChunk {
 }  // namespace
 
 template <typename R>
-void step(const CudaPlan& plan, const CudaLr& lr, const typename R::Hyper& h, const CudaGradArgs& g) {
+void step(const CudaPlan& plan, const CudaLr& lr, const typename R::Hyper& h, const GradArgs& g) {
   if (plan.size() == 0) return;
   check_states<R>(h, [&](size_t s) { return plan.present(s); });
   const UpdateParams<R> prm{h, device_lr(lr, plan.device()), device_grad_args(g, h.maximize, plan.device())};
@@ -95,13 +95,12 @@ void update_op(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   const UpdateOpArgs<R> a = pop_update_args<R>(*stack);
   if (a.slots[kParamSlot].second.empty()) return;
   const CudaPlan plan(a.slots, kGradSlot, a.steps, {});
-  step<R>(plan, list_op_lr(a.lr, plan.device()), a.hyper,
-          {a.inv_scale, a.clip_value, a.clip_coef, a.found_inf, /*scale_is_inverse=*/true});
+  step<R>(plan, list_op_lr(a.lr, plan.device()), a.hyper, a.grad);
 }
 }  // namespace
 
 #define FASTOPT_CUDA_STEP_INSTANTIATE(R) \
-  template void step<R>(const CudaPlan&, const CudaLr&, const R::Hyper&, const CudaGradArgs&);
+  template void step<R>(const CudaPlan&, const CudaLr&, const R::Hyper&, const GradArgs&);
 FASTOPT_RULES(FASTOPT_CUDA_STEP_INSTANTIATE)
 
 TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {

@@ -121,7 +121,8 @@ FASTOPT_HD T pow_(T x, T y) {
 //                       float64]) from the hyperparameters, lr and the tensor's step count;
 //   update<kF>()        the per-element math: returns the new param, updates the state values.
 // Everything else (op schemas, bindings, the CPU and CUDA loops, checks) is written once for every
-// rule (csrc/update_ops.cpp, csrc/cpu/kernels/update.cpp, csrc/cuda/update.cu) and instantiated
+// rule (fastopt/update_op.h, csrc/ops.cpp, csrc/bindings/plans.cpp, csrc/cpu/update.cpp,
+// csrc/cpu/kernels/update.cpp, csrc/cuda/update.cu) and instantiated
 // from FASTOPT_RULES. Adding a rule: its struct here, one line in FASTOPT_RULES.
 
 // The slots of every update op, in the order its schema lists its tensor lists (Note [one schema

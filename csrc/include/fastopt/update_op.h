@@ -2,13 +2,14 @@
 // fastopt/update_math.h): the op's schema, its arguments as the dispatcher hands them over, the
 // slots its tensor lists fill, and the checks of what a rule's flags need. The CPU and CUDA
 // implementations (csrc/cpu/update.cpp, csrc/cuda/update.cu) and the registrations
-// (csrc/update_ops.cpp) are templates over the rule, instantiated for FASTOPT_RULES.
+// (csrc/ops.cpp, csrc/bindings/plans.cpp) are templates over the rule, instantiated for FASTOPT_RULES.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/core/stack.h>
 
 #include <cstddef>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -98,6 +99,42 @@ void check_states(const typename R::Hyper& h, Present&& present) {
   }
 }
 
+// The grad transform of a step (Note [one schema per rule]: the shared tail of every update op), as
+// the CPU and CUDA steps take it: GradScaler's scale, the value clip, the norm-clip coefficient and
+// GradScaler's skip flag, each absent or a one-element tensor. `scale` is 1/scale itself
+// (scale_is_inverse: the ops' inv_scale, which GradTransform.inv_scale computes as unscale_ does)
+// or the scale (the CUDA plans' step, whose kernel takes the reciprocal as unscale_ does). The
+// kernels see it as GradPrep values (update_math.h), read on the host (CPU) or on the device (CUDA,
+// engine.cuh DeviceGradArgs).
+struct GradArgs {
+  c10::optional<at::Tensor> scale;
+  c10::optional<double> clip_value;
+  c10::optional<at::Tensor> clip_coef;
+  c10::optional<at::Tensor> found_inf;
+  bool scale_is_inverse = true;
+
+  // CPU tensors only (a host read): GradScaler found inf/NaN, the step changes nothing at all
+  // (params, state, step counts).
+  bool skip() const { return found_inf.has_value() && found_inf->item<double>() != 0.0; }
+
+  // CPU tensors only: the transform in double (the kernels round it to their compute type):
+  // unscale factor (1/scale in float64, rounded once to float32, as GradScaler.unscale_), value
+  // clip, norm-clip coefficient, maximize sign; neutral values when absent.
+  GradPrep<double> prep(bool maximize) const {
+    GradPrep<double> gp;
+    if (!scale.has_value()) {
+      gp.inv_scale = 1.0;
+    } else {
+      const float s = scale->item<float>();
+      gp.inv_scale = scale_is_inverse ? static_cast<double>(s) : static_cast<double>(static_cast<float>(1.0 / s));
+    }
+    gp.clip = clip_value.has_value() ? *clip_value : std::numeric_limits<double>::infinity();
+    gp.coef = clip_coef.has_value() ? clip_coef->item<double>() : 1.0;
+    gp.sign = maximize ? -1.0 : 1.0;
+    return gp;
+  }
+};
+
 // The arguments of R's op as the dispatcher gives them to a boxed kernel.
 template <typename R>
 struct UpdateOpArgs {
@@ -105,10 +142,7 @@ struct UpdateOpArgs {
   Tensors steps;
   at::Tensor lr;
   typename R::Hyper hyper{};
-  c10::optional<at::Tensor> inv_scale;
-  c10::optional<double> clip_value;
-  c10::optional<at::Tensor> clip_coef;
-  c10::optional<at::Tensor> found_inf;
+  GradArgs grad;  // inv_scale, clip_value, clip_coef, found_inf
 };
 
 template <typename R>
@@ -133,10 +167,10 @@ UpdateOpArgs<R> pop_update_args(torch::jit::Stack& stack) {
   for_each_hyper<R>([&](const auto& f) {
     a.hyper.*(f.member) = v[i++].template to<typename std::decay_t<decltype(f)>::value_type>();
   });
-  a.inv_scale = v[i++].toOptional<at::Tensor>();
-  a.clip_value = v[i++].toOptional<double>();
-  a.clip_coef = v[i++].toOptional<at::Tensor>();
-  a.found_inf = v[i++].toOptional<at::Tensor>();
+  a.grad.scale = v[i++].toOptional<at::Tensor>();  // the ops take 1/scale (scale_is_inverse)
+  a.grad.clip_value = v[i++].toOptional<double>();
+  a.grad.clip_coef = v[i++].toOptional<at::Tensor>();
+  a.grad.found_inf = v[i++].toOptional<at::Tensor>();
   torch::jit::drop(stack, n);
   const unsigned f = R::flags(a.hyper);
   for (int k = 0; k < R::kStates; ++k) {
