@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -36,12 +37,14 @@ def backend_device(name: str) -> str:
     return "cpu"
 
 
-def backend_params() -> list:
-    """The backend axis, with a skip (and its reason) for each backend that cannot run here."""
+def backend_params(device: Optional[str] = None) -> list:
+    """The backend axis (every backend but "auto"), with a skip (and its reason) for each backend
+    that cannot run here: on its own device (backend_device), or on ``device`` when given (the
+    distributed tests' gloo ranks run on CPU tensors)."""
     out = []
-    for name in ("reference", "cpu", "triton", "cuda"):
-        reason = backends.why_unavailable(name, backend_device(name))
-        if name == "triton" and not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    for name in backends.NAMES[1:]:
+        reason = backends.why_unavailable(name, device or backend_device(name))
+        if name == "triton" and device is None and not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
             reason = reason or "no GPU and TRITON_INTERPRET is not set"
         marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
         if name == "cuda":

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastopt
+from conftest import backend_params
 
 WORLD = 2
 # Norms: one fp32 reduction of the same grads in another order (a few ulps).
@@ -162,16 +163,13 @@ def _fsdp_case(rank: int, name: str, backend: str, max_norm, mixed_precision: bo
                 _assert_scaled(mine, value, steps, f"{name} {n} {key}")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", backend_params("cpu"))
 def test_fsdp2_dtensor_params_step_like_torch(backend):
     """#14 item 7 and #17: DTensor params never reach the compiled code as DTensors (the first
     step segfaulted); every optimizer steps their local shards through the backend's kernels
     (asserted) like torch.optim, also under FSDP2's mixed precision (bf16 compute); max_grad_norm
     over DTensor grads is the norm over every rank's shard, as clip_grad_norm_ computes it. (One
     spawn per backend: starting a process group costs seconds.)"""
-    reason = fastopt.backends.why_unavailable(backend, "cpu")
-    if reason:
-        pytest.skip(reason)
     cases = [(name, None, False) for name in sorted(_OPTIMIZERS)] + [("AdamW", 0.05, False), ("Adam", 0.05, True)]
     _spawn(_fsdp_parity, cases, backend)
 
@@ -303,14 +301,11 @@ def _ddp_parity(rank: int, port: int, backend: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", backend_params("cpu"))
 def test_ddp_steps_like_torch_on_the_kernels(backend):
     """#17: DDP-wrapped models, grads as views into DDP's buckets (gradient_as_bucket_view, with and
     without static_graph) or not: every optimizer with clipping on the backend's kernels (asserted)
     ends where torch.optim with clip_grad_norm_ ends."""
-    reason = fastopt.backends.why_unavailable(backend, "cpu")
-    if reason:
-        pytest.skip(reason)
     _spawn(_ddp_parity, backend)
 
 
