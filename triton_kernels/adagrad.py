@@ -1,6 +1,6 @@
 """Adagrad for every tensor of a param group in one launch (Triton).
 
-Per element, in fp32 (csrc/include/fastopt/update_math.h, adagrad_element):
+Per element, in fp32 (csrc/include/fastopt/update_math.h, Adagrad::update):
 
     g <- prep(g) (+ wd * p);  s <- s + g * g;  p <- p + (-lr / (1 + (t - 1) * lr_decay)) * g / (sqrt(s) + eps)
 """

@@ -1,6 +1,6 @@
 """Adam / AdamW for every tensor of a param group in one launch (Triton).
 
-Per element, in fp32 (csrc/include/fastopt/update_math.h, adam_element):
+Per element, in fp32 (csrc/include/fastopt/update_math.h, Adam::update):
 
     g <- prep(g) (+ wd * p if L2);  p <- p * (1 - lr * wd) if decoupled
     m <- lerp(m, g, 1 - beta1);  v <- v * beta2 + (1 - beta2) * g * g;  vmax <- max(vmax, v) if amsgrad

@@ -87,7 +87,7 @@ class MultiTensorPlan:
         self._grads: list[Optional[Tensor]] = list(self.templates)
         self.owners = list(owners)  # the user's params, whose .grad bind_grads() reads
         self.records = [OwnerRecord(p) for p in self.owners]
-        # Note [the Triton plan binds in C++] (csrc/ops.cpp); the Python loop below without the extension
+        # Note [the Triton plan binds in C++] (csrc/bindings/grad_binder.cpp); the Python loop below without the extension
         self._binder = _ext._C.GradBinder(self.owners, self.templates) if _ext.has_cpu_ops() else None
         # the norm kernel's scratch: one partial per chunk, a counter, the norm and the coefficient
         acc = torch.float64 if self.dtypes[grad_slot] == torch.float64 else torch.float32

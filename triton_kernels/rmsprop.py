@@ -1,6 +1,6 @@
 """RMSprop (centered, momentum) for every tensor of a param group in one launch (Triton).
 
-Per element, in fp32 (csrc/include/fastopt/update_math.h, rmsprop_element):
+Per element, in fp32 (csrc/include/fastopt/update_math.h, RMSprop::update):
 
     g <- prep(g) (+ wd * p);  v <- v * alpha + (1 - alpha) * g * g
     a <- sqrt(v - ga * ga) with ga <- lerp(ga, g, 1 - alpha) if centered, else sqrt(v);  a <- a + eps

@@ -130,7 +130,7 @@ class BatchNormReLUFunction(torch.autograd.Function):
 class _BackwardFunction(torch.autograd.Function):
     """The backward as a node of its own whose backward refuses: with create_graph=True,
     differentiating the gradients again raises instead of treating BatchNorm+ReLU as constant
-    (the C++ node does the same, csrc/ops.cpp)."""
+    (the C++ node does the same, csrc/bindings/bn_relu.cpp)."""
 
     @staticmethod
     def forward(ctx, dy, x, weight, bias, mean, invstd, training, need_dx, impl):
@@ -218,7 +218,7 @@ def batch_norm_relu(
     weight, bias = _as(weight, stat_dtype), _as(bias, stat_dtype)
     rm, rv = _as(running_mean, stat_dtype), _as(running_var, stat_dtype)
     if isinstance(impl, _Compiled) and not torch.compiler.is_compiling():
-        # the autograd node in C++ (Note [BatchNorm+ReLU autograd in C++], csrc/ops.cpp)
+        # the autograd node in C++ (Note [BatchNorm+ReLU autograd in C++], csrc/bindings/bn_relu.cpp)
         y = _ext._C.bn_relu(x, weight, bias, rm, rv, bool(training), float(momentum), float(eps))
     else:
         y = BatchNormReLUFunction.apply(x, weight, bias, rm, rv, bool(training), float(momentum), float(eps), impl)
