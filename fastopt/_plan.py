@@ -36,6 +36,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from . import _ext
+
 
 def real_view(t: Tensor) -> Tensor:
     """Complex tensors are updated as their real view (torch.optim does the same)."""
@@ -119,26 +121,43 @@ class OwnerRecord:
                 and p.stride() == self.stride)
 
 
-def bind_grad(g: Optional[Tensor], tmpl: Tensor, index: int, backend: str):
+def bind_grad(g: Optional[Tensor], tmpl: Tensor):
     """The grad ``g`` as a plan binds it against ``tmpl`` (the param as planned, real view for
-    complex): None without a grad, STALE for a sparse one, else ``g`` (real view); raises for a
-    grad of another dtype, shape or device. The caller relays a grad of another layout."""
+    complex): None without a grad, STALE for a sparse one (or a DTensor grad of a plain param),
+    else ``g`` (real view), which ``check_grads`` then checks. The caller relays a grad of another
+    layout."""
     if g is None:
         return None
     if g.layout != torch.strided or (plain_tensors(tmpl) and not plain_tensors(g)):
         return STALE  # re-plan: the sparse path, or the reference rules for a DTensor grad
-    if g.is_complex():
-        g = torch.view_as_real(g)
-    if g.dtype != tmpl.dtype:
-        raise RuntimeError(f"fastopt ({backend}): expected the grad of param {index} to have dtype "
-                           f"{tmpl.dtype} (the param's), but got {g.dtype}")
-    if g.device != tmpl.device:
-        raise RuntimeError(f"fastopt ({backend}): expected the grad of param {index} on {tmpl.device} "
-                           f"(the param's device), but got {g.device}")
-    if g.shape != tmpl.shape:
-        raise RuntimeError(f"fastopt ({backend}): the grad of param {index} has shape {list(g.shape)}, "
-                           f"the param {list(tmpl.shape)}")
-    return g
+    return torch.view_as_real(g) if g.is_complex() else g
+
+
+# c10's names of the dtypes, so that the Python twin below words its errors as the C++ check does.
+_C10_DTYPE = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+              torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+              torch.uint8: "Byte", torch.bool: "Bool"}
+
+
+def check_grads(grads: list[Tensor], tmpls: list[Tensor], indices: list[int], backend: str) -> None:
+    """Raise for a grad the update must not read: another dtype, device or shape than its param's
+    (``tmpls``, as ``bind_grad`` saw them). Note [one grad check]: the extension's C++ check
+    (grad_binding.h, the one the plans' binding runs) when it is there and Dynamo is not tracing;
+    this Python twin, with the same words, only otherwise."""
+    if _ext.has_cpu_ops() and not torch.compiler.is_compiling():
+        _ext._C.check_grads(grads, tmpls, indices, backend)
+        return
+    for g, tmpl, index in zip(grads, tmpls, indices):
+        if g.dtype != tmpl.dtype:
+            raise RuntimeError(f"fastopt ({backend}): expected the grad of param {index} to have dtype "
+                               f"{_C10_DTYPE.get(tmpl.dtype, tmpl.dtype)} (the param's), but got "
+                               f"{_C10_DTYPE.get(g.dtype, g.dtype)}")
+        if g.device != tmpl.device:
+            raise RuntimeError(f"fastopt ({backend}): expected the grad of param {index} on {tmpl.device} "
+                               f"(the param's device), but got {g.device}")
+        if g.shape != tmpl.shape:
+            raise RuntimeError(f"fastopt ({backend}): the grad of param {index} has shape {list(g.shape)}, "
+                               f"the param {list(tmpl.shape)}")
 
 
 @dataclass
@@ -171,10 +190,12 @@ class Segment:
     def with_grads(self, backend: str) -> Optional["Segment"]:
         """This step's entries that have a grad, with ``grads`` set (``self`` when all have);
         None when a grad is sparse (the plan is stale). A grad of another dtype, shape or device
-        raises (bind_grad)."""
-        grads = [bind_grad(p.grad, t, i, backend) for i, (p, t) in enumerate(zip(self.owners, self.params))]
+        raises (check_grads)."""
+        grads = [bind_grad(p.grad, t) for p, t in zip(self.owners, self.params)]
         if any(g is STALE for g in grads):
             return None
+        present = [i for i, g in enumerate(grads) if g is not None]
+        check_grads([grads[i] for i in present], [self.params[i] for i in present], present, backend)
         self.check_state(backend)
         if all(g is not None for g in grads):
             seg = self

@@ -123,3 +123,43 @@ def test_step_without_grads_is_a_no_op():
     opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert len(opt.state) == 0
+
+
+def _grad_error(backend: str, grad: torch.Tensor) -> str:
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    opt = fastopt.Adam([torch.nn.Parameter(torch.zeros(2)), p], backend=backend)
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    p.grad = torch.ones(4, 3)
+    p.grad.data = grad  # as test_failed_step: autograd's own check stops a plain assignment
+    with pytest.raises(RuntimeError) as info:
+        opt.step()
+    assert torch.equal(p, torch.zeros(4, 3)), "the refused step wrote the param"
+    return str(info.value).splitlines()[0].replace(f"fastopt ({backend})", "fastopt (B)")
+
+
+@pytest.mark.parametrize("grad,expected", [
+    (torch.ones(4, 3, dtype=torch.float64),
+     "fastopt (B): expected the grad of param 1 to have dtype Float (the param's), but got Double"),
+    (torch.ones(3, 4), "fastopt (B): the grad of param 1 has shape [3, 4], the param [4, 3]"),
+], ids=["dtype", "shape"])
+def test_one_grad_check_on_every_path(grad, expected, monkeypatch):
+    """Note [one grad check]: the reference rules (no plan), the planned backends' binding and the
+    Python twin used without the extension refuse a bad grad with the same words; with the
+    extension the reference rules' check is the C++ one (monkeypatched away, the Python twin must
+    take over and say the same)."""
+    from conftest import backend_params
+    from fastopt import _ext
+
+    runnable = [b.values[0] for b in backend_params() if not b.marks]
+    assert "reference" in runnable
+    for backend in runnable:
+        assert _grad_error(backend, grad) == expected, backend
+    if _ext.has_cpu_ops():
+        calls = []
+        real = _ext._C.check_grads
+        monkeypatch.setattr(_ext._C, "check_grads", lambda *a: calls.append(a) or real(*a))
+        _grad_error("reference", grad)
+        assert len(calls) == 1, "the reference rules did not check through the extension"
+        monkeypatch.setattr(_ext, "has_cpu_ops", lambda: False)
+        assert _grad_error("reference", grad) == expected
+        assert len(calls) == 1, "the Python twin called the extension"

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._plan import NO_GRAD, STALE, OwnerRecord, bind_grad, plain_tensors, walks_with
+from .._plan import NO_GRAD, STALE, OwnerRecord, bind_grad, check_grads, plain_tensors, walks_with
 
 CHUNK = 16384  # elements per program, as the CUDA engine's (Note [chunk size], csrc/cpu/kernels.h)
 BLOCK = 1024  # elements per iteration of a program's loop
@@ -130,9 +130,11 @@ class MultiTensorPlan:
         for i, (p, record, tmpl) in enumerate(zip(now, self.records, self.templates)):
             if not plain_tensors(p) or not record.matches(p):
                 return None
-            g = bind_grad(p.grad if grads is None else grads[i], tmpl, i, "triton")
+            g = bind_grad(p.grad if grads is None else grads[i], tmpl)
             if g is STALE:
                 return None
+            if g is not None:
+                check_grads([g], [tmpl], [i], "triton")
             if g is None:
                 absent += 1
                 values.append(NO_GRAD)

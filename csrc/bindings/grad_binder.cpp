@@ -54,6 +54,22 @@ class TableBinder {
 }  // namespace
 
 void bind_grad_binder(py::module& m) {
+  // Note [one grad check]: the checks every path applies to a grad it is about to read (dtype,
+  // device and shape of its param), for the paths that take grads without a plan (the reference
+  // rules, a planned bucket's unplanned rest): the same C++ code the plans' binding runs
+  // (classify_real_grad), so one implementation says what is refused and how. `grads` are the
+  // present grads (real views for complex params), `indices` their params' places in the group.
+  // fastopt/_plan.py keeps a Python twin only for when this extension is absent or Dynamo traces.
+  m.def(
+      "check_grads",
+      [](const Tensors& grads, const Tensors& templates, const std::vector<int64_t>& indices,
+         const std::string& backend) {
+        TORCH_CHECK(grads.size() == templates.size() && grads.size() == indices.size(),
+                    "check_grads: expected as many grads, templates and indices");
+        for (size_t i = 0; i < grads.size(); ++i)
+          classify_real_grad(grads[i], templates[i], static_cast<size_t>(indices[i]), backend.c_str());
+      },
+      py::arg("grads"), py::arg("templates"), py::arg("indices"), py::arg("backend"));
   py::class_<TableBinder, std::shared_ptr<TableBinder>>(m, "GradBinder")
       .def(py::init<Tensors, Tensors>(), py::arg("owners"), py::arg("templates"))
       .def("bind", &TableBinder::bind, py::arg("owners") = py::none(), py::arg("grads") = py::none(),
