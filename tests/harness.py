@@ -13,35 +13,46 @@ from specs import TOL, clone_params, error_bound, make_params, materialize, rand
 
 
 def set_grads(params, grads) -> None:
+    """``p.grad = g.clone()`` for each pair, as users assign grads (None: no grad this step)."""
     for p, g in zip(params, grads):
-        p.grad = g.clone()
+        p.grad = None if g is None else g.clone()
 
 
 @dataclass
 class Side:
     """One optimizer of a lockstep run and its params; ``cast`` makes its grads from the shared
-    ones (a dtype, say), ``backend`` (fastopt's) is checked after every step with assert_ran_on."""
+    ones (a dtype, say), ``give(params, grads)`` puts them on the params (default set_grads;
+    a CUDA graph's side copies into the captured buffers), ``step()`` runs its step (default
+    ``opt.step``: a compiled step, a graph replay, clipping before torch's step), ``backend``
+    (fastopt's) is checked after every step with assert_ran_on."""
 
     opt: Any
     params: list
     cast: Optional[Callable] = None
     backend: Optional[str] = None
+    give: Callable = set_grads
+    step: Optional[Callable] = None
 
 
-def lockstep(sides: list[Side], like: list, steps: int = 20, *, before_step: Optional[Callable] = None,
+def lockstep(sides: list[Side], like: Optional[list] = None, steps: int = 20, *,
+             grads: Optional[Callable] = None, before_step: Optional[Callable] = None,
              after_step: Optional[Callable] = None) -> None:
-    """The one lockstep loop: ``steps`` times, fresh random grads shaped like ``like`` (and laid out
-    like it: random_grads keeps strides), given to every side (cast per side), then
-    ``before_step(step)`` (to drop or change a grad), every side's step in order, and
-    ``after_step(step)`` (a scheduler's step, say)."""
+    """The one lockstep loop: ``steps`` times, this step's grads given to every side (cast per
+    side), then ``before_step(step)`` (to drop or change a grad), every side's step in order, and
+    ``after_step(step)`` (a scheduler's step, checks, zero_grad). The grads are ``grads(step)``:
+    a list (None entries: no grad), or None when the callable put them on the params itself (a
+    backward through each side's params); by default fresh random grads shaped and laid out like
+    ``like`` (random_grads keeps strides)."""
     for step in range(steps):
-        grads = random_grads(like)
-        for side in sides:
-            set_grads(side.params, grads if side.cast is None else [side.cast(g) for g in grads])
+        shared = random_grads(like) if grads is None else grads(step)
+        if shared is not None:
+            for side in sides:
+                side.give(side.params, shared if side.cast is None else
+                          [None if g is None else side.cast(g) for g in shared])
         if before_step is not None:
             before_step(step)
         for side in sides:
-            side.opt.step()
+            (side.step or side.opt.step)()
             if side.backend is not None:
                 assert_ran_on(side.opt, side.backend)
         if after_step is not None:

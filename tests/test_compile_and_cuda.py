@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import assert_same_params, set_grads
+from harness import Side, assert_same_params, lockstep
 from specs import SPEC_BY_NAME, TOL, clone_params, make_params, random_grads
 
 HAS_CUDA = torch.cuda.is_available()
@@ -33,18 +33,20 @@ def test_torch_compile_of_a_clipped_step(backend, device):
     """Fails on torch 2.11 when step() sets attributes of the optimizer (Note [step state
     outside the optimizer]); last_grad_norm must be there as in eager mode."""
     params, ours, theirs, opt_f, opt_t = _clipped_pair(backend, device)
-    step = torch.compile(opt_f.step)
-    for _ in range(3):
-        grads = random_grads(params)
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        step()
-        expected_norm = torch.nn.utils.clip_grad_norm_([p for p in theirs if p.numel()], 1.0)
+    norms = []
+
+    def torch_step():
+        norms.append(torch.nn.utils.clip_grad_norm_([p for p in theirs if p.numel()], 1.0))
         opt_t.step()
+
+    def check(step):
         assert opt_f.last_grad_norm is not None, "a compiled clipped step left last_grad_norm unset"
-        torch.testing.assert_close(opt_f.last_grad_norm.cpu(), expected_norm.cpu(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(opt_f.last_grad_norm.cpu(), norms[-1].cpu(), rtol=1e-6, atol=0)
         stats = opt_f.step_stats
         assert getattr(stats, COMPILED_PATH[backend]) == len(params), stats
+
+    lockstep([Side(opt_f, ours, step=torch.compile(opt_f.step)), Side(opt_t, theirs, step=torch_step)], params,
+             steps=3, after_step=check)
     assert_same_params(ours, theirs, **TOL[torch.float32])
 
 
@@ -62,17 +64,15 @@ def test_torch_compile_with_an_lr_scheduler_compiles_once_per_lr_kind(name, back
     opt_f = spec.fastopt_cls(ours, lr=0.01, backend=backend)
     opt_t = spec.torch_cls(theirs, lr=0.01, foreach=False)
     scheds = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9) for o in (opt_f, opt_t)]
-    step = torch.compile(opt_f.step)
     graphs = []
-    for _ in range(7):
-        grads = random_grads(params)
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        step()
-        opt_t.step()
+
+    def after(step):
         for s in scheds:
             s.step()
         graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+
+    lockstep([Side(opt_f, ours, step=torch.compile(opt_f.step)), Side(opt_t, theirs)], params, steps=7,
+             after_step=after)
     assert graphs[2:] == [graphs[2]] * len(graphs[2:]), f"graphs compiled after each step: {graphs}"
     assert_same_params(ours, theirs, **TOL[torch.float32])
 
@@ -103,21 +103,17 @@ def test_cuda_graph_capture_and_replay_of_a_clipped_step(backend, device):
     if device != "cuda":
         pytest.skip("CUDA graphs need CUDA tensors")
     params, ours, theirs, opt_f, opt_t = _clipped_pair(backend, device)
-    grads = random_grads(params)
-    set_grads(ours, grads)
-    set_grads(theirs, grads)
-    opt_f.step()  # warm-up on a side stream is not needed: state exists after this step
-    _torch_clipped_step(opt_t, theirs)
+    torch_side = Side(opt_t, theirs, step=lambda: _torch_clipped_step(opt_t, theirs))
+    lockstep([Side(opt_f, ours), torch_side], params, steps=1)  # state exists after this step
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt_f.step()
-    for _ in range(3):
-        grads = random_grads(params)
-        for p, g in zip(ours, grads):
+
+    def copy_in(params, grads):
+        for p, g in zip(params, grads):
             p.grad.copy_(g)  # graphs replay on the captured gradient buffers
-        set_grads(theirs, grads)
-        graph.replay()
-        _torch_clipped_step(opt_t, theirs)
+
+    lockstep([Side(opt_f, ours, give=copy_in, step=graph.replay), torch_side], params, steps=3)
     torch.cuda.synchronize()
     assert_same_params(ours, theirs, **TOL[torch.float32])
 
@@ -135,29 +131,24 @@ def test_cuda_graph_of_a_clipped_amp_step(backend, device):
     found_inf = torch.zeros((), device=device)
     opt_f.grad_scale, opt_f.found_inf = scale, found_inf
 
-    def feed(grads):
-        for p, g in zip(ours, grads):
+    def feed(params, grads):
+        for p, g in zip(params, grads):
             if p.grad is None:
                 p.grad = g * scale
             else:
                 p.grad.copy_(g * scale)  # graphs replay on the captured gradient buffers
-        set_grads(theirs, grads)
 
-    feed(random_grads(params))
-    opt_f.step()
-    _torch_clipped_step(opt_t, theirs)
+    torch_side = Side(opt_t, theirs, step=lambda: _torch_clipped_step(opt_t, theirs))
+    lockstep([Side(opt_f, ours, give=feed), torch_side], params, steps=1)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt_f.step()
-    for _ in range(3):
-        feed(random_grads(params))
-        graph.replay()
-        _torch_clipped_step(opt_t, theirs)
+    lockstep([Side(opt_f, ours, give=feed, step=graph.replay), torch_side], params, steps=3)
     torch.cuda.synchronize()
     assert_same_params(ours, theirs, **TOL[torch.float32])
     before = [p.detach().clone() for p in ours]
     found_inf.fill_(1.0)
-    feed(random_grads(params))
+    feed(ours, random_grads(params))
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(ours, before))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import assert_matches, run_lockstep
+from harness import Side, assert_matches, lockstep, run_lockstep
 from specs import SPEC_BY_NAME
 
 # Around the chunk sizes of the compiled backends (Triton: 16384 elements a program; CPU: 32768):
@@ -84,8 +84,6 @@ def test_tensors_off_16_byte_boundaries(name, config, backend, device):
     starts one element into its storage, and an aligned param whose grad (assigned by hand) does,
     next to aligned ones of several BLOCKs plus a tail, with clipping (the norm kernel too); every
     element as torch's."""
-    from harness import assert_ran_on
-
     spec = SPEC_BY_NAME[name]
     sizes = [5000, 4097, 3000, 1024]
     base = [_at_offset(n, 1 if i == 1 else 0, device) for i, n in enumerate(sizes)]
@@ -95,14 +93,16 @@ def test_tensors_off_16_byte_boundaries(name, config, backend, device):
     assert ours[1].data_ptr() % 16 != 0
     opt_f = spec.fastopt_cls(ours, backend=backend, lr=spec.lr, max_grad_norm=5.0, **config)
     opt_t = spec.torch_cls(theirs, foreach=False, lr=spec.lr, **config)
-    for _ in range(3):
-        grads = [torch.randn(n, device=device) for n in sizes]
-        for i, (p, q, g) in enumerate(zip(ours, theirs, grads)):
+
+    def give_misaligned(params, grads):
+        for i, (p, g) in enumerate(zip(params, grads)):
             p.grad = _at_offset(sizes[i], 1, device).copy_(g) if i == 2 else g.clone()  # a misaligned grad
-            q.grad = g.clone()
-        assert ours[2].grad.data_ptr() % 16 != 0
+        assert params[2].grad.data_ptr() % 16 != 0
+
+    def torch_step():
         torch.nn.utils.clip_grad_norm_(theirs, 5.0)  # the norm kernel reads the grads the same way
-        opt_f.step()
         opt_t.step()
-        assert_ran_on(opt_f, backend)
+
+    lockstep([Side(opt_f, ours, backend=backend, give=give_misaligned), Side(opt_t, theirs, step=torch_step)],
+             steps=3, grads=lambda step: [torch.randn(n, device=device) for n in sizes])
     assert_matches(opt_f, opt_t, ours, theirs, torch.float32)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fastopt
+from harness import Side, lockstep
 from specs import SPEC_BY_NAME
 
 # Configs whose every input torch and the spec round alike (tensor betas: Note [tensor betas] in
@@ -60,24 +61,24 @@ def _lockstep(name, config, backend, steps=20, schedule=False, after_step=None):
         scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=steps, cycle_momentum=cycle)
                   for o in (opt_t, opt_f)]
     torch.manual_seed(1)
-    for step in range(steps):
+
+    def grads(step):
         if step % 2:  # grads from autograd
             w = torch.randn(4)
             for ps in (theirs, ours):
                 sum((p * w.sum()).square().sum() for p in ps).backward()
-        else:  # grads assigned by hand, another layout for the non-contiguous param
-            grads = [torch.randn(p.shape) for p in init]
-            for ps in (theirs, ours):
-                for p, g in zip(ps, grads):
-                    p.grad = g.clone()
-        opt_t.step()
-        opt_f.step()
+            return None
+        return [torch.randn(p.shape) for p in init]  # assigned by hand: another layout for the permuted one
+
+    def after(step):
         if after_step is not None:
             after_step(opt_t, theirs)
         for s in scheds:
             s.step()
         for o in (opt_t, opt_f):
             o.zero_grad()
+
+    lockstep([Side(opt_t, theirs), Side(opt_f, ours, backend=backend)], steps=steps, grads=grads, after_step=after)
     return opt_t, opt_f, theirs, ours
 
 

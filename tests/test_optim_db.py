@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from harness import assert_matches
+from harness import Side, assert_matches, lockstep
 from specs import SPEC_BY_NAME, clone_params
 
 common_optimizers = pytest.importorskip(
@@ -62,13 +62,7 @@ def test_optim_db_inputs_match_torch(name, layout, backend, device):
             return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.kwargs.items()}
         opt_t = INFOS[name].optim_cls(theirs, **kwargs())
         opt_f = SPEC_BY_NAME[name].fastopt_cls(ours, backend=backend, **kwargs())
-        for _ in range(5):
-            grads = _grads(base, layout)
-            for params in (ours, theirs):
-                for p, g in zip(params, grads):
-                    p.grad = g.clone()
-            opt_t.step()
-            opt_f.step()
+        lockstep([Side(opt_t, theirs), Side(opt_f, ours)], steps=5, grads=lambda step: _grads(base, layout))
         try:
             assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
         except BaseException as exc:
@@ -124,11 +118,6 @@ def test_capturable_on_cpu_params_is_accepted_on_purpose(name, backend, device):
     with pytest.raises(AssertionError, match="capturable"):
         INFOS[name].optim_cls(theirs, **kwargs).step()
     opts = [SPEC_BY_NAME[name].fastopt_cls(ps, backend=backend, **kw) for ps, kw in ((with_flag, kwargs), (without, {}))]
-    for _ in range(3):
-        grads = _grads(base, "autograd")
-        for ps in (with_flag, without):
-            for p, g in zip(ps, grads):
-                p.grad = g.clone()
-        for opt in opts:
-            opt.step()
+    lockstep([Side(o, ps) for o, ps in zip(opts, (with_flag, without))], steps=3,
+             grads=lambda step: _grads(base, "autograd"))
     assert torch.equal(with_flag[0].detach(), without[0].detach())

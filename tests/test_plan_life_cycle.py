@@ -14,7 +14,7 @@ import torch
 
 import fastopt
 from conftest import isolated
-from harness import assert_matches, assert_ran_on
+from harness import Side, assert_matches, assert_ran_on, lockstep
 from specs import SPEC_BY_NAME, clone_params
 
 PLANNED = ("cpu", "triton", "cuda")
@@ -60,11 +60,8 @@ class Pair:
         return out
 
     def step(self, grads):
-        for params in (self.ours, self.theirs):
-            for p, g in zip(params, grads):
-                p.grad = None if g is None else g.clone()
-        self.opt_f.step()
-        self.opt_t.step()
+        """One lockstep step with ``grads``; the plan the step ran and its stats."""
+        lockstep([Side(self.opt_f, self.ours), Side(self.opt_t, self.theirs)], steps=1, grads=lambda step: grads)
         return self.opt_f._run.plan, self.opt_f.step_stats
 
     def check(self):

@@ -9,8 +9,8 @@ import torch
 
 import fastopt
 
-from harness import assert_matches, set_grads
-from specs import SPEC_BY_NAME, clone_params, make_params, materialize, random_grads
+from harness import Side, assert_matches, lockstep
+from specs import SPEC_BY_NAME, clone_params, make_params, materialize
 
 FULL_STATE = {  # configs that create every state key of each optimizer
     "Adam": {"amsgrad": True, "weight_decay": 0.1},
@@ -21,11 +21,7 @@ FULL_STATE = {  # configs that create every state key of each optimizer
 
 
 def _steps(opts_and_params, n, params_like):
-    for _ in range(n):
-        grads = random_grads(params_like)
-        for opt, params in opts_and_params:
-            set_grads(params, grads)
-            opt.step()
+    lockstep([Side(opt, params) for opt, params in opts_and_params], params_like, n)
 
 
 def _roundtrip(state_dict):
@@ -205,12 +201,7 @@ def test_a_copied_optimizer_steps_like_the_original(how, backend, device):
         twin = torch.load(buf, weights_only=False)
     assert twin.options == opt.options
     twin_params = [p for g in twin.param_groups for p in g["params"]]
-    for _ in range(3):
-        grads = [torch.randn_like(p) for p in params]
-        for p, q, g in zip(params, twin_params, grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        twin.step()
+    lockstep([Side(opt, params), Side(twin, twin_params)], params, 3)
     for p, q in zip(params, twin_params):
         assert torch.equal(p.detach(), q.detach())
     torch.testing.assert_close(twin.last_grad_norm, opt.last_grad_norm, rtol=0, atol=0)
