@@ -67,10 +67,28 @@ struct RulePlan {
   int rule;
 };
 
+// A plan of `rule` over `lists` (Python lists in the rule's slot order; the grads slot holds
+// placeholders: the layout and dtype of the grads the plan takes, bind_grads() fills it):
+// build(R{}, slots) makes the Plan for the rule R.
+template <typename Plan, typename Build>
+RulePlan<Plan> plan_of(const std::string& rule, const std::vector<Tensors>& lists, Build&& build) {
+  RulePlan<Plan> out{nullptr, rule_id(rule)};
+  with_rule(out.rule, [&](auto r) { out.plan = build(r, slot_lists<decltype(r)>(lists)); });
+  return out;
+}
+
+// The methods every plan has: bind_grads(owners=None, grads=None), release_grads().
 template <typename Plan>
 py::object bind_plan(RulePlan<Plan>& p, c10::optional<Tensors> owners, c10::optional<std::vector<OptTensor>> grads) {
   const c10::optional<GivenGrads> given = given_grads(std::move(owners), std::move(grads));
   return bind_result(p.plan->bind_grads(given.has_value() ? &*given : nullptr));
+}
+
+template <typename Plan>
+py::class_<RulePlan<Plan>> plan_class(py::module& m, const char* name) {
+  return py::class_<RulePlan<Plan>>(m, name)
+      .def("bind_grads", &bind_plan<Plan>, py::arg("owners") = py::none(), py::arg("grads") = py::none())
+      .def("release_grads", [](RulePlan<Plan>& p) { p.plan->release_grads(); });
 }
 
 // {rule name: (state list names, hyperparameter names)}: what this build declares
@@ -92,21 +110,16 @@ py::dict declared_rules() {
 using CpuPlan = RulePlan<cpu::Slots>;
 
 void bind_cpu(py::module& m) {
-  py::class_<CpuPlan>(m, "CpuPlan")
-      .def("bind_grads", &bind_plan<cpu::Slots>, py::arg("owners") = py::none(), py::arg("grads") = py::none())
-      .def("release_grads", [](CpuPlan& p) { p.plan->release_grads(); })
+  plan_class<cpu::Slots>(m, "CpuPlan")
       .def("grad_norm", [](const CpuPlan& p, double norm_type, OptTensor inv_scale, c10::optional<double> clip) {
         py::gil_scoped_release no_gil;
         return cpu::grad_norm(*p.plan, kGradSlot, norm_type, inv_scale, clip);
       });
-  // cpu_plan(rule, lists, steps, owners): `lists` in the rule's slot order; the grads slot holds
-  // placeholders (the layout and dtype of the grads the plan takes), bind_grads() fills it.
+  // cpu_plan(rule, lists, steps, owners) (plan_of)
   m.def("cpu_plan", [](const std::string& rule, const std::vector<Tensors>& lists, const Tensors& steps,
                        Tensors owners) {
-    CpuPlan out{nullptr, rule_id(rule)};
-    with_rule(out.rule, [&](auto r) {
-      using R = decltype(r);
-      out.plan = cpu::make_slots<R>(slot_lists<R>(lists), steps);
+    CpuPlan out = plan_of<cpu::Slots>(rule, lists, [&](auto r, const SlotLists& slots) {
+      return cpu::make_slots<decltype(r)>(slots, steps);
     });
     out.plan->set_owners(std::move(owners));
     return out;
@@ -130,21 +143,17 @@ void bind_cpu(py::module& m) {
 using CudaPlan = RulePlan<cuda::CudaPlan>;
 
 void bind_cuda(py::module& m) {
-  py::class_<CudaPlan>(m, "CudaPlan")
-      .def("bind_grads", &bind_plan<cuda::CudaPlan>, py::arg("owners") = py::none(), py::arg("grads") = py::none())
-      .def("release_grads", [](CudaPlan& p) { p.plan->release_grads(); })
+  plan_class<cuda::CudaPlan>(m, "CudaPlan")
       .def("grad_norm", [](const CudaPlan& p, double norm_type, OptTensor grad_scale, c10::optional<double> clip,
                            c10::optional<double> max_norm) {
         return cuda::grad_norm(*p.plan, norm_type, grad_scale, clip, max_norm);
       });
+  // cuda_plan(rule, lists, steps, owners) (plan_of)
   m.def("cuda_plan", [](const std::string& rule, const std::vector<Tensors>& lists, const Tensors& steps,
                         Tensors owners) {
-    CudaPlan out{nullptr, rule_id(rule)};
-    with_rule(out.rule, [&](auto r) {
-      using R = decltype(r);
-      out.plan = std::make_shared<cuda::CudaPlan>(slot_lists<R>(lists), kGradSlot, steps, std::move(owners));
+    return plan_of<cuda::CudaPlan>(rule, lists, [&](auto, const SlotLists& slots) {
+      return std::make_shared<cuda::CudaPlan>(slots, steps, std::move(owners));
     });
-    return out;
   });
   // cuda_step(plan, lr, lr_value, lr_fp32, hyper, grad_scale, clip_value, clip_coef, found_inf): lr a
   // tensor on the params' device (read by the kernel), else `lr_value` (lr_fp32: it came from a

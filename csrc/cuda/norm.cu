@@ -151,7 +151,7 @@ at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, double norm_type, cons
   std::vector<at::Tensor> list;
   for (const auto& t : tensors) list.push_back(t.contiguous());
   std::vector<at::Tensor> steps(list.size(), at::zeros({}, list[0].options().dtype(at::kFloat)));
-  CudaPlan plan({{"grads", list}, {"grads", list}}, 1, steps, {});
+  CudaPlan plan({{"grads", list}, {"grads", list}}, steps, {});  // the grads in slots 0 and kGradSlot
   return grad_norm_impl(plan, norm_type, inv_scale, /*scale_is_inverse=*/true, clip_value, c10::nullopt)[0];
 }
 }  // namespace

@@ -30,10 +30,9 @@ bool aligned4(const at::Tensor& t) {
 
 }  // namespace
 
-CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tensor>>>& lists, size_t grad_slot,
+CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tensor>>>& lists,
                    std::vector<at::Tensor> steps, std::vector<at::Tensor> owners)
     : device_(lists.front().second.empty() ? at::Device(at::kCUDA) : lists.front().second.front().device()),
-      grad_slot_(grad_slot),
       steps_(std::move(steps)) {
   const auto& first = lists.front().second;
   const size_t n = first.size();
@@ -80,7 +79,7 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
     chunks_of_tensor.push_back(static_cast<int32_t>(count));
   }
   n_chunks_ = static_cast<int64_t>(chunk_tensor.size());
-  if (!owners.empty()) binder_ = GradBinder(std::move(owners), slots_[grad_slot_]);
+  if (!owners.empty()) binder_ = GradBinder(std::move(owners), slots_[kGradSlot]);
   ptr_host_.assign(slots_.size() * n, 0);
   bound_addresses_.assign(n, nullptr);
   aligned_host_.assign(n, 1);
@@ -106,11 +105,11 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
 }
 
 // The grads row of the address table, as bind_grads() wrote it into `bound_addresses_` (the grads
-// bound in slots_[grad_slot_] until the step's launch, Note [grads held only for the step]):
+// bound in slots_[kGradSlot] until the step's launch, Note [grads held only for the step]):
 // uploaded only when an address changed.
 void CudaPlan::upload_grads() {
   const size_t n = numels_.size();
-  int64_t* row = ptr_host_.data() + grad_slot_ * n;
+  int64_t* row = ptr_host_.data() + kGradSlot * n;
   bool changed = false;
   for (size_t i = 0; i < n; ++i) {
     const int64_t address = reinterpret_cast<int64_t>(bound_addresses_[i]);
@@ -123,7 +122,7 @@ void CudaPlan::upload_grads() {
   for (size_t s = 0; s < slots_.size(); ++s) {
     for (size_t i = 0; i < slots_[s].size(); ++i) aligned[i] = aligned[i] && aligned4(slots_[s][i]);
   }
-  ptrs_dev_.narrow(0, static_cast<int64_t>(grad_slot_ * n), static_cast<int64_t>(n))
+  ptrs_dev_.narrow(0, static_cast<int64_t>(kGradSlot * n), static_cast<int64_t>(n))
       .copy_(upload(std::vector<int64_t>(row, row + n), at::kLong, device_), /*non_blocking=*/true);
   if (aligned != aligned_host_) {
     aligned_dev_.copy_(upload(aligned, at::kByte, device_), /*non_blocking=*/true);
@@ -133,7 +132,7 @@ void CudaPlan::upload_grads() {
 
 BindResult CudaPlan::bind_grads(const GivenGrads* given) {
   TORCH_CHECK(binder_.has_owners() || numels_.empty(), "fastopt (cuda): this plan has no owners to bind");
-  const BindResult r = binder_.bind(slots_[grad_slot_], bound_addresses_.data(), "cuda", given);
+  const BindResult r = binder_.bind(slots_[kGradSlot], bound_addresses_.data(), "cuda", given);
   if (!r.stale) upload_grads();
   return r;
 }

@@ -27,17 +27,17 @@ constexpr int64_t kChunk = 16384;  // elements per chunk, a block's unit of work
 class CudaPlan {
  public:
   // `lists`: slot name and tensors, aligned by index; an empty list is an absent slot. Slot 0 is
-  // the params the math runs on, slot `grad_slot` the grads (re-bound every step). `owners`:
+  // the params the math runs on, slot kGradSlot the grads (re-bound every step). `owners`:
   // the user's params, whose .grad() bind_grads() reads (may be empty for a one-off plan).
-  CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tensor>>>& lists, size_t grad_slot,
-           std::vector<at::Tensor> steps, std::vector<at::Tensor> owners);
+  CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tensor>>>& lists, std::vector<at::Tensor> steps,
+           std::vector<at::Tensor> owners);
 
   // Reads every owner's .grad() (fastopt/grad_binding.h: a grad of another layout is relaid, a
   // missing one skipped, Note [absent grads]); stale, binding nothing, when an owner changed.
   BindResult bind_grads(const GivenGrads* given = nullptr);
 
   // After the step's launch (Note [grads held only for the step]); the uploaded addresses stay.
-  void release_grads() { fastopt::release_grads(slots_[grad_slot_]); }
+  void release_grads() { fastopt::release_grads(slots_[kGradSlot]); }
 
   int64_t size() const { return static_cast<int64_t>(numels_.size()); }
   int64_t n_chunks() const { return n_chunks_; }
@@ -61,7 +61,6 @@ class CudaPlan {
   void upload_grads();
 
   at::Device device_;
-  size_t grad_slot_;
   std::vector<std::vector<at::Tensor>> slots_;  // keeps every tensor alive while the tables hold its address
   std::vector<at::ScalarType> dtypes_;
   std::vector<bool> present_;

@@ -94,7 +94,7 @@ template <typename R>
 void update_op(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   const UpdateOpArgs<R> a = pop_update_args<R>(*stack);
   if (a.slots[kParamSlot].second.empty()) return;
-  const CudaPlan plan(a.slots, kGradSlot, a.steps, {});
+  const CudaPlan plan(a.slots, a.steps, {});
   step<R>(plan, list_op_lr(a.lr, plan.device()), a.hyper, a.grad);
 }
 }  // namespace

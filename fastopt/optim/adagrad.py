@@ -68,15 +68,6 @@ class Adagrad(FusedOptimizer):
     def _initial_value(self, key: str, group: dict) -> float:
         return group["initial_accumulator_value"]
 
-    def _hparams(self, group: dict) -> dict:
-        return {
-            "lr": group["lr"],
-            "lr_decay": group["lr_decay"],
-            "weight_decay": group["weight_decay"],
-            "eps": group["eps"],
-            "maximize": group["maximize"],
-        }
-
     def _sparse_step(self, param: Tensor, group: dict) -> None:
         if group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")

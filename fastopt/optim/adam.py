@@ -79,17 +79,8 @@ class Adam(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq")
 
     def _hparams(self, group: dict) -> dict:
-        beta1, beta2 = group["betas"]
-        return {
-            "lr": group["lr"],
-            "beta1": _scalar(beta1),
-            "beta2": _scalar(beta2),
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "amsgrad": group["amsgrad"],
-            "maximize": group["maximize"],
-            "decoupled_weight_decay": group["decoupled_weight_decay"],
-        }
+        beta1, beta2 = group["betas"]  # the rule's beta1, beta2 (float: Note [scalars in float64])
+        return super()._hparams({**group, "beta1": _scalar(beta1), "beta2": _scalar(beta2)})
 
 
 class AdamW(Adam):

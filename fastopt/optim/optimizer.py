@@ -2,7 +2,8 @@
 lazy state, the plan and its life cycle, GradScaler's protocol, master weights).
 
 A subclass says which rule it runs (``_rule``), which state tensors a param group needs
-(``_state_keys``) and which hyperparameters the rule reads (``_hparams``). The step itself is
+(``_state_keys``); the hyperparameters the rule reads come from the group by the rule's names
+(``_hparams``, overridden where a group spells one otherwise). The step itself is
 fastopt/functional.py (bind, grad transform, norm, clip coefficient, update); the cross-rank
 reductions are fastopt/_distributed.py, a failed step's rollback _rollback.py, the loading of a
 state dict _state_dict.py.
@@ -101,7 +102,9 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _hparams(self, group: dict) -> dict:
-        raise NotImplementedError
+        """lr and the rule's hyperparameters (``Rule.hyper``), read from the group under their
+        names; a class whose group spells one otherwise (Adam's ``betas``) translates first."""
+        return {"lr": group["lr"], **{k: group[k] for k in self._rule.hyper}}
 
     def _initial_value(self, key: str, group: dict) -> float:
         return 0.0

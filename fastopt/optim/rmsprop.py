@@ -70,17 +70,6 @@ class RMSprop(FusedOptimizer):
             keys += ("grad_avg",)
         return keys
 
-    def _hparams(self, group: dict) -> dict:
-        return {
-            "lr": group["lr"],
-            "alpha": group["alpha"],
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "momentum": group["momentum"],
-            "centered": group["centered"],
-            "maximize": group["maximize"],
-        }
-
 
 RMSprop.__doc__ = r"""Implements RMSprop (torch.optim.RMSprop's algorithm, arguments and state dict).
 
