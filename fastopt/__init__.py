@@ -3,7 +3,7 @@
 from . import _ext, nn, reference
 from ._ext import cpu_capabilities, cpu_capability
 from .backends import BackendUnavailable, available_backends
-from .optim import Adagrad, Adam, AdamW, RMSprop
+from .optim import SGD, Adagrad, Adam, AdamW, RMSprop
 
 __version__ = "0.1.0"
 
@@ -13,6 +13,7 @@ __all__ = [
     "AdamW",
     "BackendUnavailable",
     "RMSprop",
+    "SGD",
     "available_backends",
     "cpu_capabilities",
     "cpu_capability",

@@ -27,6 +27,9 @@ class Rule:
     hyper: tuple[str, ...]  # the hyperparameters after lr, in the ops' order
     spec: Callable  # the reference function: (params, grads, *state lists, [steps,] lr=..., **hyper)
     uses_step: bool = True  # the spec takes the step counts (RMSprop keeps them but does not use them)
+    # torch keeps the count in the state ("step"); SGD does not, and its plans count steps of their
+    # own (Note [SGD's first step], csrc/include/fastopt/update_math.h)
+    keeps_step: bool = True
 
     @property
     def op_name(self) -> str:
@@ -81,4 +84,12 @@ RMSPROP = Rule(
     uses_step=False,
 )
 
-RULES = (ADAM, ADAGRAD, RMSPROP)
+SGD = Rule(
+    "sgd",
+    state=(("momentum_buffer", "momentum_buffers"),),
+    hyper=("momentum", "dampening", "weight_decay", "nesterov", "maximize"),
+    spec=ref.sgd,
+    keeps_step=False,
+)
+
+RULES = (ADAM, ADAGRAD, RMSPROP, SGD)

@@ -69,6 +69,16 @@ SPECS = [
         {"alpha": 0.5, "eps": 1e-3},
         {"lr": "tensor", "centered": True, "momentum": 0.5},
     ], lr=1e-3),
+    OptimSpec("SGD", [
+        {},
+        {"weight_decay": 0.1, "maximize": True},
+        {"momentum": 0.9},
+        {"momentum": 0.9, "dampening": 0.5},
+        {"momentum": 0.9, "weight_decay": 0.1},
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+        {"momentum": 0.9, "nesterov": True, "maximize": True},
+        {"lr": "tensor", "momentum": 0.5},
+    ], lr=0.1),
 ]
 
 SPEC_BY_NAME = {s.name: s for s in SPECS}

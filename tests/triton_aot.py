@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastopt.triton_kernels import adagrad, adam, batch_norm_relu, norm, rmsprop  # noqa: E402
+from fastopt.triton_kernels import adagrad, adam, batch_norm_relu, norm, rmsprop, sgd  # noqa: E402
 from fastopt.triton_kernels.multi_tensor import BLOCK, CHUNK  # noqa: E402
 
 # Pointer arguments and their element types; every other non-constexpr argument is a float,
@@ -32,6 +32,7 @@ KERNELS = {
     adam._adam_kernel: ("L2", "DECOUPLED", "AMSGRAD"),
     adagrad._adagrad_kernel: ("L2",),
     rmsprop._rmsprop_kernel: ("L2", "CENTERED", "MOMENTUM"),
+    sgd._sgd_kernel: ("L2", "MOMENTUM", "NESTEROV"),
 }
 
 

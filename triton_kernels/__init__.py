@@ -15,9 +15,10 @@ from .adam import adam_step
 from .multi_tensor import MultiTensorPlan
 from .norm import grad_norm
 from .rmsprop import rmsprop_step
+from .sgd import sgd_step
 
 # the step launcher of each rule, by the rule's name (fastopt/rules.py)
-STEPS = {"adam": adam_step, "adagrad": adagrad_step, "rmsprop": rmsprop_step}
+STEPS = {"adam": adam_step, "adagrad": adagrad_step, "rmsprop": rmsprop_step, "sgd": sgd_step}
 
 __all__ = [
     "MultiTensorPlan",
@@ -28,4 +29,5 @@ __all__ = [
     "bn_relu_forward",
     "grad_norm",
     "rmsprop_step",
+    "sgd_step",
 ]

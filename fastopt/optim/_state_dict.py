@@ -52,7 +52,8 @@ def settle(opt: Any, state_dict: dict, id_map: dict) -> None:
         state = opt.state.get(p)
         if not state:
             continue
-        state["step"] = torch.as_tensor(state["step"]).to(dtype=torch.float32, device=p.device)
+        if "step" in state:  # (SGD keeps none, as in torch)
+            state["step"] = torch.as_tensor(state["step"]).to(dtype=torch.float32, device=p.device)
         if opt._uses_master(p):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if key != "step" and isinstance(value, Tensor):

@@ -68,13 +68,15 @@ class Adagrad(FusedOptimizer):
     def _initial_value(self, key: str, group: dict) -> float:
         return group["initial_accumulator_value"]
 
-    def _sparse_step(self, param: Tensor, group: dict) -> None:
+    def _check_sparse(self, param: Tensor, group: dict) -> None:
         if group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
         if param.is_complex() or self._uses_master(param):
             raise NotImplementedError(
                 "Adagrad: sparse gradients are supported for real parameters without master weights"
             )
+
+    def _sparse_step(self, param: Tensor, group: dict) -> None:
         state = self.state[param]
         state["step"] += 1
         hp = self._hparams(group)

@@ -29,6 +29,14 @@ from ._rollback import undo_created
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _own_step_count(p: Tensor, fresh: bool) -> Tensor:
+    """The step count a plan keeps for a param of a rule whose state has none (SGD, Note [SGD's
+    first step], csrc/include/fastopt/update_math.h): 0 when its state was created for this step,
+    else 1 (the state holds a step already: loaded, or stepped under an earlier plan). The plan
+    keeps it and its kernels count on from there."""
+    return torch.full((), 0.0 if fresh else 1.0, dtype=torch.float32, device=local(p).device)
+
+
 def _write_mark(p: Tensor) -> tuple[int, int]:
     """What changes when ``p`` is written or replaced: its address and its version counter (of
     the local shard for a DTensor: in-place ops on a DTensor write its local tensor)."""
@@ -109,8 +117,13 @@ class FusedOptimizer(Optimizer):
     def _initial_value(self, key: str, group: dict) -> float:
         return 0.0
 
-    def _sparse_step(self, param: Tensor, group: dict) -> None:
+    def _check_sparse(self, param: Tensor, group: dict) -> None:
+        """Raise for a sparse grad this class cannot step (torch's error where torch raises one),
+        when the plan is built: before any state exists and anything is written."""
         raise RuntimeError(self._sparse_message.format(name=type(self).__name__))
+
+    def _sparse_step(self, param: Tensor, group: dict) -> None:
+        raise NotImplementedError  # a class with _supports_sparse steps its sparse grads here
 
     # -- param groups and state ----------------------------------------------------------------
 
@@ -163,15 +176,21 @@ class FusedOptimizer(Optimizer):
         return self._options.master_weights and p.dtype in LOW_PRECISION
 
     def _ensure_state(self, p: Tensor, group: dict) -> dict:
-        """Create whatever state ``p`` lacks (lazily, as torch does); returns ``self.state[p]``."""
-        state = self.state[p]
+        """Create whatever state ``p`` lacks (lazily, as torch does); returns ``self.state[p]``
+        (an empty dict, not entered into ``self.state``, for a param that keeps no state: SGD
+        without momentum, as in torch)."""
+        keys = self._state_keys(group)
         master = self._uses_master(p)
+        keeps_step = self._rule.keeps_step
+        if not (keys or master or keeps_step or p in self.state):
+            return {}
+        state = self.state[p]
         created = self._run.created
-        if "step" not in state:
+        if keeps_step and "step" not in state:
             created.append((p, "step"))
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        for key in self._state_keys(group):
-            if key not in state:
+        for key in keys:
+            if state.get(key) is None:  # None: an old torch.optim.SGD state dict's absent buffer
                 created.append((p, key))
                 value = self._initial_value(key, group)
                 state[key] = torch.full_like(
@@ -217,8 +236,9 @@ class FusedOptimizer(Optimizer):
                 if p.grad is None:
                     absent.append(p)
                     continue
-                if p.grad.is_sparse and not self._supports_sparse:
-                    self._sparse_step(p, group)  # raises torch's error, before any state exists
+                if p.grad.is_sparse:
+                    self._check_sparse(p, group)  # raises before any state exists
+                fresh = all(self.state.get(p, {}).get(k) is None for k in keys)  # Note [SGD's first step]
                 state = self._ensure_state(p, group)
                 if p.grad.is_sparse:
                     sparse.append((p, group))
@@ -226,8 +246,9 @@ class FusedOptimizer(Optimizer):
                 view = real_view(p)
                 backend = backends.resolve(self._options.backend, p.device, view.dtype)
                 spec = None
+                steps = state["step"] if self._rule.keeps_step else _own_step_count(p, fresh)
                 if not plain_tensors(p, p.grad, *state.values()):
-                    spec = self._shards_for_kernels(p, state, keys, backend)
+                    spec = self._shards_for_kernels(p, state, keys, backend, steps)
                     if spec is None:
                         backend = self._subclass_fallback(p, backend)
                 key = (p.device, view.dtype, backend.name, None if spec is None else (id(spec[0]), spec[1]))
@@ -248,7 +269,7 @@ class FusedOptimizer(Optimizer):
                 seg.is_complex = seg.is_complex or p.is_complex()
                 seg.owners.append(p)
                 seg.params.append(real_view(shard(p)))
-                seg.steps.append(state["step"])
+                seg.steps.append(steps)
                 for k in keys:
                     seg.states[k].append(real_view(shard(state[k])))
                 if seg.masters is not None:
@@ -257,17 +278,17 @@ class FusedOptimizer(Optimizer):
         return Plan(list(buckets.values()), sparse, absent, self._state_key(), masters)
 
     @staticmethod
-    def _shards_for_kernels(p: Tensor, state: dict, keys: tuple, backend: Any) -> Optional[tuple]:
+    def _shards_for_kernels(p: Tensor, state: dict, keys: tuple, backend: Any, steps: Tensor) -> Optional[tuple]:
         """(mesh, placements) when ``backend``'s kernels can step the local shard of the DTensor
-        ``p`` (Note [DTensor shards]): its grad and every state tensor (not the step count) are
-        DTensors laid out alike, and the shards can be walked together; else None."""
+        ``p`` (Note [DTensor shards]): its grad and every state tensor (not the step count
+        ``steps``) are DTensors laid out alike, and the shards can be walked together; else None."""
         spec = shard_spec(p)
         if spec is None:
             return None
         others = [p.grad] + [state[k] for k in keys] + ([state["master_param"]] if "master_param" in state else [])
-        if any(shard_spec(t) != spec for t in others) or not plain_tensors(state["step"]):
+        if any(shard_spec(t) != spec for t in others) or not plain_tensors(steps):
             return None
-        probe = Segment(None, params=[real_view(local(p))], steps=[state["step"]],
+        probe = Segment(None, params=[real_view(local(p))], steps=[steps],
                         states={k: [real_view(local(state[k]))] for k in keys},
                         masters=[local(state["master_param"])] if "master_param" in state else None)
         return spec if backend.can_plan(probe, 0) else None

@@ -10,6 +10,7 @@ from .adam import adam
 from .batch_norm_relu import batch_norm_relu_backward, batch_norm_relu_forward
 from .clip import clip_coefficient, compute_dtype, grad_norm, norm_of_norms, prepare_grads
 from .rmsprop import rmsprop
+from .sgd import sparse_sgd, sgd
 
 __all__ = [
     "adagrad",
@@ -22,5 +23,7 @@ __all__ = [
     "norm_of_norms",
     "prepare_grads",
     "rmsprop",
+    "sgd",
     "sparse_adagrad",
+    "sparse_sgd",
 ]

@@ -314,8 +314,66 @@ struct RMSprop {
   }
 };
 
+// ---- SGD ------------------------------------------------------------------------------------
+
+struct SGD {
+  static constexpr const char* kName = "sgd";
+  static constexpr int kStates = 1;
+  static constexpr const char* kStateNames[kStates] = {"momentum_buffers"};
+
+  struct Hyper {
+    double momentum, dampening, weight_decay;
+    bool nesterov, maximize;
+  };
+  static constexpr auto kHyper = std::make_tuple(
+      hyper_field("momentum", &Hyper::momentum), hyper_field("dampening", &Hyper::dampening),
+      hyper_field("weight_decay", &Hyper::weight_decay), hyper_field("nesterov", &Hyper::nesterov),
+      hyper_field("maximize", &Hyper::maximize));
+
+  enum : unsigned { kL2 = 1, kMomentum = 2, kNesterov = 4 };
+  static constexpr unsigned kFlagBits = 3;
+  FASTOPT_HD static unsigned flags(const Hyper& h) {
+    return (h.weight_decay != 0 ? kL2 : 0u) | (h.momentum != 0 ? kMomentum : 0u) |
+           (h.momentum != 0 && h.nesterov ? kNesterov : 0u);
+  }
+  // momentum=0 keeps no buffer (torch keeps no state then)
+  FASTOPT_HD static constexpr bool uses(unsigned f, int) { return (f & kMomentum) != 0; }
+
+  template <typename T>
+  struct Scalars {
+    T weight_decay;
+    T momentum;
+    T one_minus_dampening;
+    T neg_lr;
+    bool first;  // the buffer's first step: it becomes the grad (torch: buf = grad.clone())
+  };
+
+  // Note [SGD's first step]: torch keeps no step count for SGD (its state is the buffer alone)
+  // and starts the buffer as a copy of the grad; fastopt's plans count steps per tensor anyway, so
+  // the optimizer hands them a count of its own that is 0 for a buffer created for this step and
+  // 1 for one that already holds a step (loaded or planned before): step 1 is the first step.
+  template <typename T>
+  FASTOPT_HD static Scalars<T> scalars(const Hyper& h, const LrValue& lr, double step) {
+    return Scalars<T>{static_cast<T>(h.weight_decay), static_cast<T>(h.momentum),
+                      static_cast<T>(1.0 - h.dampening), static_cast<T>(-lr.value), step == 1.0};
+  }
+
+  // s: momentum_buffer (read and written only with kMomentum)
+  template <unsigned kF, typename T>
+  FASTOPT_HD static T update(T p, T g, T (&s)[kStates], const Scalars<T>& c) {
+    T& buf = s[0];
+    if (kF & kL2) g = madd(c.weight_decay, p, g);             // grad.add(param, alpha=weight_decay)
+    if (kF & kMomentum) {
+      // buf.mul_(momentum).add_(grad, alpha=1 - dampening), or the grad itself on the first step
+      buf = c.first ? g : madd(c.one_minus_dampening, g, buf * c.momentum);
+      g = (kF & kNesterov) ? madd(c.momentum, buf, g) : buf;  // grad.add(buf, alpha=momentum) or buf
+    }
+    return madd(c.neg_lr, g, p);                              // param.add_(grad, alpha=-lr)
+  }
+};
+
 // The rules, each once: FASTOPT_RULES(X) expands X(Rule) for every rule (the op registrations, the
 // CPU kernel table, the CUDA instantiations).
-#define FASTOPT_RULES(X) X(Adam) X(Adagrad) X(RMSprop)
+#define FASTOPT_RULES(X) X(Adam) X(Adagrad) X(RMSprop) X(SGD)
 
 }  // namespace fastopt

@@ -1,0 +1,102 @@
+"""SGD (momentum, dampening, Nesterov) for every tensor of a param group in one launch (Triton).
+
+Per element, in fp32 (csrc/include/fastopt/update_math.h, SGD::update):
+
+    g <- prep(g) (+ wd * p);  b <- g on the buffer's first step, else b * momentum + (1 - dampening) * g
+    g <- g + momentum * b (nesterov) or b;  p <- p + (-lr) * g      (p <- p + (-lr) * g without momentum)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    aligned_ptr, chunk_bounds, finish_step, from_base, grad_scalars, load_as, load_grad, neg_lr, read_step, scalar,
+    skipped, store_param, to_storage,
+)
+from .launch import launch_args
+
+
+@triton.jit
+def _sgd_block(p_ptr, g_ptr, buf_ptr, out_ptr, idx, mask, neg_lr_, mom, omd, first, wd, clip, inv_scale, coef,
+               COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, L2: tl.constexpr,
+               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
+               HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_COEF: tl.constexpr):
+    """The update of the elements ``idx`` (masked unless ``mask`` is None: Note [aligned bodies])."""
+    p = load_as(p_ptr, idx, mask, COMPUTE)
+    g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
+                  L2, COMPUTE)
+    if MOMENTUM:
+        buf = load_as(buf_ptr, idx, mask, COMPUTE)
+        # buf.mul_(momentum).add_(grad, alpha=1 - dampening); the grad itself on the first step
+        buf = tl.where(first, g, tl.fma(g, omd, buf * mom))
+        tl.store(buf_ptr + idx, to_storage(buf, P_DTYPE), mask=mask)
+        if NESTEROV:
+            g = tl.fma(buf, mom, g)  # grad.add(buf, alpha=momentum)
+        else:
+            g = buf
+    p = tl.fma(g, neg_lr_, p)  # param.add_(grad, alpha=-lr)
+    store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
+
+
+@triton.jit
+def _sgd_kernel(
+    tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
+    p_ptrs, g_ptrs, buf_ptrs, out_ptrs, p_base, g_base, out_base,
+    lr_ptr, lr: tl.float64, momentum: tl.float64, one_minus_dampening: tl.float64, weight_decay: tl.float64,
+    grad_scale_ptr, clip_value: tl.float64, clip_coef_ptr, found_inf_ptr,
+    COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    LR_IS_PTR: tl.constexpr, L2: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
+        t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
+        # the plan's own count (Note [SGD's first step]): 1 on the buffer's first step
+        step_ptr, step = read_step(step_ptrs, t)
+        first = step == 1.0
+        neg_lr_ = neg_lr(lr_ptr, lr, LR_IS_PTR, COMPUTE)
+        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
+        mom, omd = scalar(momentum, COMPUTE), scalar(one_minus_dampening, COMPUTE)
+        wd, clip = scalar(weight_decay, COMPUTE), scalar(clip_value, COMPUTE)
+        # Note [aligned bodies]: every tensor of this program as an offset from its slot's base
+        p_off, ok = from_base(p_base, p_ptrs, t)
+        g_off, g_ok = from_base(g_base, g_ptrs, t)
+        ok = ok & g_ok
+        buf_off = p_off
+        if MOMENTUM:
+            buf_off, buf_ok = from_base(p_base, buf_ptrs, t)
+            ok = ok & buf_ok
+        out_off = g_off
+        if MASTER:
+            out_off, out_ok = from_base(out_base, out_ptrs, t)
+            ok = ok & out_ok
+        tail = start
+        if ok:
+            tail = start + (end - start) // BLOCK * BLOCK
+            for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of CHUNK
+                _sgd_block(aligned_ptr(p_base, p_off), aligned_ptr(g_base, g_off), aligned_ptr(p_base, buf_off),
+                           aligned_ptr(out_base, out_off), off + tl.arange(0, BLOCK), None, neg_lr_, mom, omd, first,
+                           wd, clip, inv_scale, coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, MOMENTUM, NESTEROV, MAXIMIZE,
+                           MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF)
+        for off in tl.range(tail, end, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            _sgd_block(p_base + p_off, g_base + g_off, p_base + buf_off, out_base + out_off, idx, idx < end, neg_lr_,
+                       mom, omd, first, wd, clip, inv_scale, coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, MOMENTUM,
+                       NESTEROV, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF)
+        finish_step(step_ptr, step, chunks_of_tensor, done, t)
+
+
+def sgd_step(plan, *, lr, momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+             grad_scale=None, clip_value=None, clip_coef=None, found_inf=None) -> None:
+    """One SGD step over ``plan`` (slots params, grads, momentum_buffers, params_out) in one launch."""
+    if len(plan) == 0:
+        return
+    args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize)
+    _sgd_kernel[(plan.n_chunks,)](
+        *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["momentum_buffers"],
+        plan.ptrs["params_out"], *plan.bases("params", "grads", "params_out"), *args["lr"], momentum,
+        1.0 - dampening, weight_decay, *args["grad"],
+        L2=weight_decay != 0, MOMENTUM=momentum != 0, NESTEROV=momentum != 0 and nesterov, **meta,
+    )
