@@ -15,6 +15,9 @@ class OptimSpec:
     name: str
     configs: list[dict] = field(default_factory=list)
     lr: float = 1e-2  # a learning rate that moves the params visibly in 20 steps
+    # hyperparameters with which it keeps state beyond its defaults (tests that run one config
+    # per optimizer use these: SGD keeps no state without momentum)
+    stateful: dict = field(default_factory=dict)
 
     @property
     def torch_cls(self):
@@ -68,7 +71,7 @@ SPECS = [
         {"momentum": 0.9},
         {"alpha": 0.5, "eps": 1e-3},
         {"lr": "tensor", "centered": True, "momentum": 0.5},
-    ], lr=1e-3),
+    ], lr=1e-3, stateful={"momentum": 0.5}),
     OptimSpec("SGD", [
         {},
         {"weight_decay": 0.1, "maximize": True},
@@ -78,10 +81,11 @@ SPECS = [
         {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
         {"momentum": 0.9, "nesterov": True, "maximize": True},
         {"lr": "tensor", "momentum": 0.5},
-    ], lr=0.1),
+    ], lr=0.1, stateful={"momentum": 0.9}),
 ]
 
 SPEC_BY_NAME = {s.name: s for s in SPECS}
+NAMES = tuple(SPEC_BY_NAME)
 
 
 def materialize(spec: OptimSpec, config: dict, dtype: torch.dtype = torch.float32) -> dict:

@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_close, skip_unsupported
 from harness import assert_matches, run_lockstep
-from specs import SPEC_BY_NAME, TOL, make_params
+from specs import NAMES, SPEC_BY_NAME, TOL, make_params
 
 CASES = [
     # (max_grad_norm, norm_type, clip_value): clipping active, inactive, inf norm, value clip first
@@ -22,7 +22,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name", ["Adam", "Adagrad", "RMSprop"])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("max_norm,norm_type,clip_value", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_matches_torch_clipping(name, max_norm, norm_type, clip_value, dtype, backend, device):
@@ -40,7 +40,7 @@ def test_matches_torch_clipping(name, max_norm, norm_type, clip_value, dtype, ba
     extras = {"max_grad_norm": max_norm, "norm_type": norm_type, "clip_value": clip_value}
     steps = 20
     opt_t, opt_f, theirs, ours = run_lockstep(
-        spec, {"weight_decay": 0.1}, dtype=dtype, device=device, backend=backend, steps=steps,
+        spec, {"weight_decay": 0.1, **spec.stateful}, dtype=dtype, device=device, backend=backend, steps=steps,
         extras=extras, before_torch_step=clip,
     )
     assert_matches(opt_f, opt_t, ours, theirs, dtype)

@@ -107,6 +107,7 @@ _OPTIMIZERS = {
     "Adam": dict(lr=1e-2, amsgrad=True),
     "Adagrad": dict(lr=0.1),
     "RMSprop": dict(lr=1e-2, momentum=0.9, centered=True),
+    "SGD": dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
 }
 
 

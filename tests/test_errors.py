@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastopt
-from specs import clone_params, make_params
+from specs import NAMES, clone_params, make_params
 
 # (optimizer, bad kwargs): torch raises for each; fastopt must raise the same type and message.
 TORCH_VALIDATION = [
@@ -20,6 +20,9 @@ TORCH_VALIDATION = [
     ("Adagrad", {"initial_accumulator_value": -1.0}), ("Adagrad", {"eps": -1.0}),
     ("RMSprop", {"lr": -1.0}), ("RMSprop", {"eps": -1.0}), ("RMSprop", {"momentum": -1.0}),
     ("RMSprop", {"weight_decay": -1.0}), ("RMSprop", {"alpha": -1.0}),
+    ("SGD", {"lr": -1.0}), ("SGD", {"momentum": -0.5}), ("SGD", {"weight_decay": -1.0}),
+    ("SGD", {"nesterov": True}), ("SGD", {"nesterov": True, "momentum": 0.9, "dampening": 0.1}),
+    ("SGD", {"lr": torch.tensor([0.1, 0.2])}), ("SGD", {"fused": True, "foreach": True}),
     ("Adam", {"fused": True, "foreach": True}),
 ]
 
@@ -53,7 +56,7 @@ def test_same_validation_errors_as_torch(name, kwargs):
         ({"no_such_option": 1}, TypeError, "unexpected keyword argument 'no_such_option'"),
     ],
 )
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad", "RMSprop"])
+@pytest.mark.parametrize("name", NAMES)
 def test_fastopt_extras_are_validated(name, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         getattr(fastopt, name)([torch.nn.Parameter(torch.zeros(3))], **kwargs)
@@ -87,6 +90,52 @@ def test_sparse_grads_are_refused_like_torch(name):
 
     theirs, ours = run(torch.optim), run(fastopt)
     assert theirs is not None and ours == theirs
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"maximize": True}, {"lr": torch.tensor(0.05)}],
+                         ids=["default", "maximize", "tensor-lr"])
+def test_sparse_sgd_matches_torch(kwargs):
+    """SGD without momentum takes sparse grads, as torch does (an embedding and a dense layer)."""
+    torch.manual_seed(0)
+    kwargs = {"lr": 0.1, **kwargs}
+    models = []
+    for module in (torch.optim, fastopt):
+        torch.manual_seed(0)
+        emb, lin = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 1)
+        models.append((emb, lin, getattr(module, "SGD")([*emb.parameters(), *lin.parameters()], **kwargs)))
+    for step in range(5):
+        idx = torch.randint(0, 10, (6,))
+        for emb, lin, opt in models:
+            opt.zero_grad()
+            lin(emb(idx)).pow(2).sum().backward()
+            opt.step()
+    (emb_t, lin_t, opt_t), (emb_f, lin_f, opt_f) = models
+    assert emb_f.weight.grad.is_sparse
+    # one add with alpha per step in both: the same ops in the same order
+    torch.testing.assert_close(emb_f.weight, emb_t.weight, rtol=0, atol=0)
+    torch.testing.assert_close(lin_f.weight, lin_t.weight, rtol=0, atol=0)
+    assert opt_f.state_dict()["state"] == opt_t.state_dict()["state"] == {}
+
+
+@pytest.mark.parametrize("name,kwargs,exc,match", [
+    ("SGD", {"momentum": 0.9}, NotImplementedError, "without momentum"),
+    # torch.optim.SGD fails on it too, mid-step: "add(sparse, dense) is not supported"
+    ("SGD", {"weight_decay": 0.1}, RuntimeError, "weight_decay is not compatible with sparse gradients"),
+    ("Adagrad", {"weight_decay": 0.1}, RuntimeError, "weight_decay option is not compatible with sparse gradients"),
+])
+def test_a_refused_sparse_grad_writes_nothing(name, kwargs, exc, match):
+    """A sparse grad the class cannot step is refused when the step is planned: the dense params
+    of the same step are not updated, no state is left behind."""
+    torch.manual_seed(0)
+    emb, lin = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 1)
+    opt = getattr(fastopt, name)([*lin.parameters(), *emb.parameters()], lr=0.1, **kwargs)
+    state_before = {p: dict(s) for p, s in opt.state.items()}
+    lin(emb(torch.tensor([1, 2]))).sum().backward()
+    before = [p.detach().clone() for p in (*lin.parameters(), *emb.parameters())]
+    with pytest.raises(exc, match=match):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip((*lin.parameters(), *emb.parameters()), before))
+    assert {p: sorted(s) for p, s in opt.state.items()} == {p: sorted(s) for p, s in state_before.items()}
 
 
 def test_sparse_adagrad_matches_torch():

@@ -23,6 +23,7 @@ OPTIMIZERS = {
     "AdamW": dict(lr=0.01),
     "Adagrad": dict(lr=0.1, lr_decay=0.01),
     "RMSprop": dict(lr=0.01, momentum=0.9, centered=True),
+    "SGD": dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.1),
 }
 
 
@@ -93,6 +94,7 @@ FAULTS = {
     "param shape changed after its state was made": (None, _param_shape, RuntimeError, "state|shape"),
     "sparse grad": ({"Adam", "AdamW", "RMSprop"}, _sparse_grad, RuntimeError, "sparse"),
     "sparse grad with clipping": ({"Adagrad"}, _sparse_grad, NotImplementedError, "sparse"),
+    "sparse grad with momentum": ({"SGD"}, _sparse_grad, NotImplementedError, "sparse"),
     "non-finite norm with error_if_nonfinite": (None, _inf_grad, RuntimeError, "non-finite"),
 }
 LATER_ONLY = {"param dtype changed after its state was made", "param shape changed after its state was made"}

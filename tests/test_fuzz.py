@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import fastopt
-from specs import TOL
+from specs import NAMES, TOL
 
 SEQUENCES = int(os.environ.get("FASTOPT_FUZZ_SEQUENCES", "30"))
 ONLY_SEED = os.environ.get("FASTOPT_FUZZ_SEED")
@@ -61,9 +61,14 @@ def _config(rng: random.Random, name: str) -> dict:
     elif name == "Adagrad":
         cfg = dict(lr=rng.choice([0.01, 0.1]), lr_decay=rng.choice([0.0, 0.1]), maximize=rng.random() < 0.2,
                    weight_decay=rng.choice([0.0, 0.1]), initial_accumulator_value=rng.choice([0.0, 0.1]))
-    else:
+    elif name == "RMSprop":
         cfg = dict(lr=rng.choice([1e-3, 1e-2]), centered=rng.random() < 0.4, maximize=rng.random() < 0.2,
                    momentum=rng.choice([0.0, 0.9]), weight_decay=rng.choice([0.0, 0.1]))
+    else:
+        nesterov = rng.random() < 0.3
+        cfg = dict(lr=rng.choice([1e-3, 1e-2, 0.1]), momentum=rng.choice([0.9] if nesterov else [0.0, 0.9]),
+                   dampening=0.0 if nesterov else rng.choice([0.0, 0.5]), nesterov=nesterov,
+                   maximize=rng.random() < 0.2, weight_decay=rng.choice([0.0, 0.1]))
     return cfg
 
 
@@ -343,7 +348,7 @@ class Fuzz:
         return self.both("add_param_group(one new param)", act)
 
     def foreign_state_dict(self):
-        other = {"Adam": "Adagrad", "AdamW": "RMSprop", "Adagrad": "Adam", "RMSprop": "Adagrad"}[self.name]
+        other = {"Adam": "Adagrad", "AdamW": "RMSprop", "Adagrad": "Adam", "RMSprop": "Adagrad", "SGD": "Adam"}[self.name]
         self.log.append(f"load_state_dict of a torch.optim.{other}'s state dict")
         snap = self.snapshot()
         params = _all_params(self.ours)
@@ -401,11 +406,11 @@ class Fuzz:
 def _seeds(name: str, backend: str):
     if ONLY_SEED is not None:
         return [int(ONLY_SEED)]
-    base = 1000 * (["Adam", "AdamW", "Adagrad", "RMSprop"].index(name) + 1)
+    base = 1000 * (NAMES.index(name) + 1)
     return [base + i for i in range(SEQUENCES)]
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad", "RMSprop"])
+@pytest.mark.parametrize("name", NAMES)
 def test_fuzz_against_torch(name, backend, device):
     kernel = reference = 0
     for seed in _seeds(name, backend):

@@ -14,7 +14,7 @@ from specs import SPEC_BY_NAME, TOL, clone_params, make_params, materialize
 
 LOW = [torch.bfloat16, torch.float16]
 CONFIGS = [("Adam", {"weight_decay": 0.1, "amsgrad": True}), ("AdamW", {}), ("Adagrad", {"lr_decay": 0.1}),
-           ("RMSprop", {"centered": True, "momentum": 0.5})]
+           ("RMSprop", {"centered": True, "momentum": 0.5}), ("SGD", {"lr": 0.01, "momentum": 0.9, "dampening": 0.5})]
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])

@@ -32,6 +32,9 @@ BITWISE_CASES = [
     ("RMSprop", {}),
     ("RMSprop", {"weight_decay": 0.1, "centered": True, "momentum": 0.9}),
     ("RMSprop", {"lr": "tensor", "centered": True, "momentum": 0.5, "maximize": True}),
+    ("SGD", {}),
+    ("SGD", {"momentum": 0.9, "dampening": 0.5, "weight_decay": 0.1}),
+    ("SGD", {"lr": "tensor", "momentum": 0.9, "nesterov": True, "maximize": True}),
 ]
 
 
@@ -112,7 +115,9 @@ def _ours_fuses() -> bool:
 
 
 def _sqrt_operand(name, config, st):
-    """What the rule takes the sqrt of, as torch computed it this step."""
+    """What the rule takes the sqrt of, as torch computed it this step (None: SGD takes none)."""
+    if name == "SGD":
+        return None
     if name in ("Adam", "AdamW"):
         return st["max_exp_avg_sq"] if config.get("amsgrad") else st["exp_avg_sq"]
     if name == "Adagrad":
@@ -127,8 +132,8 @@ def test_cpu_kernels_are_torch_but_for_its_sqrt(name, config):
     """Three steps of the C++ kernels (the capability in use) against torch's for-loop, both fusing
     multiply-adds or neither (ATen's default kernels vs its AVX2/AVX-512 ones): every element of
     every param and state tensor is torch's, except where torch's sqrt of that element's state
-    (Adam's v or max v, Adagrad's sum, RMSprop's square_avg or its centered variance) was not the
-    correctly rounded one in some step (the rules are elementwise, and so are these grads)."""
+    (Adam's v or max v, Adagrad's sum, RMSprop's square_avg or its centered variance; SGD has
+    none: every element) was not the correctly rounded one in some step (the rules are elementwise, and so are these grads)."""
     if "cpu" not in fastopt.available_backends("cpu"):
         pytest.skip("the cpu backend is not built")
     if _torch_fuses() != _ours_fuses():
@@ -138,8 +143,12 @@ def test_cpu_kernels_are_torch_but_for_its_sqrt(name, config):
 
     def mark(opt_t, theirs):
         for i, q in enumerate(theirs):
-            x = _sqrt_operand(name, config, opt_t.state[q]).detach()
-            bad = torch.from_numpy(np.sqrt(x.numpy()) != x.sqrt().numpy())
+            x = _sqrt_operand(name, config, opt_t.state[q])
+            if x is None:
+                bad = torch.zeros(q.shape, dtype=torch.bool)
+            else:
+                x = x.detach()
+                bad = torch.from_numpy(np.sqrt(x.numpy()) != x.sqrt().numpy())
             inexact[i] = inexact.get(i, torch.zeros_like(bad)) | bad
 
     opt_t, opt_f, theirs, ours = _lockstep(name, config, "cpu", steps=3, after_step=mark)

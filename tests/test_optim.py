@@ -87,7 +87,7 @@ def test_complex_params_match_torch(name, dtype, backend, device):
     params = [torch.nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in [(3,), (4, 5)]]
     params.append(torch.nn.Parameter(torch.randn(6, dtype=torch.float32 if dtype == torch.complex64
                                                  else torch.float64, device=device)))
-    config = {"weight_decay": 0.1}
+    config = {"weight_decay": 0.1, **spec.stateful}
     opt_t, opt_f, theirs, ours = run_lockstep(
         spec, config, dtype=None, device=device, backend=backend, params=params
     )

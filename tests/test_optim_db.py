@@ -15,14 +15,13 @@ import pytest
 import torch
 
 from harness import Side, assert_matches, lockstep
-from specs import SPEC_BY_NAME, clone_params
+from specs import NAMES, SPEC_BY_NAME, clone_params
 
 common_optimizers = pytest.importorskip(
     "torch.testing._internal.common_optimizers", reason="torch's test utilities need expecttest"
 )
 OptimizerErrorEnum = common_optimizers.OptimizerErrorEnum
 
-NAMES = ("Adam", "AdamW", "Adagrad", "RMSprop")
 INFOS = {info.optim_cls.__name__: info for info in common_optimizers.optim_db
          if info.optim_cls.__name__ in NAMES}
 

@@ -8,7 +8,7 @@ import torch
 
 import fastopt
 from harness import Side, assert_matches, lockstep, set_grads
-from specs import SPEC_BY_NAME, clone_params, make_params, random_grads
+from specs import NAMES, SPEC_BY_NAME, clone_params, make_params, random_grads
 
 
 def _pair(name, backend, device, **config):
@@ -28,10 +28,10 @@ def _step_both(params, ours, theirs, opt_f, opt_t, grads=None):
     opt_t.step()
 
 
-@pytest.mark.parametrize("name", ["Adam", "Adagrad", "RMSprop"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "AdamW"])
 def test_param_storage_replaced_between_steps(name, backend, device):
     """``p.data = ...`` gives a param new storage: the plan must not keep writing the old one."""
-    params, ours, theirs, opt_f, opt_t = _pair(name, backend, device)
+    params, ours, theirs, opt_f, opt_t = _pair(name, backend, device, **SPEC_BY_NAME[name].stateful)
     for step in range(6):
         if step == 3:
             for p in (ours[2], theirs[2], ours[5], theirs[5]):
@@ -40,7 +40,7 @@ def test_param_storage_replaced_between_steps(name, backend, device):
     assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
 
 
-@pytest.mark.parametrize("name", ["Adam", "RMSprop"])
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD"])
 def test_grads_laid_out_unlike_their_params(name, backend, device):
     """A grad whose strides differ from its param's (a transposed grad of a contiguous param)
     takes the copy path on some steps and the planned path on others."""
@@ -48,10 +48,8 @@ def test_grads_laid_out_unlike_their_params(name, backend, device):
     shapes = [(4, 6), (5, 3), (7,)]
     params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
     ours, theirs = clone_params(params), clone_params(params)
-    opt_f = spec.fastopt_cls(ours, backend=backend, momentum=0.5) if name == "RMSprop" else \
-        spec.fastopt_cls(ours, backend=backend)
-    opt_t = spec.torch_cls(theirs, foreach=False, momentum=0.5) if name == "RMSprop" else \
-        spec.torch_cls(theirs, foreach=False)
+    opt_f = spec.fastopt_cls(ours, backend=backend, **spec.stateful)
+    opt_t = spec.torch_cls(theirs, foreach=False, **spec.stateful)
     for step in range(8):
         grads = random_grads(params)
         if step % 3 == 1:  # same values, transposed storage

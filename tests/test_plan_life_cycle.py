@@ -15,7 +15,7 @@ import torch
 import fastopt
 from conftest import isolated
 from harness import Side, assert_matches, assert_ran_on, lockstep
-from specs import SPEC_BY_NAME, clone_params
+from specs import NAMES, SPEC_BY_NAME, clone_params
 
 PLANNED = ("cpu", "triton", "cuda")
 
@@ -77,11 +77,11 @@ def _on_kernels(backend, stats, n):
         assert (stats.kernel, stats.reference) == (0, n), stats
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad", "RMSprop"])
+@pytest.mark.parametrize("name", NAMES)
 def test_two_groups_with_a_contiguous_grad_for_a_permuted_param(name, backend, device):
     """The first GPU run's failure: every step raised on cpu, cuda and triton. Now the grad is
     relaid into the param's layout, the kernels update every param and the plan is built once."""
-    pair = Pair(name, backend, device, **({"momentum": 0.5} if name == "RMSprop" else {}))
+    pair = Pair(name, backend, device, **SPEC_BY_NAME[name].stateful)
     plans = []
     for _ in range(5):
         plan, stats = pair.step(pair.grads(contiguous={1}))
@@ -215,6 +215,22 @@ def test_grads_appear_vanish_and_return_without_a_rebuild_per_step(backend, devi
     pair.check()
 
 
+def test_sgd_buffers_start_from_each_params_first_grad(backend, device):
+    """Note [SGD's first step]: a momentum buffer becomes the grad on its own first step (with
+    dampening, a buffer started from zeros would differ), whether the param has a grad from the
+    start or gets its first one steps later (a new plan), and a buffer loaded from a torch.optim
+    state dict is not started again; grads that vanish and return keep the buffer going."""
+    pair = Pair("SGD", backend, device, momentum=0.9, dampening=0.5)
+    for step in range(4):
+        pair.step(pair.grads(absent={2, 4} if step < 2 else ({4} if step == 3 else ())))
+        pair.check()
+    assert "momentum_buffer" in pair.opt_f.state[pair.ours[2]]
+    pair.opt_f.load_state_dict(copy.deepcopy(pair.opt_t.state_dict()))
+    for step in range(3):
+        pair.step(pair.grads(absent={0} if step == 1 else ()))
+        pair.check()
+
+
 @pytest.mark.parametrize("config", [{}, {"max_grad_norm": 1.0}], ids=["plain", "clipped"])
 def test_no_grad_outlives_its_step(config, backend, device):
     """Note [grads held only for the step]: after a step, zero_grad() (set_to_none=True) frees
@@ -271,7 +287,7 @@ def test_a_param_dtype_changed_after_the_first_step_is_refused(how, backend, dev
     assert [float(s["step"]) for s in opt.state.values()] == steps
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad", "RMSprop"])
+@pytest.mark.parametrize("name", NAMES)
 def test_after_a_deliberate_dtype_change_reloading_the_state_dict_continues(name, backend, device):
     """The way out the refusal above names (README, differences on purpose): reloading the
     optimizer's own state dict casts its state to the params' new dtypes, as torch's loading does;
@@ -279,8 +295,9 @@ def test_after_a_deliberate_dtype_change_reloading_the_state_dict_continues(name
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(device)
     twin = copy.deepcopy(model)
-    ours = getattr(fastopt, name)(model.parameters(), lr=0.01, backend=backend)
-    theirs = getattr(torch.optim, name)(twin.parameters(), lr=0.01, foreach=False)
+    kw = SPEC_BY_NAME[name].stateful
+    ours = getattr(fastopt, name)(model.parameters(), lr=0.01, backend=backend, **kw)
+    theirs = getattr(torch.optim, name)(twin.parameters(), lr=0.01, foreach=False, **kw)
 
     def two_steps():
         for _ in range(2):

@@ -17,6 +17,7 @@ FULL_STATE = {  # configs that create every state key of each optimizer
     "AdamW": {"amsgrad": True},
     "Adagrad": {"lr_decay": 0.1, "initial_accumulator_value": 0.1},
     "RMSprop": {"centered": True, "momentum": 0.5},
+    "SGD": {"momentum": 0.9, "dampening": 0.5},
 }
 
 
@@ -129,6 +130,21 @@ def test_adagrad_state_exists_before_the_first_step(device):
     assert so["state"].keys() == st["state"].keys()
     for pid in st["state"]:
         assert torch.equal(so["state"][pid]["sum"], st["state"][pid]["sum"])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_state_dict_is_torchs(momentum, backend, device):
+    """torch.optim.SGD's format: a momentum_buffer per param and no step count, or no state at all
+    without momentum (not even an empty entry per param)."""
+    params = make_params(torch.float32, device)
+    ours, theirs = clone_params(params), clone_params(params)
+    opt_f = fastopt.SGD(ours, lr=0.1, momentum=momentum, backend=backend)
+    opt_t = torch.optim.SGD(theirs, lr=0.1, momentum=momentum)  # (foreach as the user leaves it: in the groups)
+    _steps([(opt_f, ours), (opt_t, theirs)], 2, params)
+    sd_f, sd_t = opt_f.state_dict(), opt_t.state_dict()
+    assert sd_f["param_groups"] == sd_t["param_groups"]
+    assert {i: sorted(s) for i, s in sd_f["state"].items()} == {i: sorted(s) for i, s in sd_t["state"].items()}
+    assert (sd_t["state"] == {}) == (momentum == 0)
 
 
 def test_param_groups_have_torchs_keys():

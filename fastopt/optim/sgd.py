@@ -66,12 +66,13 @@ class SGD(FusedOptimizer):
     def _check_sparse(self, param: Tensor, group: dict) -> None:
         if group["momentum"] != 0:
             raise NotImplementedError("fastopt.SGD: sparse gradients are supported without momentum only")
+        if group["weight_decay"] != 0:  # torch.optim.SGD fails mid-step: add(sparse, dense) is not supported
+            raise RuntimeError("SGD: weight_decay is not compatible with sparse gradients")
         if param.is_complex() or self._uses_master(param):
             raise NotImplementedError("SGD: sparse gradients are supported for real parameters without master weights")
 
     def _sparse_step(self, param: Tensor, group: dict) -> None:
-        hp = self._hparams(group)
-        ref.sparse_sgd(param, param.grad, lr=hp["lr"], weight_decay=hp["weight_decay"], maximize=hp["maximize"])
+        ref.sparse_sgd(param, param.grad, lr=group["lr"], maximize=group["maximize"])
 
 
 SGD.__doc__ = r"""Implements stochastic gradient descent, optionally with momentum (torch.optim.SGD's
@@ -85,7 +86,7 @@ SGD.__doc__ = r"""Implements stochastic gradient descent, optionally with moment
 
     As in torch, the momentum buffer starts as the first step's gradient (dampening applies from
     the second step), and ``momentum=0`` keeps no state. Sparse gradients are supported without
-    momentum (not with clipping or GradScaler).
+    momentum and weight decay (not with clipping or GradScaler).
 
     Args:
         params (iterable): parameters or dicts defining parameter groups

@@ -52,10 +52,8 @@ def sgd(
 
 
 @torch.no_grad()
-def sparse_sgd(param: Tensor, grad: Tensor, *, lr: Scalar, weight_decay: float, maximize: bool = False) -> None:
-    """SGD without momentum for one sparse (COO) gradient, as torch.optim.SGD does it (only the rows
-    in ``grad`` change, unless weight decay makes the gradient dense)."""
+def sparse_sgd(param: Tensor, grad: Tensor, *, lr: Scalar, maximize: bool = False) -> None:
+    """SGD without momentum or weight decay for one sparse (COO) gradient, as torch.optim.SGD does
+    it: only the rows in ``grad`` change."""
     grad = -grad if maximize else grad
-    if weight_decay != 0:
-        grad = grad.add(param, alpha=weight_decay)
     param.add_(grad, alpha=-float(lr))  # torch reads a tensor lr as a number here (_to_scalar)
