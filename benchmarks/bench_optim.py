@@ -58,6 +58,10 @@ CASES = [
     *[Case(n, s, b) for n, b in (("Adam", 28), ("AdamW", 28), ("Adagrad", 20), ("RMSprop", 20))
       for s in ("one", "small")],
     Case("RMSprop", "one", 36, {"centered": True, "momentum": 0.9}, tag="centered+momentum"),
+    # SGD with momentum moves 20 B/param (reads p, g, buf; writes p, buf)
+    *[Case("SGD", s, 20, opts, tag=tag) for tag, opts in (("momentum", {"momentum": 0.9}),
+                                                           ("nesterov", {"momentum": 0.9, "nesterov": True}))
+      for s in ("one", "small")],
     Case("Adam", "one", 32, recipe="clip", extras={"max_grad_norm": 1.0}, tag="clip"),
     Case("Adam", "one", 32, recipe="amp_clip", extras={"max_grad_norm": 1.0}, tag="GradScaler+clip"),
     Case("Adam", "one", 28, recipe="master", extras={"master_weights": True}, tag="bf16+master"),

@@ -9,7 +9,8 @@ The data set (1,797 8x8 images of handwritten digits, 10 classes) ships inside s
 this runs offline. Every heuristic of the recipe is here and has a switch:
 
   He init for the convolutions, Xavier for the head ............. --init he|torch
-  adaptive optimizers from fastopt ............................... --optimizer adam|adamw|rmsprop|adagrad
+  fastopt's optimizers ........................................... --optimizer adamw|adam|rmsprop|adagrad|sgd
+  SGD with (Nesterov) momentum, the usual vision baseline ........ --optimizer sgd --momentum --nesterov
   learning-rate schedules (torch's) .............................. --schedule step|exp|onecycle|cosine-restarts|none
   batch normalization, fused with its ReLU ....................... --no-fuse to keep them apart
   mini-batches ................................................... --batch-size
@@ -52,7 +53,9 @@ from fastopt.nn import fuse_bn_relu
 @dataclass
 class Config:
     optimizer: str = "adamw"
-    lr: float = 3e-3
+    lr: float = 3e-3  # --lr's default: this, or SGD_LR for --optimizer sgd
+    momentum: float = 0.9  # SGD's (the adaptive optimizers have their own betas/alpha)
+    nesterov: bool = False
     weight_decay: float = 1e-4
     schedule: str = "onecycle"
     epochs: int = 30
@@ -80,11 +83,17 @@ class Config:
     quiet: bool = False
 
 
+_CLASSES = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "adagrad": "Adagrad", "sgd": "SGD"}
+SGD_LR = 0.05  # SGD's step is lr * grad, not lr * a normalized grad: a larger lr than the adaptive ones
+
+
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Config()
-    p.add_argument("--optimizer", choices=["adam", "adamw", "rmsprop", "adagrad"], default=d.optimizer)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--optimizer", choices=sorted(_CLASSES), default=d.optimizer)
+    p.add_argument("--lr", type=float, default=None, help=f"default: {d.lr}, {SGD_LR} with --optimizer sgd")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD's momentum")
+    p.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--schedule", choices=["step", "exp", "onecycle", "cosine-restarts", "none"], default=d.schedule)
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -112,6 +121,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
     p.add_argument("--quiet", action="store_true")
     args = vars(p.parse_args(argv))
     compare = args.pop("compare")
+    if args["lr"] is None:
+        args["lr"] = SGD_LR if args["optimizer"] == "sgd" else d.lr
     return Config(**args), compare
 
 
@@ -247,12 +258,11 @@ def param_groups(model: ResNet, cfg: Config) -> list[dict]:
     ]
 
 
-_CLASSES = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "adagrad": "Adagrad"}
-
-
 def make_optimizer(model: ResNet, cfg: Config) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     extra = {"betas": (0.9, 0.99)} if cfg.optimizer.startswith("adam") else {}
+    if cfg.optimizer == "sgd":
+        extra = {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
     if cfg.library == "torch":
         return getattr(torch.optim, _CLASSES[cfg.optimizer])(groups, lr=cfg.lr, **extra)
     # fastopt: the same arguments, plus clipping inside the step and fp32 masters for bf16 params

@@ -36,14 +36,14 @@ def _config(ex, tmp_path, **kw):
                         "device": "cpu", **kw})
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
+@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop", "sgd"])
 def test_fastopt_gives_torch_optims_losses(ex, tmp_path, optimizer):
     """The first 12 steps of the recipe (one-cycle schedule, clipping at 1.0, two param groups),
     torch.optim + clip_grad_norm_ + separate BatchNorm and ReLU against fastopt with fused
     BatchNorm+ReLU: the same training losses. fp32 throughout; what may differ is the order of
     fp32 sums (BatchNorm statistics, the clip norm) and fused multiply-adds in the update, each
     ~1e-7 relative, compounded over 12 steps of a well-conditioned model: rtol 1e-4."""
-    cfg = _config(ex, tmp_path, optimizer=optimizer, max_steps=12)
+    cfg = _config(ex, tmp_path, optimizer=optimizer, max_steps=12, **({"lr": ex.SGD_LR} if optimizer == "sgd" else {}))
     theirs = ex.train(replace(cfg, library="torch", out=str(tmp_path / "torch")))
     ours = ex.train(replace(cfg, library="fastopt", out=str(tmp_path / "fastopt")))
     assert len(ours.step_loss) == len(theirs.step_loss) == 12
