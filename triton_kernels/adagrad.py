@@ -11,26 +11,25 @@ import triton
 import triton.language as tl
 
 from .common import (
-    chunk_bounds, div, finish_step, grad_scalars, load_as, load_grad, lr_over, read_step, scalar, skipped, sqrt,
-    store_param, to_storage, aligned_ptr, from_base,
+    block_grad, block_store_param, chunk_bounds, div, finish_step, grad_scalars, load_as, lr_over, read_step, scalar,
+    skipped, sqrt, to_storage, walk_chunk,
 )
 from .launch import launch_args
 
 
 @triton.jit
-def _adagrad_block(p_ptr, g_ptr, s_ptr, out_ptr, idx, mask, neg_clr, eps_, wd, clip, inv_scale, coef,
-                   COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, L2: tl.constexpr,
-                   MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
-                   HAS_COEF: tl.constexpr):
-    """The update of the elements ``idx`` (masked unless ``mask`` is None: Note [aligned bodies])."""
+def _adagrad_block(p_ptr, g_ptr, s_ptr, _s1, _s2, out_ptr, idx, mask, sc, gs, G: tl.constexpr, F: tl.constexpr):
+    """The update of the elements ``idx`` (Note [one walk per chunk])."""
+    neg_clr, eps_, wd = sc
+    COMPUTE: tl.constexpr = G[0]
+    L2: tl.constexpr = F[0]
     p = load_as(p_ptr, idx, mask, COMPUTE)
     s = load_as(s_ptr, idx, mask, COMPUTE)
-    g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
-                  L2, COMPUTE)
+    g = block_grad(g_ptr, idx, mask, p, wd, gs, G, L2)
     s = tl.fma(g, g, s)  # state_sum.addcmul_(grad, grad, value=1)
     p = p + div(neg_clr * g, sqrt(s) + eps_)
-    tl.store(s_ptr + idx, to_storage(s, P_DTYPE), mask=mask)
-    store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
+    tl.store(s_ptr + idx, to_storage(s, G[1]), mask=mask)
+    block_store_param(p, p_ptr, out_ptr, idx, mask, G)
 
 
 @triton.jit
@@ -50,29 +49,11 @@ def _adagrad_kernel(
         inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
         # lr / (1 + (t - 1) * lr_decay) in float64, rounded once (Note [scalars in float64])
         neg_clr = (-lr_over(lr_ptr, lr, 1.0 + (step.to(tl.float64) - 1.0) * lr_decay, LR_IS_PTR)).to(COMPUTE)
-        eps_, wd, clip = scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), scalar(clip_value, COMPUTE)
-        # Note [aligned bodies]: every tensor of this program as an offset from its slot's base
-        p_off, ok = from_base(p_base, p_ptrs, t)
-        g_off, g_ok = from_base(g_base, g_ptrs, t)
-        s_off, s_ok = from_base(p_base, sum_ptrs, t)
-        ok = ok & g_ok & s_ok
-        out_off = g_off
-        if MASTER:
-            out_off, out_ok = from_base(out_base, out_ptrs, t)
-            ok = ok & out_ok
-        tail = start
-        if ok:
-            tail = start + (end - start) // BLOCK * BLOCK
-            for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of CHUNK
-                _adagrad_block(aligned_ptr(p_base, p_off), aligned_ptr(g_base, g_off), aligned_ptr(p_base, s_off),
-                               aligned_ptr(out_base, out_off), off + tl.arange(0, BLOCK), None, neg_clr, eps_, wd,
-                               clip, inv_scale, coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, MAXIMIZE, MASTER, HAS_SCALE,
-                               HAS_CLIP, HAS_COEF)
-        for off in tl.range(tail, end, BLOCK):
-            idx = off + tl.arange(0, BLOCK)
-            _adagrad_block(p_base + p_off, g_base + g_off, p_base + s_off, out_base + out_off, idx, idx < end,
-                           neg_clr, eps_, wd, clip, inv_scale, coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, MAXIMIZE,
-                           MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF)
+        walk_chunk(_adagrad_block, p_base, g_base, out_base, p_ptrs, g_ptrs, sum_ptrs, p_ptrs, p_ptrs, out_ptrs, t,
+                   start, end, (neg_clr, scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE)),
+                   (scalar(clip_value, COMPUTE), inv_scale, coef),
+                   (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF), (L2,),
+                   (True, False, False), BLOCK)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 

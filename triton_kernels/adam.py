@@ -15,24 +15,25 @@ import triton
 import triton.language as tl
 
 from .common import (
-    addcmul_sq, chunk_bounds, decoupled_decay, div, finish_step, grad_scalars, lerp, load_as, load_grad, lr_over,
-    one_minus_pow, read_step, scalar, skipped, sqrt, store_param, to_storage, aligned_ptr, from_base,
+    addcmul_sq, block_grad, block_store_param, chunk_bounds, decoupled_decay, div, finish_step, grad_scalars, lerp,
+    load_as, lr_over, one_minus_pow, read_step, scalar, skipped, sqrt, to_storage, walk_chunk,
 )
 from .launch import launch_args
 
 
 @triton.jit
-def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, out_ptr, idx, mask, neg_step_size, bc2_sqrt, lerp_w, beta2_, omb2,
-                eps_, wd, clip, decay_, inv_scale, coef,
-                COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, L2: tl.constexpr,
-                DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
-                HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_COEF: tl.constexpr):
-    """The update of the elements ``idx`` (masked unless ``mask`` is None: Note [aligned bodies])."""
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, out_ptr, idx, mask, sc, gs, G: tl.constexpr, F: tl.constexpr):
+    """The update of the elements ``idx`` (Note [one walk per chunk])."""
+    neg_step_size, bc2_sqrt, lerp_w, beta2_, omb2, eps_, wd, decay_ = sc
+    COMPUTE: tl.constexpr = G[0]
+    P_DTYPE: tl.constexpr = G[1]
+    L2: tl.constexpr = F[0]
+    DECOUPLED: tl.constexpr = F[1]
+    AMSGRAD: tl.constexpr = F[2]
     p = load_as(p_ptr, idx, mask, COMPUTE)
     m = load_as(m_ptr, idx, mask, COMPUTE)
     v = load_as(v_ptr, idx, mask, COMPUTE)
-    g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
-                  L2, COMPUTE)
+    g = block_grad(g_ptr, idx, mask, p, wd, gs, G, L2)
     if DECOUPLED:
         p = p * decay_
     m = lerp(m, g, lerp_w)
@@ -47,7 +48,7 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, out_ptr, idx, mask, neg_st
     p = p + div(neg_step_size * m, denom)
     tl.store(m_ptr + idx, to_storage(m, P_DTYPE), mask=mask)
     tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
-    store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
+    block_store_param(p, p_ptr, out_ptr, idx, mask, G)
 
 
 @triton.jit
@@ -68,41 +69,15 @@ def _adam_kernel(
         inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
         neg_step_size = (-lr_over(lr_ptr, lr, one_minus_pow(log_beta1, step), LR_IS_PTR)).to(COMPUTE)
         bc2_sqrt = sqrt(one_minus_pow(log_beta2, step)).to(COMPUTE)
-        lerp_w, beta2_, omb2 = scalar(lerp_weight, COMPUTE), scalar(beta2, COMPUTE), scalar(one_minus_beta2, COMPUTE)
-        eps_, wd, clip = scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), scalar(clip_value, COMPUTE)
         decay_ = scalar(1.0, COMPUTE)
         if DECOUPLED:
             decay_ = decoupled_decay(lr_ptr, decay, weight_decay, LR_IS_PTR, COMPUTE)
-        # Note [aligned bodies]: every tensor of this program as an offset from its slot's base
-        p_off, ok = from_base(p_base, p_ptrs, t)
-        g_off, g_ok = from_base(g_base, g_ptrs, t)
-        m_off, m_ok = from_base(p_base, m_ptrs, t)
-        v_off, v_ok = from_base(p_base, v_ptrs, t)
-        ok = ok & g_ok & m_ok & v_ok
-        vmax_off = p_off
-        if AMSGRAD:
-            vmax_off, vmax_ok = from_base(p_base, vmax_ptrs, t)
-            ok = ok & vmax_ok
-        out_off = g_off
-        if MASTER:
-            out_off, out_ok = from_base(out_base, out_ptrs, t)
-            ok = ok & out_ok
-        tail = start
-        if ok:
-            tail = start + (end - start) // BLOCK * BLOCK
-            for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of CHUNK
-                _adam_block(aligned_ptr(p_base, p_off), aligned_ptr(g_base, g_off), aligned_ptr(p_base, m_off),
-                            aligned_ptr(p_base, v_off), aligned_ptr(p_base, vmax_off),
-                            aligned_ptr(out_base, out_off), off + tl.arange(0, BLOCK), None,
-                            neg_step_size, bc2_sqrt, lerp_w, beta2_, omb2, eps_, wd, clip, decay_, inv_scale, coef,
-                            COMPUTE, P_DTYPE, OUT_DTYPE, L2, DECOUPLED, AMSGRAD, MAXIMIZE, MASTER, HAS_SCALE,
-                            HAS_CLIP, HAS_COEF)
-        for off in tl.range(tail, end, BLOCK):
-            idx = off + tl.arange(0, BLOCK)
-            _adam_block(p_base + p_off, g_base + g_off, p_base + m_off, p_base + v_off, p_base + vmax_off,
-                        out_base + out_off, idx, idx < end, neg_step_size, bc2_sqrt, lerp_w, beta2_, omb2, eps_, wd,
-                        clip, decay_, inv_scale, coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, DECOUPLED, AMSGRAD, MAXIMIZE,
-                        MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF)
+        sc = (neg_step_size, bc2_sqrt, scalar(lerp_weight, COMPUTE), scalar(beta2, COMPUTE),
+              scalar(one_minus_beta2, COMPUTE), scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), decay_)
+        walk_chunk(_adam_block, p_base, g_base, out_base, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, out_ptrs, t,
+                   start, end, sc, (scalar(clip_value, COMPUTE), inv_scale, coef),
+                   (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF),
+                   (L2, DECOUPLED, AMSGRAD), (True, True, AMSGRAD), BLOCK)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 

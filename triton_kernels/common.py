@@ -261,3 +261,64 @@ def store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE: tl.constexpr, OUT_DTYPE: 
     tl.store(p_ptr + idx, to_storage(p, P_DTYPE), mask=mask)
     if MASTER:
         tl.store(out_ptr + idx, to_storage(p, OUT_DTYPE), mask=mask)
+
+
+# Note [one walk per chunk]: every update kernel walks its chunk the same way (Note [aligned
+# bodies]): each slot's tensor as an offset from its base, then whole BLOCKs unmasked where every
+# offset keeps 16-byte alignment, then a masked tail. `walk_chunk` is that walk, written once; a
+# rule gives its update of one block, called as
+#     BLOCK_FN(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, out_ptr, idx, mask, sc, gs, G, F)
+# with its state slots s0..s2 (S: which are present; an absent slot gets the params' address and
+# is never read), its per-program scalars `sc`, the grad transform's `gs` = (clip, inv_scale,
+# coef), the constexprs every rule shares G = (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER,
+# HAS_SCALE, HAS_CLIP, HAS_COEF) and its own flags F. Triton inlines every call: the compiled
+# program is the one the kernels wrote out by hand before.
+@triton.jit
+def _slot_offset(base, table, t, absent_offset, PRESENT: tl.constexpr):
+    """``from_base`` for a slot that may be absent: then ``absent_offset`` (an address that is
+    never read), aligned."""
+    if PRESENT:
+        return from_base(base, table, t)
+    else:
+        return absent_offset, True
+
+
+@triton.jit
+def walk_chunk(BLOCK_FN: tl.constexpr, p_base, g_base, out_base, p_ptrs, g_ptrs, s0_ptrs, s1_ptrs, s2_ptrs, out_ptrs,
+               t, start, end, sc, gs, G: tl.constexpr, F: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
+    """Tensor ``t``'s elements [start, end) through ``BLOCK_FN`` (Note [one walk per chunk])."""
+    MASTER: tl.constexpr = G[4]
+    S0: tl.constexpr = S[0]
+    S1: tl.constexpr = S[1]
+    S2: tl.constexpr = S[2]
+    p_off, ok = from_base(p_base, p_ptrs, t)
+    g_off, g_ok = from_base(g_base, g_ptrs, t)
+    s0_off, s0_ok = _slot_offset(p_base, s0_ptrs, t, p_off, S0)
+    s1_off, s1_ok = _slot_offset(p_base, s1_ptrs, t, p_off, S1)
+    s2_off, s2_ok = _slot_offset(p_base, s2_ptrs, t, p_off, S2)
+    out_off, out_ok = _slot_offset(out_base, out_ptrs, t, g_off, MASTER)
+    ok = ok & g_ok & s0_ok & s1_ok & s2_ok & out_ok
+    tail = start
+    if ok:
+        tail = start + (end - start) // BLOCK * BLOCK
+        for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of CHUNK
+            BLOCK_FN(aligned_ptr(p_base, p_off), aligned_ptr(g_base, g_off), aligned_ptr(p_base, s0_off),
+                     aligned_ptr(p_base, s1_off), aligned_ptr(p_base, s2_off), aligned_ptr(out_base, out_off),
+                     off + tl.arange(0, BLOCK), None, sc, gs, G, F)
+    for off in tl.range(tail, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        BLOCK_FN(p_base + p_off, g_base + g_off, p_base + s0_off, p_base + s1_off, p_base + s2_off,
+                 out_base + out_off, idx, idx < end, sc, gs, G, F)
+
+
+@triton.jit
+def block_grad(g_ptr, idx, mask, p, weight_decay, gs, G: tl.constexpr, L2: tl.constexpr):
+    """``load_grad`` with the walk's grad transform ``gs`` and shared constexprs ``G``."""
+    clip, inv_scale, coef = gs
+    return load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, weight_decay, G[5], G[6], G[7], G[3], L2, G[0])
+
+
+@triton.jit
+def block_store_param(p, p_ptr, out_ptr, idx, mask, G: tl.constexpr):
+    """``store_param`` with the walk's shared constexprs ``G``."""
+    store_param(p, p_ptr, out_ptr, idx, mask, G[1], G[2], G[4])

@@ -13,22 +13,25 @@ import triton
 import triton.language as tl
 
 from .common import (
-    addcmul_sq, chunk_bounds, div, finish_step, grad_scalars, lerp, load_as, load_grad, neg_lr, read_step, scalar,
-    skipped, sqrt, store_param, to_storage, aligned_ptr, from_base,
+    addcmul_sq, block_grad, block_store_param, chunk_bounds, div, finish_step, grad_scalars, lerp, load_as, neg_lr,
+    read_step, scalar, skipped, sqrt, to_storage, walk_chunk,
 )
 from .launch import launch_args
 
 
 @triton.jit
-def _rmsprop_block(p_ptr, g_ptr, v_ptr, ga_ptr, buf_ptr, out_ptr, idx, mask, neg_lr_, alpha_, oma, mom, eps_, wd, clip,
-                   inv_scale, coef, COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                   L2: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
-                   MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_COEF: tl.constexpr):
-    """The update of the elements ``idx`` (masked unless ``mask`` is None: Note [aligned bodies])."""
+def _rmsprop_block(p_ptr, g_ptr, v_ptr, ga_ptr, buf_ptr, out_ptr, idx, mask, sc, gs, G: tl.constexpr,
+                   F: tl.constexpr):
+    """The update of the elements ``idx`` (Note [one walk per chunk])."""
+    neg_lr_, alpha_, oma, mom, eps_, wd = sc
+    COMPUTE: tl.constexpr = G[0]
+    P_DTYPE: tl.constexpr = G[1]
+    L2: tl.constexpr = F[0]
+    CENTERED: tl.constexpr = F[1]
+    MOMENTUM: tl.constexpr = F[2]
     p = load_as(p_ptr, idx, mask, COMPUTE)
     v = load_as(v_ptr, idx, mask, COMPUTE)
-    g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
-                  L2, COMPUTE)
+    g = block_grad(g_ptr, idx, mask, p, wd, gs, G, L2)
     v = addcmul_sq(v, alpha_, g, oma)
     if CENTERED:
         ga = load_as(ga_ptr, idx, mask, COMPUTE)
@@ -46,7 +49,7 @@ def _rmsprop_block(p_ptr, g_ptr, v_ptr, ga_ptr, buf_ptr, out_ptr, idx, mask, neg
     else:
         p = p + div(neg_lr_ * g, avg)
     tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
-    store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
+    block_store_param(p, p_ptr, out_ptr, idx, mask, G)
 
 
 @triton.jit
@@ -64,42 +67,13 @@ def _rmsprop_kernel(
     if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
         step_ptr, step = read_step(step_ptrs, t)  # RMSprop keeps the count (as torch) but does not use it
-        neg_lr_ = neg_lr(lr_ptr, lr, LR_IS_PTR, COMPUTE)
         inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
-        alpha_, oma, mom = scalar(alpha, COMPUTE), scalar(one_minus_alpha, COMPUTE), scalar(momentum, COMPUTE)
-        eps_, wd, clip = scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), scalar(clip_value, COMPUTE)
-        # Note [aligned bodies]: every tensor of this program as an offset from its slot's base
-        p_off, ok = from_base(p_base, p_ptrs, t)
-        g_off, g_ok = from_base(g_base, g_ptrs, t)
-        v_off, v_ok = from_base(p_base, v_ptrs, t)
-        ok = ok & g_ok & v_ok
-        ga_off = p_off
-        if CENTERED:
-            ga_off, ga_ok = from_base(p_base, ga_ptrs, t)
-            ok = ok & ga_ok
-        buf_off = p_off
-        if MOMENTUM:
-            buf_off, buf_ok = from_base(p_base, buf_ptrs, t)
-            ok = ok & buf_ok
-        out_off = g_off
-        if MASTER:
-            out_off, out_ok = from_base(out_base, out_ptrs, t)
-            ok = ok & out_ok
-        tail = start
-        if ok:
-            tail = start + (end - start) // BLOCK * BLOCK
-            for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of CHUNK
-                _rmsprop_block(aligned_ptr(p_base, p_off), aligned_ptr(g_base, g_off), aligned_ptr(p_base, v_off),
-                               aligned_ptr(p_base, ga_off), aligned_ptr(p_base, buf_off),
-                               aligned_ptr(out_base, out_off), off + tl.arange(0, BLOCK), None, neg_lr_, alpha_, oma,
-                               mom, eps_, wd, clip, inv_scale, coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, CENTERED,
-                               MOMENTUM, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF)
-        for off in tl.range(tail, end, BLOCK):
-            idx = off + tl.arange(0, BLOCK)
-            _rmsprop_block(p_base + p_off, g_base + g_off, p_base + v_off, p_base + ga_off, p_base + buf_off,
-                           out_base + out_off, idx, idx < end, neg_lr_, alpha_, oma, mom, eps_, wd, clip, inv_scale,
-                           coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, CENTERED, MOMENTUM, MAXIMIZE, MASTER, HAS_SCALE,
-                           HAS_CLIP, HAS_COEF)
+        sc = (neg_lr(lr_ptr, lr, LR_IS_PTR, COMPUTE), scalar(alpha, COMPUTE), scalar(one_minus_alpha, COMPUTE),
+              scalar(momentum, COMPUTE), scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE))
+        walk_chunk(_rmsprop_block, p_base, g_base, out_base, p_ptrs, g_ptrs, v_ptrs, ga_ptrs, buf_ptrs, out_ptrs, t,
+                   start, end, sc, (scalar(clip_value, COMPUTE), inv_scale, coef),
+                   (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF),
+                   (L2, CENTERED, MOMENTUM), (True, CENTERED, MOMENTUM), BLOCK)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 

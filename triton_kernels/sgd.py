@@ -12,21 +12,23 @@ import triton
 import triton.language as tl
 
 from .common import (
-    aligned_ptr, chunk_bounds, finish_step, from_base, grad_scalars, load_as, load_grad, neg_lr, read_step, scalar,
-    skipped, store_param, to_storage,
+    block_grad, block_store_param, chunk_bounds, finish_step, grad_scalars, load_as, neg_lr, read_step, scalar, skipped,
+    to_storage, walk_chunk,
 )
 from .launch import launch_args
 
 
 @triton.jit
-def _sgd_block(p_ptr, g_ptr, buf_ptr, out_ptr, idx, mask, neg_lr_, mom, omd, first, wd, clip, inv_scale, coef,
-               COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, L2: tl.constexpr,
-               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
-               HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_COEF: tl.constexpr):
-    """The update of the elements ``idx`` (masked unless ``mask`` is None: Note [aligned bodies])."""
+def _sgd_block(p_ptr, g_ptr, buf_ptr, _s1, _s2, out_ptr, idx, mask, sc, gs, G: tl.constexpr, F: tl.constexpr):
+    """The update of the elements ``idx`` (Note [one walk per chunk])."""
+    neg_lr_, mom, omd, first, wd = sc
+    COMPUTE: tl.constexpr = G[0]
+    P_DTYPE: tl.constexpr = G[1]
+    L2: tl.constexpr = F[0]
+    MOMENTUM: tl.constexpr = F[1]
+    NESTEROV: tl.constexpr = F[2]
     p = load_as(p_ptr, idx, mask, COMPUTE)
-    g = load_grad(g_ptr, idx, mask, p, inv_scale, clip, coef, wd, HAS_SCALE, HAS_CLIP, HAS_COEF, MAXIMIZE,
-                  L2, COMPUTE)
+    g = block_grad(g_ptr, idx, mask, p, wd, gs, G, L2)
     if MOMENTUM:
         buf = load_as(buf_ptr, idx, mask, COMPUTE)
         # buf.mul_(momentum).add_(grad, alpha=1 - dampening); the grad itself on the first step
@@ -37,7 +39,7 @@ def _sgd_block(p_ptr, g_ptr, buf_ptr, out_ptr, idx, mask, neg_lr_, mom, omd, fir
         else:
             g = buf
     p = tl.fma(g, neg_lr_, p)  # param.add_(grad, alpha=-lr)
-    store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE, OUT_DTYPE, MASTER)
+    block_store_param(p, p_ptr, out_ptr, idx, mask, G)
 
 
 @triton.jit
@@ -55,36 +57,13 @@ def _sgd_kernel(
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
         # the plan's own count (Note [SGD's first step]): 1 on the buffer's first step
         step_ptr, step = read_step(step_ptrs, t)
-        first = step == 1.0
-        neg_lr_ = neg_lr(lr_ptr, lr, LR_IS_PTR, COMPUTE)
         inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
-        mom, omd = scalar(momentum, COMPUTE), scalar(one_minus_dampening, COMPUTE)
-        wd, clip = scalar(weight_decay, COMPUTE), scalar(clip_value, COMPUTE)
-        # Note [aligned bodies]: every tensor of this program as an offset from its slot's base
-        p_off, ok = from_base(p_base, p_ptrs, t)
-        g_off, g_ok = from_base(g_base, g_ptrs, t)
-        ok = ok & g_ok
-        buf_off = p_off
-        if MOMENTUM:
-            buf_off, buf_ok = from_base(p_base, buf_ptrs, t)
-            ok = ok & buf_ok
-        out_off = g_off
-        if MASTER:
-            out_off, out_ok = from_base(out_base, out_ptrs, t)
-            ok = ok & out_ok
-        tail = start
-        if ok:
-            tail = start + (end - start) // BLOCK * BLOCK
-            for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of CHUNK
-                _sgd_block(aligned_ptr(p_base, p_off), aligned_ptr(g_base, g_off), aligned_ptr(p_base, buf_off),
-                           aligned_ptr(out_base, out_off), off + tl.arange(0, BLOCK), None, neg_lr_, mom, omd, first,
-                           wd, clip, inv_scale, coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, MOMENTUM, NESTEROV, MAXIMIZE,
-                           MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF)
-        for off in tl.range(tail, end, BLOCK):
-            idx = off + tl.arange(0, BLOCK)
-            _sgd_block(p_base + p_off, g_base + g_off, p_base + buf_off, out_base + out_off, idx, idx < end, neg_lr_,
-                       mom, omd, first, wd, clip, inv_scale, coef, COMPUTE, P_DTYPE, OUT_DTYPE, L2, MOMENTUM,
-                       NESTEROV, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF)
+        sc = (neg_lr(lr_ptr, lr, LR_IS_PTR, COMPUTE), scalar(momentum, COMPUTE), scalar(one_minus_dampening, COMPUTE),
+              step == 1.0, scalar(weight_decay, COMPUTE))
+        walk_chunk(_sgd_block, p_base, g_base, out_base, p_ptrs, g_ptrs, buf_ptrs, p_ptrs, p_ptrs, out_ptrs, t, start,
+                   end, sc, (scalar(clip_value, COMPUTE), inv_scale, coef),
+                   (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF),
+                   (L2, MOMENTUM, NESTEROV), (MOMENTUM, False, False), BLOCK)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
 
