@@ -81,6 +81,7 @@ SPECS = [
         {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
         {"momentum": 0.9, "nesterov": True, "maximize": True},
         {"lr": "tensor", "momentum": 0.5},
+        {"weight_decay": "tensor", "momentum": 0.9},
     ], lr=0.1, stateful={"momentum": 0.9}),
 ]
 
@@ -96,6 +97,8 @@ def materialize(spec: OptimSpec, config: dict, dtype: torch.dtype = torch.float3
     out = {"lr": spec.lr, **config}
     if out["lr"] == "tensor":
         out["lr"] = torch.tensor(spec.lr)
+    if out.get("weight_decay") == "tensor":  # SGD's weight_decay may be a tensor (read as a number)
+        out["weight_decay"] = torch.tensor(0.1)
     if out.get("betas") == "tensor":
         out["betas"] = (torch.tensor(0.9, dtype=dtype), torch.tensor(0.99, dtype=dtype))
     return out
