@@ -1,6 +1,7 @@
 // The Python module fastopt._C (csrc/bindings/bindings.h lists its parts).
 #include "../cpu/capability.h"
 #include "bindings.h"
+#include "fastopt/stochastic_round.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace cpu = fastopt::cpu;
@@ -18,6 +19,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     std::vector<std::string> out;
     for (auto c : {cpu::Capability::kDefault, cpu::Capability::kAvx2, cpu::Capability::kAvx512}) {
       if (cpu::capability_supported(c)) out.emplace_back(cpu::capability_name(c));
+    }
+    return out;
+  });
+  // The stochastic rounding the kernels will use for bfloat16 state (Note [deterministic
+  // stochastic rounding]), element by element, for the tests against the specification.
+  m.def("stochastic_round_bf16", [](const at::Tensor& x, int64_t seed, int64_t step, int64_t offset) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+                "stochastic_round_bf16: expected a CPU float32 tensor, got ", x.scalar_type(), " on ", x.device());
+    const at::Tensor src = x.contiguous();
+    at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kBFloat16));
+    const float* in = src.data_ptr<float>();
+    auto* bits = reinterpret_cast<uint16_t*>(out.data_ptr());
+    for (int64_t i = 0; i < src.numel(); ++i) {
+      const uint32_t r = fastopt::stochastic_bits(static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
+                                                  static_cast<uint64_t>(offset + i));
+      bits[i] = fastopt::bf16_bits_stochastic(in[i], r);
     }
     return out;
   });

@@ -1,0 +1,59 @@
+// Deterministic stochastic rounding of float32 to bfloat16, shared by the C++ and CUDA kernels
+// (issue 27, low-precision state: the rounding comes first, the state dtypes that use it next).
+//
+// Note [deterministic stochastic rounding]: a value is rounded up or down with probabilities that
+// make the rounding unbiased (E[round(x)] = x), from random bits that are a function of (a seed,
+// the step, the element's index in its tensor) only: a counter-based generator, no state. So the
+// result does not depend on the backend's chunking or thread count, the CPU kernels and the
+// specification (fastopt/reference/rounding.py, the same arithmetic on int64 tensors) give the
+// same bits, and a run resumed from a checkpoint (seed and step in the state dict) rounds as the
+// uninterrupted one. The bits: the five words seed (low, high), step, index (low, high), each
+// times an odd constant, summed mod 2^32, then lowbias32's finalizer (two multiply-xorshift
+// rounds). The rounding adds the low 16 random bits to the float32 bit pattern and truncates to
+// its high 16 bits: rounds the magnitude up with probability (dropped bits) / 2^16; a NaN stays a
+// quiet NaN, infinities stay, a value within the last bf16 ulp below the largest finite one may
+// round up to infinity (as round-to-nearest may).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "fastopt/macros.h"
+
+namespace fastopt {
+
+// The odd constants of the word mix (from xxHash and the golden ratio) and of lowbias32.
+constexpr uint32_t kSrSeedLo = 0xC2B2AE3Du, kSrSeedHi = 0x27D4EB2Fu, kSrStep = 0x85EBCA77u,
+                   kSrIndexLo = 0x9E3779B1u, kSrIndexHi = 0x165667B1u, kSrMix1 = 0x7FEB352Du, kSrMix2 = 0x846CA68Bu;
+
+// 32 random bits for (seed, step, index): Note [deterministic stochastic rounding].
+FASTOPT_HD uint32_t stochastic_bits(uint64_t seed, uint64_t step, uint64_t index) {
+  uint32_t h = static_cast<uint32_t>(seed) * kSrSeedLo + static_cast<uint32_t>(seed >> 32) * kSrSeedHi +
+               static_cast<uint32_t>(step) * kSrStep + static_cast<uint32_t>(index) * kSrIndexLo +
+               static_cast<uint32_t>(index >> 32) * kSrIndexHi;  // unsigned: wraps mod 2^32
+  h ^= h >> 16;
+  h *= kSrMix1;
+  h ^= h >> 15;
+  h *= kSrMix2;
+  h ^= h >> 16;
+  return h;
+}
+
+FASTOPT_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+// The bfloat16 bit pattern of float32 `x` rounded stochastically with the random bits `r`.
+FASTOPT_HD uint16_t bf16_bits_stochastic(float x, uint32_t r) {
+  const uint32_t u = float_bits(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // NaN: quiet
+  return static_cast<uint16_t>((u + (r & 0xFFFFu)) >> 16);  // at most 0xFF80FFFF: no carry into bit 32
+}
+
+}  // namespace fastopt
