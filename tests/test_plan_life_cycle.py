@@ -231,6 +231,23 @@ def test_sgd_buffers_start_from_each_params_first_grad(backend, device):
         pair.check()
 
 
+def test_sgd_momentum_switched_on_mid_run_starts_its_buffers(backend, device):
+    """A group's momentum set from 0 to 0.9 after two steps (and after a torch.optim state dict
+    without any state was loaded): the plan is rebuilt with buffers, which start from that step's
+    grads, as torch's do."""
+    pair = Pair("SGD", backend, device, dampening=0.5)
+    for _ in range(2):
+        pair.step(pair.grads())
+    pair.opt_f.load_state_dict(copy.deepcopy(pair.opt_t.state_dict()))
+    assert pair.opt_f.state_dict()["state"] == {}
+    for opt in (pair.opt_f, pair.opt_t):
+        for group in opt.param_groups:
+            group["momentum"] = 0.9
+    for _ in range(3):
+        pair.step(pair.grads())
+        pair.check()
+
+
 @pytest.mark.parametrize("config", [{}, {"max_grad_norm": 1.0}], ids=["plain", "clipped"])
 def test_no_grad_outlives_its_step(config, backend, device):
     """Note [grads held only for the step]: after a step, zero_grad() (set_to_none=True) frees
