@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    block_grad, block_store_param, chunk_bounds, div, finish_step, grad_scalars, load_as, lr_over, read_step, scalar,
+    block_grad, block_store_param, chunk_bounds, div, finish_step, load_as, lr_over, read_step, scalar,
     skipped, sqrt, to_storage, walk_chunk,
 )
 from .launch import launch_args
@@ -46,12 +46,11 @@ def _adagrad_kernel(
     if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
         step_ptr, step = read_step(step_ptrs, t)
-        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
         # lr / (1 + (t - 1) * lr_decay) in float64, rounded once (Note [scalars in float64])
         neg_clr = (-lr_over(lr_ptr, lr, 1.0 + (step.to(tl.float64) - 1.0) * lr_decay, LR_IS_PTR)).to(COMPUTE)
         walk_chunk(_adagrad_block, p_base, g_base, out_base, p_ptrs, g_ptrs, sum_ptrs, p_ptrs, p_ptrs, out_ptrs, t,
                    start, end, (neg_clr, scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE)),
-                   (scalar(clip_value, COMPUTE), inv_scale, coef),
+                   grad_scale_ptr, clip_value, clip_coef_ptr,
                    (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF), (L2,),
                    (True, False, False), BLOCK)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    addcmul_sq, block_grad, block_store_param, chunk_bounds, decoupled_decay, div, finish_step, grad_scalars, lerp,
+    addcmul_sq, block_grad, block_store_param, chunk_bounds, decoupled_decay, div, finish_step, lerp,
     load_as, lr_over, one_minus_pow, read_step, scalar, skipped, sqrt, to_storage, walk_chunk,
 )
 from .launch import launch_args
@@ -66,7 +66,6 @@ def _adam_kernel(
     if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
         step_ptr, step = read_step(step_ptrs, t)
-        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
         neg_step_size = (-lr_over(lr_ptr, lr, one_minus_pow(log_beta1, step), LR_IS_PTR)).to(COMPUTE)
         bc2_sqrt = sqrt(one_minus_pow(log_beta2, step)).to(COMPUTE)
         decay_ = scalar(1.0, COMPUTE)
@@ -75,7 +74,7 @@ def _adam_kernel(
         sc = (neg_step_size, bc2_sqrt, scalar(lerp_weight, COMPUTE), scalar(beta2, COMPUTE),
               scalar(one_minus_beta2, COMPUTE), scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), decay_)
         walk_chunk(_adam_block, p_base, g_base, out_base, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, out_ptrs, t,
-                   start, end, sc, (scalar(clip_value, COMPUTE), inv_scale, coef),
+                   start, end, sc, grad_scale_ptr, clip_value, clip_coef_ptr,
                    (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF),
                    (L2, DECOUPLED, AMSGRAD), (True, True, AMSGRAD), BLOCK)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)

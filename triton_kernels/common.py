@@ -270,7 +270,7 @@ def store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE: tl.constexpr, OUT_DTYPE: 
 #     BLOCK_FN(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, out_ptr, idx, mask, sc, gs, G, F)
 # with its state slots s0..s2 (S: which are present; an absent slot gets the params' address and
 # is never read), its per-program scalars `sc`, the grad transform's `gs` = (clip, inv_scale,
-# coef), the constexprs every rule shares G = (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER,
+# coef) (read here from the kernel's grad arguments), the constexprs every rule shares G = (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER,
 # HAS_SCALE, HAS_CLIP, HAS_COEF) and its own flags F. Triton inlines every call: the compiled
 # program is the one the kernels wrote out by hand before.
 @triton.jit
@@ -285,8 +285,11 @@ def _slot_offset(base, table, t, absent_offset, PRESENT: tl.constexpr):
 
 @triton.jit
 def walk_chunk(BLOCK_FN: tl.constexpr, p_base, g_base, out_base, p_ptrs, g_ptrs, s0_ptrs, s1_ptrs, s2_ptrs, out_ptrs,
-               t, start, end, sc, gs, G: tl.constexpr, F: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
+               t, start, end, sc, grad_scale_ptr, clip_value, clip_coef_ptr, G: tl.constexpr, F: tl.constexpr,
+               S: tl.constexpr, BLOCK: tl.constexpr):
     """Tensor ``t``'s elements [start, end) through ``BLOCK_FN`` (Note [one walk per chunk])."""
+    inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, G[5], G[7], G[0])
+    gs = (scalar(clip_value, G[0]), inv_scale, coef)
     MASTER: tl.constexpr = G[4]
     S0: tl.constexpr = S[0]
     S1: tl.constexpr = S[1]

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    addcmul_sq, block_grad, block_store_param, chunk_bounds, div, finish_step, grad_scalars, lerp, load_as, neg_lr,
+    addcmul_sq, block_grad, block_store_param, chunk_bounds, div, finish_step, lerp, load_as, neg_lr,
     read_step, scalar, skipped, sqrt, to_storage, walk_chunk,
 )
 from .launch import launch_args
@@ -67,11 +67,10 @@ def _rmsprop_kernel(
     if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
         step_ptr, step = read_step(step_ptrs, t)  # RMSprop keeps the count (as torch) but does not use it
-        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
         sc = (neg_lr(lr_ptr, lr, LR_IS_PTR, COMPUTE), scalar(alpha, COMPUTE), scalar(one_minus_alpha, COMPUTE),
               scalar(momentum, COMPUTE), scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE))
         walk_chunk(_rmsprop_block, p_base, g_base, out_base, p_ptrs, g_ptrs, v_ptrs, ga_ptrs, buf_ptrs, out_ptrs, t,
-                   start, end, sc, (scalar(clip_value, COMPUTE), inv_scale, coef),
+                   start, end, sc, grad_scale_ptr, clip_value, clip_coef_ptr,
                    (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF),
                    (L2, CENTERED, MOMENTUM), (True, CENTERED, MOMENTUM), BLOCK)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    block_grad, block_store_param, chunk_bounds, finish_step, grad_scalars, load_as, neg_lr, read_step, scalar, skipped,
+    block_grad, block_store_param, chunk_bounds, finish_step, load_as, neg_lr, read_step, scalar, skipped,
     to_storage, walk_chunk,
 )
 from .launch import launch_args
@@ -57,11 +57,10 @@ def _sgd_kernel(
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
         # the plan's own count (Note [SGD's first step]): 1 on the buffer's first step
         step_ptr, step = read_step(step_ptrs, t)
-        inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, HAS_SCALE, HAS_COEF, COMPUTE)
         sc = (neg_lr(lr_ptr, lr, LR_IS_PTR, COMPUTE), scalar(momentum, COMPUTE), scalar(one_minus_dampening, COMPUTE),
               step == 1.0, scalar(weight_decay, COMPUTE))
         walk_chunk(_sgd_block, p_base, g_base, out_base, p_ptrs, g_ptrs, buf_ptrs, p_ptrs, p_ptrs, out_ptrs, t, start,
-                   end, sc, (scalar(clip_value, COMPUTE), inv_scale, coef),
+                   end, sc, grad_scale_ptr, clip_value, clip_coef_ptr,
                    (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF),
                    (L2, MOMENTUM, NESTEROV), (MOMENTUM, False, False), BLOCK)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)

@@ -9,14 +9,7 @@ from torch import Tensor
 from .. import rules
 from ._docs import EXTRAS_DOC
 from ._options import parse_extras
-from .optimizer import FusedOptimizer
-
-
-def _scalar(x: Union[float, Tensor]) -> float:
-    # Note [tensor betas]: a 1-element tensor beta is read once per step as a Python float
-    # (torch's fused Adam does the same), so the bias corrections are computed in float64; torch's
-    # single-tensor path computes them in the betas' dtype. lr may stay a tensor.
-    return float(x) if isinstance(x, Tensor) else x
+from .optimizer import FusedOptimizer, number
 
 
 class Adam(FusedOptimizer):
@@ -80,7 +73,7 @@ class Adam(FusedOptimizer):
 
     def _hparams(self, group: dict) -> dict:
         beta1, beta2 = group["betas"]  # the rule's beta1, beta2 (float: Note [scalars in float64])
-        return super()._hparams({**group, "beta1": _scalar(beta1), "beta2": _scalar(beta2)})
+        return super()._hparams({**group, "beta1": number(beta1), "beta2": number(beta2)})
 
 
 class AdamW(Adam):

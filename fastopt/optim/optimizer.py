@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -27,6 +27,14 @@ from ._options import FusedOptions
 from ._rollback import undo_created
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def number(x: Union[float, Tensor]) -> float:
+    """A hyperparameter the rule takes as a number (Adam's betas, SGD's weight_decay) read from a
+    1-element tensor once per step. Note [tensor betas]: torch's fused Adam reads tensor betas so
+    too, so the bias corrections are computed in float64 (torch's single-tensor path: in the betas'
+    dtype); SGD's add(alpha=weight_decay) reads it as a number per param. lr may stay a tensor."""
+    return float(x) if isinstance(x, Tensor) else x
 
 
 def _own_step_count(p: Tensor, fresh: bool) -> Tensor:
@@ -238,7 +246,8 @@ class FusedOptimizer(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     self._check_sparse(p, group)  # raises before any state exists
-                fresh = all(self.state.get(p, {}).get(k) is None for k in keys)  # Note [SGD's first step]
+                if not self._rule.keeps_step:  # Note [SGD's first step]: is p's state made for this step?
+                    fresh = all(self.state.get(p, {}).get(k) is None for k in keys)
                 state = self._ensure_state(p, group)
                 if p.grad.is_sparse:
                     sparse.append((p, group))

@@ -10,8 +10,7 @@ from .. import reference as ref
 from .. import rules
 from ._docs import EXTRAS_DOC
 from ._options import parse_extras
-from .adam import _scalar
-from .optimizer import FusedOptimizer
+from .optimizer import FusedOptimizer, number
 
 
 class SGD(FusedOptimizer):
@@ -61,7 +60,7 @@ class SGD(FusedOptimizer):
 
     def _hparams(self, group: dict) -> dict:
         # a tensor weight_decay is read as a number, as torch's add(alpha=weight_decay) reads it
-        return super()._hparams({**group, "weight_decay": _scalar(group["weight_decay"])})
+        return super()._hparams({**group, "weight_decay": number(group["weight_decay"])})
 
     def _check_sparse(self, param: Tensor, group: dict) -> None:
         if group["momentum"] != 0:

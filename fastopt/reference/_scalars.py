@@ -46,6 +46,17 @@ def per_tensor(values: Tensor, dtype: torch.dtype) -> list[Tensor]:
 # follow the same rule: Note [torch's fused multiply-adds], csrc/include/fastopt/update_math.h).
 
 
+def update_grads(params: list[Tensor], grads: list[Tensor], maximize: bool, weight_decay: float) -> list[Tensor]:
+    """The grads a rule's update uses, as torch.optim's for-loop makes them first: negated for
+    ``maximize``, then ``grad.add(param, alpha=weight_decay)`` (L2 decay; 0: none). New tensors,
+    the given grads are not written."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    return grads
+
+
 def addcdiv_(params: list[Tensor], t1: list[Tensor], t2: list[Tensor], values: list[Tensor]) -> None:
     """``params[i].addcdiv_(t1[i], t2[i], value=values[i])``: ATen's CPU kernel rounds
     ``value * t1``, divides that by ``t2``, then adds: three ops, each rounded."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._scalars import Scalar, addcdiv_, as_scalar, per_tensor, stacked_steps
+from ._scalars import Scalar, addcdiv_, as_scalar, per_tensor, stacked_steps, update_grads
 
 
 @torch.no_grad()
@@ -30,10 +30,7 @@ def adagrad(
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    if weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    grads = update_grads(params, grads, maximize, weight_decay)
     t = stacked_steps(steps)
     lr_t = as_scalar(lr, device)
     neg_clr = per_tensor(-lr_t / (1 + (t - 1) * lr_decay).to(lr_t.dtype), dtype)

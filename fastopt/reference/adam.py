@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._scalars import Scalar, addcdiv_, as_scalar, per_tensor, stacked_steps
+from ._scalars import Scalar, addcdiv_, as_scalar, per_tensor, stacked_steps, update_grads
 
 
 @torch.no_grad()
@@ -41,14 +41,10 @@ def adam(
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
-    if maximize:
-        grads = torch._foreach_neg(grads)
+    grads = update_grads(params, grads, maximize, 0.0 if decoupled_weight_decay else weight_decay)
     lr_t = as_scalar(lr, device)
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            torch._foreach_mul_(params, (1 - lr_t * weight_decay).to(dtype))
-        else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if weight_decay != 0 and decoupled_weight_decay:
+        torch._foreach_mul_(params, (1 - lr_t * weight_decay).to(dtype))
 
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)

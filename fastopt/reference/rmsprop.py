@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._scalars import Scalar, add_scaled_, addcdiv_, as_scalar
+from ._scalars import Scalar, add_scaled_, addcdiv_, as_scalar, update_grads
 
 
 @torch.no_grad()
@@ -35,10 +35,7 @@ def rmsprop(
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    if weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    grads = update_grads(params, grads, maximize, weight_decay)
     neg_lr = (-as_scalar(lr, device)).to(dtype)
 
     torch._foreach_mul_(square_avgs, alpha)

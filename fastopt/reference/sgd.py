@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._scalars import Scalar, add_scaled_, as_scalar
+from ._scalars import Scalar, add_scaled_, as_scalar, update_grads
 
 
 @torch.no_grad()
@@ -34,10 +34,7 @@ def sgd(
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    if weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    grads = update_grads(params, grads, maximize, weight_decay)
     if momentum != 0:
         later = torch._foreach_mul(momentum_buffers, momentum)
         torch._foreach_add_(later, grads, alpha=1 - dampening)  # buf.mul_(momentum).add_(grad, alpha=1 - dampening)
