@@ -111,9 +111,17 @@ def test_sparse_sgd_matches_torch(kwargs):
             opt.step()
     (emb_t, lin_t, opt_t), (emb_f, lin_f, opt_f) = models
     assert emb_f.weight.grad.is_sparse
-    # one add with alpha per step in both: the same ops in the same order
-    torch.testing.assert_close(emb_f.weight, emb_t.weight, rtol=0, atol=0)
-    torch.testing.assert_close(lin_f.weight, lin_t.weight, rtol=0, atol=0)
+    # The dense layer steps on the cpu kernels, the sparse rows by torch's own add_(alpha=-lr):
+    # torch's bits where both fuse the multiply-add alike (Note [torch's fused multiply-adds]);
+    # else the dense update rounds once differently per step (an ulp, ~1e-7 relative) and the
+    # embedding's grads, which flow through that layer, carry it on: over 5 steps of well-scaled
+    # fp32 values that stays within TOL's fp32 bound (rtol 1e-5, atol 1e-6).
+    same_fusion = (torch.backends.cpu.get_cpu_capability() != "DEFAULT") == (fastopt.cpu_capability() != "default")
+    tol = dict(rtol=0, atol=0) if same_fusion else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(emb_f.weight, emb_t.weight, **tol)
+    torch.testing.assert_close(lin_f.weight, lin_t.weight, **tol)
+    torch.testing.assert_close(lin_f.bias, lin_t.bias, **tol)
+    assert opt_f.step_stats.kernel == 2 and opt_f.step_stats.reference == 1  # the dense ones on the kernels
     assert opt_f.state_dict()["state"] == opt_t.state_dict()["state"] == {}
 
 
