@@ -173,6 +173,11 @@ class Segment:
     grads: list[Tensor] = field(default_factory=list)  # refreshed every step
     is_complex: bool = False
     sharded: bool = False  # owners are DTensors, the other lists their local shards (Note [DTensor shards])
+    # per param, the seed of its stochastic rounding (state["seed"]): the state is bfloat16 and
+    # stored stochastically (Note [stochastic state], csrc/include/fastopt/update_math.h); None:
+    # the state has the dtype of the params (float32 masters) and is stored rounded to nearest
+    seeds: Optional[list[int]] = None
+    _seed_tensor: Optional[Tensor] = field(default=None, repr=False)
 
     def subset(self, indices: list[int]) -> "Segment":
         """The entries at ``indices``, in order."""
@@ -185,7 +190,27 @@ class Segment:
             steps=[self.steps[i] for i in indices],
             is_complex=any(self.owners[i].is_complex() for i in indices),
             sharded=self.sharded,
+            seeds=None if self.seeds is None else [self.seeds[i] for i in indices],
         )
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The dtype the update expects of param 0's state (every param of a segment has its
+        bucket's dtype): bfloat16 with stochastic state, float32 with master weights, else the
+        param's (real view for complex)."""
+        return self.state_dtype_of(self.params[0]) if self.params else torch.float32
+
+    def state_dtype_of(self, p: Tensor) -> torch.dtype:
+        if self.seeds is not None:
+            return torch.bfloat16
+        return torch.float32 if self.masters is not None else p.dtype
+
+    @property
+    def seed_tensor(self) -> Optional[Tensor]:
+        """The seeds as an int64 CPU tensor (what the list ops take), made once."""
+        if self.seeds is not None and self._seed_tensor is None:
+            self._seed_tensor = torch.tensor(self.seeds, dtype=torch.int64)
+        return self._seed_tensor
 
     def with_grads(self, backend: str) -> Optional["Segment"]:
         """This step's entries that have a grad, with ``grads`` set (``self`` when all have);
@@ -210,7 +235,7 @@ class Segment:
         master weights, else the param's): a param whose dtype or shape changed after its state
         was made is refused, as torch.optim refuses it, rather than updated with mismatched state."""
         for i, p in enumerate(self.params):
-            dtype = torch.float32 if self.masters is not None else p.dtype
+            dtype = self.state_dtype_of(p)
             for key, tensors in self.states.items():
                 t = tensors[i]
                 if t.dtype != dtype or t.shape != p.shape:

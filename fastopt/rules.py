@@ -45,6 +45,10 @@ class Rule:
         """The state lists of a segment, in the ops' order."""
         return [states.get(key, []) for key, _ in self.state]
 
+    def state_slot(self, key: str) -> int:
+        """The index of state ``key`` among the rule's state slots (0 for the first)."""
+        return [k for k, _ in self.state].index(key)
+
     def slots(self, states: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
         """The state lists by the ops' names (what the Triton plans take)."""
         return {name: states.get(key, []) for key, name in self.state}

@@ -53,6 +53,9 @@ struct UpdateArgs {
   bool master;
   LrValue lr;
   GradPrep<double> prep;  // (1, +inf, 1, +-1) when nothing is done to the grads but maximize
+  // per tensor, the seed of its stochastic state (Note [stochastic state], fastopt/update_math.h):
+  // the state slots are bfloat16, stored stochastically; nullptr: the state has the params' type
+  const int64_t* seeds = nullptr;
 };
 
 // The norm pass over a plan's grads (Note [deterministic norm], multi_tensor_norm.cpp): one partial

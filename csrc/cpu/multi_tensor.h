@@ -43,11 +43,15 @@ class Slots {
  public:
   Slots(const Slots&) = delete;  // slot_table_ points into this object's vectors
   Slots& operator=(const Slots&) = delete;
+  // `seeds`: one per param for stochastic bfloat16 state (Note [stochastic state],
+  // fastopt/update_math.h), or none.
   Slots(const std::vector<std::pair<const char*, at::TensorList>>& lists, std::vector<bool> written,
-        at::TensorList steps)
-      : work_(lists.size()), ptrs_(lists.size()), written_(std::move(written)) {
+        at::TensorList steps, std::vector<int64_t> seeds = {})
+      : work_(lists.size()), ptrs_(lists.size()), written_(std::move(written)), seeds_(std::move(seeds)) {
     const int64_t n = static_cast<int64_t>(lists.front().second.size());
     TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, "fastopt: one step count per param");
+    TORCH_CHECK(seeds_.empty() || static_cast<int64_t>(seeds_.size()) == n, "fastopt: ", seeds_.size(),
+                " seeds for ", n, " params (one per param, or none)");
     for (size_t s = 0; s < lists.size(); ++s) {
       const auto& list = lists[s].second;
       TORCH_CHECK(list.empty() || static_cast<int64_t>(list.size()) == n, "fastopt: `",
@@ -67,12 +71,12 @@ class Slots {
         names.emplace_back(name);
         present.push_back(!list.empty());
       }
-      check_slot_dtypes(names, dtypes_, present, "cpu");
+      check_slot_dtypes(names, dtypes_, present, "cpu", !seeds_.empty());
     }
     numels_.resize(n);
     for (int64_t i = 0; i < n; ++i) {
       const at::Tensor& ref = work_[0][i];
-      bool linear = true;
+      bool linear = true, same_shape = true;
       for (size_t s = 0; s < work_.size(); ++s) {
         if (work_[s].empty()) continue;
         const at::Tensor& t = work_[s][i];
@@ -84,11 +88,19 @@ class Slots {
         TORCH_CHECK(t.numel() == ref.numel(), "fastopt: `", lists[s].first, "` tensor ", i, " has ",
                     t.numel(), " elements, `", lists[0].first, "` tensor ", i, " has ", ref.numel());
         linear = linear && walks_like(t, ref);  // fastopt/grad_binding.h
+        same_shape = same_shape && same_dims(t.sizes(), ref.sizes());
       }
       if (!linear) {
+        // every tensor of the index walks like the param when the param is dense (so that an
+        // element's index is its position in the param's memory: Note [stochastic state]), else
+        // all are made contiguous
+        const bool like_ref = same_shape && ref.is_non_overlapping_and_dense();
         for (size_t s = 0; s < work_.size(); ++s) {
           if (work_[s].empty()) continue;
-          at::Tensor c = work_[s][i].contiguous();
+          const at::Tensor& t = work_[s][i];
+          at::Tensor c = !like_ref ? t.contiguous()
+                         : walks_like(t, ref) ? t
+                         : at::empty_strided(ref.sizes(), ref.strides(), t.options()).copy_(t);
           if (written_[s] && !c.is_same(work_[s][i])) copy_back_.emplace_back(work_[s][i], c);
           work_[s][i] = c;
         }
@@ -145,8 +157,11 @@ class Slots {
   // GradArgs::prep() (fastopt/update_op.h).
   UpdateArgs update_args(const std::vector<double>& steps, const LrValue& lr, const GradPrep<double>& prep) const {
     return UpdateArgs{slot_table_.data(), chunks_.data(), static_cast<int64_t>(chunks_.size()), steps.data(),
-                      dtypes_[kGradSlot], present(work_.size() - 1), lr, prep};
+                      dtypes_[kGradSlot], present(work_.size() - 1), lr, prep,
+                      seeds_.empty() ? nullptr : seeds_.data()};
   }
+
+  bool stochastic_state() const { return !seeds_.empty(); }
 
   at::ScalarType dtype(size_t slot) const { return dtypes_[slot]; }
   bool present(size_t slot) const { return !work_[slot].empty(); }
@@ -167,6 +182,7 @@ class Slots {
   std::vector<void* const*> slot_table_;  // ptrs_[s].data(), nullptr for an empty slot
   std::vector<at::ScalarType> dtypes_;
   std::vector<bool> written_;
+  std::vector<int64_t> seeds_;
   std::vector<int64_t> numels_;
   std::vector<Chunk> chunks_;
   std::vector<at::Tensor> steps_;

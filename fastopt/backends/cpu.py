@@ -62,6 +62,8 @@ def compiled_plan(build: Callable, rule: Rule, seg: Segment):
     from the owners' grads (a real view for complex params)."""
     owners = [local(p) for p in seg.owners] if seg.sharded else list(seg.owners)  # Note [DTensor shards]
     lists = [seg.targets, seg.params, *rule.state_lists(seg.states), _params_out(seg)]
+    if seg.seeds is not None:  # Note [stochastic state] (only the cpu plans take seeds)
+        return build(rule.name, lists, seg.steps, owners, seg.seeds)
     return build(rule.name, lists, seg.steps, owners)
 
 
@@ -92,4 +94,5 @@ class CpuBackend(PlannedBackend):
         return torch.ops.fastopt.multi_tensor_norm(grads, norm_type, xform.inv_scale, xform.clip_value)
 
     def _fallback_step(self, rule: Rule, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
-        rule.list_op()(*segment_lists(rule, seg, seg.grads), *op_args(rule, hp), *grad_args(xform))
+        rule.list_op()(*segment_lists(rule, seg, seg.grads), *op_args(rule, hp), *grad_args(xform),
+                       seeds=seg.seed_tensor)

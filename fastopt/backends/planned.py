@@ -62,12 +62,13 @@ class PlannedBackend(ReferenceBackend):
         """Whether the kernels can walk param ``i`` of ``seg`` linearly with its state: every
         tensor dense, laid out like the param, in the dtype the kernels expect."""
         p = seg.params[i]
-        state_dtype = torch.float32 if seg.masters is not None else p.dtype
-        others = [v[i] for v in seg.states.values()] + ([seg.masters[i]] if seg.masters is not None else [])
+        expected = [(v[i], seg.state_dtype_of(p)) for v in seg.states.values()]
+        if seg.masters is not None:
+            expected.append((seg.masters[i], torch.float32))
         step = seg.steps[i]
-        if p.layout != torch.strided or not dense(p) or not plain_tensors(p, step, *others):
+        if p.layout != torch.strided or not dense(p) or not plain_tensors(p, step, *(t for t, _ in expected)):
             return False
-        return (all(walks_with(t, p) and t.dtype == state_dtype and t.device == p.device for t in others)
+        return (all(walks_with(t, p) and t.dtype == dtype and t.device == p.device for t, dtype in expected)
                 and step.numel() == 1 and step.dtype == torch.float32 and step.device == p.device)
 
     def _plan_segment(self, bucket: Bucket, seg: Segment) -> SegmentPlan:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
+from ..reference import rounding
 from .._plan import Bucket, Segment, StepStats
 from ..rules import Rule
 from .base import GradTransform
@@ -96,7 +97,13 @@ def _step_segment(rule: Rule, seg: Segment, hp: dict, xform: GradTransform) -> N
 
     pairs = list(zip(seg.targets, work))
     for key, tensors in seg.states.items():
-        pairs += zip(tensors, states[key])
+        values = states[key]
+        if seg.seeds is not None:  # Note [stochastic state] (update_math.h): the kernels' bits
+            slot = rule.state_slot(key)
+            values = [rounding.stochastic_round_bf16(v, rounding.slot_seed(seed, slot), step,
+                                                     index=rounding.memory_index(target))
+                      for v, seed, step, target in zip(values, seg.seeds, seg.steps, seg.targets)]
+        pairs += zip(tensors, values)
     if seg.masters is not None:
         pairs += zip(seg.params, work)
     if xform.found_inf is None:

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from .. import backends
 
 _TORCH_FLAGS = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
@@ -15,6 +17,7 @@ _EXTRAS = {
     "clip_value": None,
     "error_if_nonfinite": False,
     "master_weights": False,
+    "state_dtype": None,
     "backend": "auto",
     **_TORCH_FLAGS,
 }
@@ -29,6 +32,11 @@ class FusedOptions:
     clip_value: Optional[float] = None
     error_if_nonfinite: bool = False
     master_weights: bool = False
+    # torch.bfloat16: the rule's state tensors (moments, sums, buffers) are stored in bfloat16,
+    # computed in float32 and written back with deterministic stochastic rounding (Note
+    # [stochastic state], csrc/include/fastopt/update_math.h); None: the params' dtype (float32
+    # with master weights), as torch.optim
+    state_dtype: Optional[torch.dtype] = None
     backend: str = "auto"
 
     @property
@@ -65,6 +73,8 @@ def parse_extras(owner: str, extras: dict) -> tuple[FusedOptions, dict]:
         raise ValueError("error_if_nonfinite=True needs max_grad_norm (it is about the norm that clipping computes)")
     if not isinstance(values["master_weights"], bool):
         raise TypeError(f"master_weights must be a bool, got {values['master_weights']!r}")
+    if values["state_dtype"] not in (None, torch.bfloat16):
+        raise ValueError(f"Invalid state_dtype: {values['state_dtype']!r} (expected None or torch.bfloat16)")
     if values["backend"] not in backends.NAMES:
         raise ValueError(f"Invalid backend: {values['backend']!r} (expected one of {backends.NAMES})")
     options = FusedOptions(
@@ -73,6 +83,7 @@ def parse_extras(owner: str, extras: dict) -> tuple[FusedOptions, dict]:
         clip_value=None if clip_value is None else float(clip_value),
         error_if_nonfinite=values["error_if_nonfinite"],
         master_weights=values["master_weights"],
+        state_dtype=values["state_dtype"],
         backend=values["backend"],
     )
     return options, flags

@@ -21,7 +21,7 @@ def validate(opt: Any, state_dict: dict) -> dict:
             if key not in saved:
                 raise KeyError(f"{key!r}: param group {i} of the loaded state dict has no {key!r}, which "
                                f"{name} needs (is it another optimizer's state dict?)")
-    allowed = set(opt._state_names) | {"step", "master_param"}
+    allowed = set(opt._state_names) | {"step", "master_param", "seed"}
     for saved_id, saved_state in state_dict["state"].items():
         extra = sorted(set(saved_state) - allowed)
         if extra:
@@ -36,7 +36,7 @@ def validate(opt: Any, state_dict: dict) -> dict:
         if p is None:
             continue
         for key, value in saved_state.items():
-            if key != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+            if key not in ("step", "seed") and isinstance(value, Tensor) and value.shape != p.shape:
                 raise ValueError(
                     f"loaded state dict does not match this optimizer's parameters: state {key!r} of "
                     f"parameter {saved_id} has shape {tuple(value.shape)}, the parameter has shape "
@@ -54,9 +54,30 @@ def settle(opt: Any, state_dict: dict, id_map: dict) -> None:
             continue
         if "step" in state:  # (SGD keeps none, as in torch)
             state["step"] = torch.as_tensor(state["step"]).to(dtype=torch.float32, device=p.device)
+        saved = state_dict["state"].get(saved_id, {})
         if opt._uses_master(p):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if key != "step" and isinstance(value, Tensor):
+            for key, value in saved.items():
+                if key not in ("step", "seed") and isinstance(value, Tensor):
                     state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
         else:
             state.pop("master_param", None)
+        _settle_low_precision(opt, p, state, saved)
+
+
+def _settle_low_precision(opt: Any, p: Tensor, state: dict, saved: dict) -> None:
+    """With ``state_dtype``: the state tensors in bfloat16 (rounded to nearest from what was saved,
+    a torch.optim dict's float32 moments say) and the saved seed as it was (torch's loading casts
+    it to the param's dtype); a dict without one gets a fresh seed at the next step. Without
+    ``state_dtype``: no seed, the state as the params' (torch's cast)."""
+    if opt._options.state_dtype is None:
+        state.pop("seed", None)
+        return
+    for key in opt._state_names:
+        value = saved.get(key)
+        if isinstance(value, Tensor):
+            state[key] = value.to(device=p.device, dtype=opt._options.state_dtype, copy=True)
+    seed = saved.get("seed")
+    if seed is None:
+        state.pop("seed", None)
+    else:
+        state["seed"] = torch.as_tensor(seed).to(device="cpu", dtype=torch.int64, copy=True)

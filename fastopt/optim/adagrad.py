@@ -58,9 +58,11 @@ class Adagrad(FusedOptimizer):
         }
         super().__init__(params, defaults, options)
         # torch.optim.Adagrad creates its state eagerly; so do we, so that state dicts match.
+        ordinal = 0
         for group in self.param_groups:
             for p in group["params"]:
-                self._ensure_state(p, group)
+                self._ensure_state(p, group, ordinal)
+                ordinal += 1
 
     def _state_keys(self, group: dict) -> tuple[str, ...]:
         return ("sum",)

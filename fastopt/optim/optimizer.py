@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from .. import backends, functional
 from .._plan import Bucket, Plan, Segment, StepStats, local, plain_tensors, real_view, shard_spec
+from ..reference.rounding import param_seed
 from ..rules import Rule
 from . import _state_dict
 from ._options import FusedOptions
@@ -67,6 +68,7 @@ class _StepState:
         self.last_grad_norm: Optional[Tensor] = None
         self.stats = StepStats()
         self.warned_subclass = False
+        self.warned_stochastic = False
         # (param, state key) pairs the current step created: a step that raises removes them
         self.created: list[tuple[Tensor, str]] = []
         # Note [stale master weights]: per param with a master copy, (address, version) as the
@@ -183,12 +185,24 @@ class FusedOptimizer(Optimizer):
     def _uses_master(self, p: Tensor) -> bool:
         return self._options.master_weights and p.dtype in LOW_PRECISION
 
-    def _ensure_state(self, p: Tensor, group: dict) -> dict:
+    def _state_dtype(self, p: Tensor) -> torch.dtype:
+        """The dtype of ``p``'s state tensors: ``state_dtype`` when set, else float32 with master
+        weights, else the param's."""
+        if self._options.state_dtype is not None:
+            return self._options.state_dtype
+        return torch.float32 if self._uses_master(p) else p.dtype
+
+    def _ensure_state(self, p: Tensor, group: dict, ordinal: int = 0) -> dict:
         """Create whatever state ``p`` lacks (lazily, as torch does); returns ``self.state[p]``
         (an empty dict, not entered into ``self.state``, for a param that keeps no state: SGD
-        without momentum, as in torch)."""
+        without momentum, as in torch). ``ordinal``: p's position over all param groups, which
+        seeds its stochastic rounding (``state["seed"]``, with ``state_dtype``)."""
         keys = self._state_keys(group)
         master = self._uses_master(p)
+        stochastic = self._options.state_dtype is not None
+        if stochastic and p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"fastopt.{type(self).__name__}: state_dtype=torch.bfloat16 is for float32, float16 "
+                             f"and bfloat16 params; this one is {p.dtype}")
         keeps_step = self._rule.keeps_step
         if not (keys or master or keeps_step or p in self.state):
             return {}
@@ -204,9 +218,12 @@ class FusedOptimizer(Optimizer):
                 state[key] = torch.full_like(
                     p,
                     complex(value, value) if p.is_complex() else value,
-                    dtype=torch.float32 if master else p.dtype,
+                    dtype=self._state_dtype(p),
                     memory_format=torch.preserve_format,
                 )
+        if stochastic and "seed" not in state:
+            created.append((p, "seed"))
+            state["seed"] = torch.tensor(param_seed(ordinal), dtype=torch.int64)
         if master and "master_param" not in state:
             created.append((p, "master_param"))
             state["master_param"] = p.detach().to(
@@ -238,17 +255,22 @@ class FusedOptimizer(Optimizer):
         sparse: list[tuple[Tensor, dict]] = []
         absent: list[Tensor] = []
         masters: list[tuple[Tensor, Tensor]] = []
+        ordinal = -1
         for group in self.param_groups:
             keys = self._state_keys(group)
             for p in group["params"]:
+                ordinal += 1
                 if p.grad is None:
                     absent.append(p)
                     continue
                 if p.grad.is_sparse:
+                    if self._options.state_dtype is not None:
+                        raise NotImplementedError(f"fastopt.{type(self).__name__}: sparse gradients cannot be "
+                                                  "combined with state_dtype")
                     self._check_sparse(p, group)  # raises before any state exists
                 if not self._rule.keeps_step:  # Note [SGD's first step]: is p's state made for this step?
                     fresh = all(self.state.get(p, {}).get(k) is None for k in keys)
-                state = self._ensure_state(p, group)
+                state = self._ensure_state(p, group, ordinal)
                 if p.grad.is_sparse:
                     sparse.append((p, group))
                     continue
@@ -260,6 +282,8 @@ class FusedOptimizer(Optimizer):
                     spec = self._shards_for_kernels(p, state, keys, backend, steps)
                     if spec is None:
                         backend = self._subclass_fallback(p, backend)
+                if "seed" in state and backend.name in ("triton", "cuda"):
+                    backend = self._stochastic_fallback(backend, p.device)
                 key = (p.device, view.dtype, backend.name, None if spec is None else (id(spec[0]), spec[1]))
                 bucket = buckets.get(key)
                 if bucket is None:
@@ -271,6 +295,7 @@ class FusedOptimizer(Optimizer):
                             masters=[] if self._uses_master(p) else None,
                             states={k: [] for k in keys},
                             sharded=spec is not None,
+                            seeds=[] if "seed" in state else None,
                         )
                     )
                 seg = bucket.segments[-1]
@@ -281,6 +306,8 @@ class FusedOptimizer(Optimizer):
                 seg.steps.append(steps)
                 for k in keys:
                     seg.states[k].append(real_view(shard(state[k])))
+                if seg.seeds is not None:
+                    seg.seeds.append(int(state["seed"]))
                 if seg.masters is not None:
                     seg.masters.append(shard(state["master_param"]))
                     masters.append((p, state["master_param"]))
@@ -316,6 +343,17 @@ class FusedOptimizer(Optimizer):
                 f"not the {backend.name} kernels (they take plain tensors only); results are the same, "
                 "the step is slower", stacklevel=5)
         return backends.resolve("reference", p.device)
+
+    def _stochastic_fallback(self, backend: Any, device: torch.device) -> Any:
+        """The backend for params with ``state_dtype``: the GPU kernels do not round
+        stochastically yet, so they take the reference rules (the same bits), with a warning once
+        per optimizer (counted in ``step_stats`` too)."""
+        if not self._run.warned_stochastic:
+            self._run.warned_stochastic = True
+            warnings.warn(f"fastopt.{type(self).__name__}: state_dtype=torch.bfloat16 runs on the reference rules, "
+                          f"not the {backend.name} kernels (not written for them yet); results are the same, "
+                          "the step is slower", stacklevel=5)
+        return backends.resolve("reference", device)
 
     # -- the step ------------------------------------------------------------------------------
 

@@ -5,10 +5,12 @@ kernels bit for bit. Every product is formed from 16-bit halves so that nothing 
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
+
+from .._plan import dense
 
 _M32 = 0xFFFFFFFF
 SEED_LO, SEED_HI, STEP, INDEX_LO, INDEX_HI = 0xC2B2AE3D, 0x27D4EB2F, 0x85EBCA77, 0x9E3779B1, 0x165667B1
@@ -41,15 +43,53 @@ def stochastic_bits(seed: Int, step: Int, index: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def stochastic_round_bf16(x: Tensor, seed: Int, step: Int, offset: int = 0) -> Tensor:
+def stochastic_round_bf16(x: Tensor, seed: Int, step: Int, offset: int = 0,
+                          index: Optional[Tensor] = None) -> Tensor:
     """``x`` (float32) rounded to bfloat16 stochastically; element ``i`` of ``x`` (in its flat,
-    row-major order) takes the random bits of index ``offset + i``."""
+    row-major order) takes the random bits of index ``offset + i``, or of ``index`` (an int64
+    tensor of ``x``'s shape: ``memory_index``) when given."""
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round_bf16: expected float32, got {x.dtype}")
     flat = x.contiguous().view(-1)
     u = flat.view(torch.int32).to(torch.int64) & _M32
-    r = stochastic_bits(seed, step, torch.arange(offset, offset + flat.numel(), device=x.device))
+    if index is None:
+        index = torch.arange(offset, offset + flat.numel(), device=x.device)
+    r = stochastic_bits(seed, step, index.reshape(-1))
     nan = (u & 0x7FFFFFFF) > 0x7F800000
     bits = torch.where(nan, (u >> 16) | 0x40, (u + (r & 0xFFFF)) >> 16)
     bits = torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16)  # two's complement
     return bits.view(torch.bfloat16).view(x.shape)
+
+
+def memory_index(t: Tensor) -> Tensor:
+    """Each element's index as the kernels count it (Note [stochastic state], update_math.h): its
+    position in ``t``'s memory when ``t`` is non-overlapping and dense (a transposed or
+    channels_last tensor walks its memory in order), else its row-major position."""
+    n = t.numel()
+    index = torch.arange(n, dtype=torch.int64, device=t.device)
+    if n and dense(t):
+        return index.as_strided(t.shape, t.stride())
+    return index.view(t.shape)
+
+
+_M64 = (1 << 64) - 1
+
+
+def _signed64(v: int) -> int:
+    v &= _M64
+    return v - (1 << 64) if v >> 63 else v
+
+
+def param_seed(ordinal: int, base: int = 0) -> int:
+    """The seed of the ``ordinal``-th param of an optimizer (its position over all param groups
+    when its state was made): splitmix64 of ``base + ordinal``, as a signed int64 (the bits are
+    what count), so that params and runs get unrelated, reproducible streams."""
+    z = (base + ordinal + 1) * 0x9E3779B97F4A7C15 & _M64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _M64
+    return _signed64(z ^ (z >> 31))
+
+
+def slot_seed(seed: int, slot: int) -> int:
+    """The seed of state slot ``slot`` (the rule's state order) of a param whose seed is ``seed``."""
+    return _signed64(seed + slot)

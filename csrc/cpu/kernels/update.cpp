@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "common.h"
+#include "fastopt/stochastic_round.h"
 
 namespace fastopt {
 namespace cpu {
@@ -25,18 +26,30 @@ X* slot(const UpdateArgs& u, size_t s, const Chunk& c) {
   return u.ptrs[s] == nullptr ? nullptr : static_cast<X*>(u.ptrs[s][c.tensor]) + c.begin;
 }
 
-// fn(S{}, master) for the grads' storage S: with master weights (float16/bfloat16 grads and
-// params_out) params and state are float32, else S.
+// fn(S{}, master, stochastic) for the grads' storage S: with master weights (float16/bfloat16
+// grads and params_out) params and state are float32, else S; with stochastic state (seeds,
+// float32 compute only: the caller checks) the state is bfloat16 (Note [stochastic state]).
 template <typename Fn>
 void with_storage(const UpdateArgs& u, Fn&& fn) {
   with_dtype(u.grad_dtype, [&](auto s) {
     using S = decltype(s);
-    if constexpr (is_low_precision<S>()) {
-      with_bool(u.master, [&](auto kMaster) { fn(s, kMaster); });
+    if constexpr (std::is_same_v<S, double>) {
+      fn(s, std::false_type{}, std::false_type{});
     } else {
-      fn(s, std::false_type{});
+      with_bool(u.seeds != nullptr, [&](auto kStochastic) {
+        if constexpr (is_low_precision<S>()) {
+          with_bool(u.master, [&](auto kMaster) { fn(s, kMaster, kStochastic); });
+        } else {
+          fn(s, std::false_type{}, kStochastic);
+        }
+      });
     }
   });
+}
+
+// State value `v` (float32) stored stochastically with the bits of `stream` at index_lo.
+inline at::BFloat16 store_stochastic(float v, const StochasticStream& stream, uint32_t index_lo) {
+  return at::BFloat16(bf16_bits_stochastic(v, stream.bits(index_lo)), at::BFloat16::from_bits());
 }
 
 // fn(chunk, scalars) for every chunk of a tensor with a grad (Note [absent grads]), in parallel;
@@ -65,18 +78,33 @@ void for_each_active_chunk(const UpdateArgs& u, const Make& make, const Fn& fn) 
 // R::update<kF>, stored back. S: the grads' storage; P: params' and state's (float32 masters).
 // Every slot has a pointer of its own, declared __restrict__ (the slots never overlap: the callers
 // check it), so that the loop vectorizes without runtime alias checks.
-template <typename R, typename S, bool kMaster, unsigned kF, bool kPrep, typename T>
+// With kStochastic the state Q is bfloat16, stored with the bits of Note [stochastic state]
+// (update_math.h); else Q is P, stored rounded to nearest.
+template <typename R, typename S, bool kMaster, bool kStochastic, unsigned kF, bool kPrep, typename T>
 void update_chunk(const UpdateArgs& u, const Chunk& c, const typename R::template Scalars<T>& sc,
                   const GradPrep<T>& gp) {
   using P = std::conditional_t<kMaster, float, S>;
+  using Q = std::conditional_t<kStochastic, at::BFloat16, P>;
   static_assert(R::kStates >= 1 && R::kStates <= 3, "update_chunk walks one to three state slots");
+  static_assert(!kStochastic || std::is_same_v<T, float>, "stochastic state rounds float32");
   constexpr bool k0 = R::uses(kF, 0), k1 = R::kStates > 1 && R::uses(kF, 1), k2 = R::kStates > 2 && R::uses(kF, 2);
   P* __restrict__ p = slot<P>(u, kParamSlot, c);
   const S* __restrict__ g = slot<const S>(u, kGradSlot, c);
-  P* __restrict__ s0 = k0 ? slot<P>(u, 2, c) : nullptr;
-  P* __restrict__ s1 = k1 ? slot<P>(u, 3, c) : nullptr;
-  P* __restrict__ s2 = k2 ? slot<P>(u, 4, c) : nullptr;
+  Q* __restrict__ s0 = k0 ? slot<Q>(u, 2, c) : nullptr;
+  Q* __restrict__ s1 = k1 ? slot<Q>(u, 3, c) : nullptr;
+  Q* __restrict__ s2 = k2 ? slot<Q>(u, 4, c) : nullptr;
   S* __restrict__ out = kMaster ? slot<S>(u, 2 + R::kStates, c) : nullptr;
+  // the random streams of the state slots (unused without kStochastic); a chunk's indices share
+  // their high 32 bits (stochastic_round.h)
+  StochasticStream streams[R::kStates] = {};
+  if constexpr (kStochastic) {
+    const uint64_t seed = static_cast<uint64_t>(u.seeds[c.tensor]);
+    const uint64_t step = static_cast<uint64_t>(u.steps[c.tensor]);
+    for (int k = 0; k < R::kStates; ++k) {
+      streams[k] = stochastic_stream(seed + static_cast<uint64_t>(k), step, static_cast<uint32_t>(c.begin >> 32));
+    }
+  }
+  const uint32_t index0 = static_cast<uint32_t>(c.begin);
   const int64_t n = c.end - c.begin;
   for (int64_t i = 0; i < n; ++i) {
     T st[R::kStates] = {};
@@ -86,16 +114,23 @@ void update_chunk(const UpdateArgs& u, const Chunk& c, const typename R::templat
     const T gi = prep<kPrep, T>(static_cast<T>(g[i]), gp);
     const T pi = R::template update<kF>(static_cast<T>(p[i]), gi, st, sc);
     p[i] = static_cast<P>(pi);
-    if constexpr (k0) s0[i] = static_cast<P>(st[0]);
-    if constexpr (k1) s1[i] = static_cast<P>(st[1]);
-    if constexpr (k2) s2[i] = static_cast<P>(st[2]);
+    if constexpr (kStochastic) {
+      const uint32_t j = index0 + static_cast<uint32_t>(i);
+      if constexpr (k0) s0[i] = store_stochastic(st[0], streams[0], j);
+      if constexpr (k1) s1[i] = store_stochastic(st[1], streams[1], j);
+      if constexpr (k2) s2[i] = store_stochastic(st[2], streams[2], j);
+    } else {
+      if constexpr (k0) s0[i] = static_cast<Q>(st[0]);
+      if constexpr (k1) s1[i] = static_cast<Q>(st[1]);
+      if constexpr (k2) s2[i] = static_cast<Q>(st[2]);
+    }
     if constexpr (kMaster) out[i] = static_cast<S>(pi);
   }
 }
 
 template <typename R>
 void run_update(const UpdateArgs& u, const typename R::Hyper& hyper) {
-  with_storage(u, [&](auto s, auto kMaster) {
+  with_storage(u, [&](auto s, auto kMaster, auto kStochastic) {
     using S = decltype(s);
     using T = typename Compute<S>::type;
     using Scalars = typename R::template Scalars<T>;
@@ -104,7 +139,8 @@ void run_update(const UpdateArgs& u, const typename R::Hyper& hyper) {
     with_flags<R::kFlagBits>(R::flags(hyper), [&](auto kF) {
       with_bool(gp.active(), [&](auto kPrep) {
         for_each_active_chunk<Scalars>(u, make, [&](const Chunk& c, const Scalars& sc) {
-          update_chunk<R, S, decltype(kMaster)::value, decltype(kF)::value, decltype(kPrep)::value>(u, c, sc, gp);
+          update_chunk<R, S, decltype(kMaster)::value, decltype(kStochastic)::value, decltype(kF)::value,
+                       decltype(kPrep)::value>(u, c, sc, gp);
         });
       });
     });

@@ -96,12 +96,18 @@ struct BindResult {
 // write params_out as the grads' type, so a mismatch (a param whose dtype changed after its state
 // was made, say) must be refused here: it would read and write out of bounds. Each slot is one
 // dtype (checked by the caller); an empty slot is absent.
+// With `stochastic_state` (Note [stochastic state], update_math.h) every state slot is bfloat16.
 inline void check_slot_dtypes(const std::vector<std::string>& names, const std::vector<at::ScalarType>& dtypes,
-                              const std::vector<bool>& present, const char* backend) {
+                              const std::vector<bool>& present, const char* backend, bool stochastic_state = false) {
   if (dtypes.size() < 3) return;
   for (size_t s = 2; s < dtypes.size(); ++s) {
     if (!present[s]) continue;
     const bool is_out = s + 1 == dtypes.size();
+    if (stochastic_state && !is_out) {
+      TORCH_CHECK(dtypes[s] == at::kBFloat16, "fastopt (", backend, "): `", names[s], "` is ", dtypes[s],
+                  "; with seeds (state_dtype=torch.bfloat16) the state is BFloat16");
+      continue;
+    }
     const size_t like = is_out ? 1 : 0;
     TORCH_CHECK(dtypes[s] == dtypes[like], "fastopt (", backend, "): `", names[s], "` is ", dtypes[s], ", `",
                 names[like], "` ", dtypes[like], is_out ? "" : " (the state has the params' dtype: was a param's dtype "

@@ -26,17 +26,32 @@ namespace fastopt {
 constexpr uint32_t kSrSeedLo = 0xC2B2AE3Du, kSrSeedHi = 0x27D4EB2Fu, kSrStep = 0x85EBCA77u,
                    kSrIndexLo = 0x9E3779B1u, kSrIndexHi = 0x165667B1u, kSrMix1 = 0x7FEB352Du, kSrMix2 = 0x846CA68Bu;
 
+// The random bits of one (seed, step) along the indices whose high 32 bits are `index_hi`: the
+// word mix is a sum, so its part that does not change along a kernel's chunk is summed once
+// (a chunk never crosses a multiple of 2^32: chunk sizes divide it). bits(i) are the bits of
+// index (index_hi << 32) + i.
+struct StochasticStream {
+  uint32_t base;
+
+  FASTOPT_HD uint32_t bits(uint32_t index_lo) const {
+    uint32_t h = base + index_lo * kSrIndexLo;  // unsigned: wraps mod 2^32
+    h ^= h >> 16;
+    h *= kSrMix1;
+    h ^= h >> 15;
+    h *= kSrMix2;
+    h ^= h >> 16;
+    return h;
+  }
+};
+
+FASTOPT_HD StochasticStream stochastic_stream(uint64_t seed, uint64_t step, uint32_t index_hi) {
+  return {static_cast<uint32_t>(seed) * kSrSeedLo + static_cast<uint32_t>(seed >> 32) * kSrSeedHi +
+          static_cast<uint32_t>(step) * kSrStep + index_hi * kSrIndexHi};
+}
+
 // 32 random bits for (seed, step, index): Note [deterministic stochastic rounding].
 FASTOPT_HD uint32_t stochastic_bits(uint64_t seed, uint64_t step, uint64_t index) {
-  uint32_t h = static_cast<uint32_t>(seed) * kSrSeedLo + static_cast<uint32_t>(seed >> 32) * kSrSeedHi +
-               static_cast<uint32_t>(step) * kSrStep + static_cast<uint32_t>(index) * kSrIndexLo +
-               static_cast<uint32_t>(index >> 32) * kSrIndexHi;  // unsigned: wraps mod 2^32
-  h ^= h >> 16;
-  h *= kSrMix1;
-  h ^= h >> 15;
-  h *= kSrMix2;
-  h ^= h >> 16;
-  return h;
+  return stochastic_stream(seed, step, static_cast<uint32_t>(index >> 32)).bits(static_cast<uint32_t>(index));
 }
 
 FASTOPT_HD uint32_t float_bits(float x) {

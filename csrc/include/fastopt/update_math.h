@@ -372,6 +372,20 @@ struct SGD {
   }
 };
 
+// Note [stochastic state]: with state_dtype=torch.bfloat16 (fastopt/optim/_options.py) a rule's
+// state tensors are bfloat16: loaded into the compute type (float32), updated by the rule's
+// update<kF>() as ever, and stored with deterministic stochastic rounding (Note [deterministic
+// stochastic rounding], stochastic_round.h), which keeps the small increments a moment receives
+// (round-to-nearest would drop every increment below half a bf16 ulp, ~0.2% of the value). The
+// random bits of state slot k of param i at element j are stochastic_bits(seed_i + k, step, j):
+// seed_i is the param's state["seed"] (int64 bits), `step` its step count after this step's
+// increment, j the element's index in the param's memory order (its position in the param's
+// memory when the param is non-overlapping and dense, else its row-major position: what the
+// kernels walk, Note [dense tensors, any layout], csrc/cpu/multi_tensor.h). The reference rules
+// (fastopt/backends/reference.py, fastopt/reference/rounding.py) round the same values with the
+// same bits, so both give the same state bit for bit, for any chunking and thread count. The
+// params are stored as without it (round to nearest; float32 masters with master weights).
+
 // The rules, each once: FASTOPT_RULES(X) expands X(Rule) for every rule (the op registrations, the
 // CPU kernel table, the CUDA instantiations).
 #define FASTOPT_RULES(X) X(Adam) X(Adagrad) X(RMSprop) X(SGD)

@@ -57,7 +57,8 @@ constexpr const char* schema_type() {
 // (device, dtype) group, in place: `params` are the tensors the math runs on (the fp32 masters
 // with master weights, whose rounded values go to `params_out`; otherwise `params_out` is empty),
 // `steps` are incremented (not when found_inf is set); the grads are first unscaled, value-clipped
-// and multiplied by clip_coef (fastopt/grad_math.h).
+// and multiplied by clip_coef (fastopt/grad_math.h). `seeds` (an int64 CPU tensor, one per param):
+// the state lists are bfloat16, stored stochastically (Note [stochastic state], update_math.h).
 template <typename R>
 std::string op_schema() {
   std::string s = op_name<R>() + "(Tensor(a!)[] params, Tensor[] grads";
@@ -68,7 +69,7 @@ std::string op_schema() {
   for_each_hyper<R>([&](const auto& f) {
     s += std::string(", ") + schema_type<typename std::decay_t<decltype(f)>::value_type>() + " " + f.name;
   });
-  return s + ", Tensor? inv_scale, float? clip_value, Tensor? clip_coef, Tensor? found_inf) -> ()";
+  return s + ", Tensor? inv_scale, float? clip_value, Tensor? clip_coef, Tensor? found_inf, Tensor? seeds=None) -> ()";
 }
 
 // The slots of R's lists: names in the op's order, empty lists.
@@ -143,11 +144,25 @@ struct UpdateOpArgs {
   at::Tensor lr;
   typename R::Hyper hyper{};
   GradArgs grad;  // inv_scale, clip_value, clip_coef, found_inf
+  std::vector<int64_t> seeds;  // empty: no stochastic state
 };
+
+// The seeds an op was given: an int64 CPU tensor of one element per param (or none).
+inline std::vector<int64_t> seed_values(const c10::optional<at::Tensor>& seeds, size_t n_params) {
+  if (!seeds.has_value()) return {};
+  const at::Tensor& t = *seeds;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 &&
+                  t.numel() == static_cast<int64_t>(n_params),
+              "fastopt: `seeds` must be a 1-D int64 CPU tensor with one seed per param (", n_params, "), got ",
+              t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+  const at::Tensor c = t.contiguous();
+  const int64_t* v = c.data_ptr<int64_t>();
+  return std::vector<int64_t>(v, v + c.numel());
+}
 
 template <typename R>
 constexpr size_t op_argument_count() {
-  return 2 + R::kStates + 2 + 1 + hyper_count<R>() + 4;
+  return 2 + R::kStates + 2 + 1 + hyper_count<R>() + 5;
 }
 
 // Takes the op's arguments off the stack (the op returns nothing). A state list the flags do not
@@ -171,6 +186,7 @@ UpdateOpArgs<R> pop_update_args(torch::jit::Stack& stack) {
   a.grad.clip_value = v[i++].toOptional<double>();
   a.grad.clip_coef = v[i++].toOptional<at::Tensor>();
   a.grad.found_inf = v[i++].toOptional<at::Tensor>();
+  a.seeds = seed_values(v[i++].toOptional<at::Tensor>(), a.slots[kParamSlot].second.size());
   torch::jit::drop(stack, n);
   const unsigned f = R::flags(a.hyper);
   for (int k = 0; k < R::kStates; ++k) {
