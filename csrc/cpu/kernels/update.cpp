@@ -104,9 +104,11 @@ void update_chunk(const UpdateArgs& u, const Chunk& c, const typename R::templat
       streams[k] = stochastic_stream(seed + static_cast<uint64_t>(k), step, static_cast<uint32_t>(c.begin >> 32));
     }
   }
-  const uint32_t index0 = static_cast<uint32_t>(c.begin);
+  // the low 32 bits of the element's index, counted in 32-bit lanes (derived from the 64-bit i,
+  // the vector loop widened it to 64-bit lanes: a single-thread AdamW step of 10M took 4% longer)
+  uint32_t j = static_cast<uint32_t>(c.begin);
   const int64_t n = c.end - c.begin;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i, ++j) {
     T st[R::kStates] = {};
     if constexpr (k0) st[0] = static_cast<T>(s0[i]);
     if constexpr (k1) st[1] = static_cast<T>(s1[i]);
@@ -115,7 +117,6 @@ void update_chunk(const UpdateArgs& u, const Chunk& c, const typename R::templat
     const T pi = R::template update<kF>(static_cast<T>(p[i]), gi, st, sc);
     p[i] = static_cast<P>(pi);
     if constexpr (kStochastic) {
-      const uint32_t j = index0 + static_cast<uint32_t>(i);
       if constexpr (k0) s0[i] = store_stochastic(st[0], streams[0], j);
       if constexpr (k1) s1[i] = store_stochastic(st[1], streams[1], j);
       if constexpr (k2) s2[i] = store_stochastic(st[2], streams[2], j);
