@@ -65,6 +65,13 @@ CASES = [
     Case("Adam", "one", 32, recipe="clip", extras={"max_grad_norm": 1.0}, tag="clip"),
     Case("Adam", "one", 32, recipe="amp_clip", extras={"max_grad_norm": 1.0}, tag="GradScaler+clip"),
     Case("Adam", "one", 28, recipe="master", extras={"master_weights": True}, tag="bf16+master"),
+    # low-precision state (issue 27): bf16 moments, stochastically rounded; each case also times
+    # fastopt's step with its float32 state ("fp32 state") alternately in the same run. fp32
+    # params: reads p, g, m, v and writes p, m, v = 4+4+2+2 + 4+2+2 = 20 B/param (28 with fp32
+    # state); bf16 params with fp32 masters: master, g, m, v, then master, m, v, p = 20 B (28)
+    *[Case("AdamW", s, 20, extras={"state_dtype": torch.bfloat16}, tag="bf16 state") for s in ("one", "small")],
+    Case("AdamW", "one", 20, recipe="master", extras={"master_weights": True, "state_dtype": torch.bfloat16},
+         tag="bf16+master, bf16 state"),
     # the host's work per step, where the arithmetic is nothing: 4,000 one-element params, their
     # grads kept between steps; then in a training loop (grads made by each backward, freed by
     # zero_grad), where every provider also pays the same backward
@@ -159,11 +166,11 @@ def torch_step(case: Case, variant: str, shapes, device) -> Callable[[], None]:
     return step
 
 
-def fastopt_step(case: Case, backend: str, shapes, device) -> Callable[[], None]:
+def fastopt_step(case: Case, backend: str, shapes, device, extras=None) -> Callable[[], None]:
     cls = getattr(fastopt, case.name)
     dtype = torch.bfloat16 if case.recipe == "master" else torch.float32
     params = _params(shapes, device, dtype)
-    opt = cls(params, lr=1e-3, backend=backend, **case.options, **case.extras)
+    opt = cls(params, lr=1e-3, backend=backend, **case.options, **(case.extras if extras is None else extras))
     if case.recipe == "loop":
         return training_loop(params, opt)
     if case.recipe != "amp_clip":
@@ -176,6 +183,22 @@ def fastopt_step(case: Case, backend: str, shapes, device) -> Callable[[], None]
     return step
 
 
+def state_bytes_note(case: Case, backend: str, device: str) -> str:
+    """Bytes of optimizer state per param (state tensors and master copies, from the tensors a
+    step made), with and without the case's state_dtype."""
+    per_param = {}
+    for label, extras in (("state_dtype", case.extras),
+                          ("fp32 state", {k: v for k, v in case.extras.items() if k != "state_dtype"})):
+        p = _params([(1000,)], device, torch.bfloat16 if case.recipe == "master" else torch.float32)
+        opt = getattr(fastopt, case.name)(p, lr=1e-3, backend=backend, **case.options, **extras)
+        opt.step()
+        state = opt.state[p[0]].values()
+        per_param[label] = sum(t.numel() * t.element_size() for t in state if t.numel() == 1000) / 1000
+    return (f"{case.label} ({backend}): state bytes per param {per_param['state_dtype']:g} with "
+            f"{case.extras['state_dtype']}, {per_param['fp32 state']:g} with fp32 state (step counts and "
+            "seeds aside); GB/s of both rows count the case's bytes")
+
+
 def torch_alternatives(case: Case, shapes, device: str, notes: set) -> dict[str, Callable[[], None]]:
     """What a user could pick instead of fastopt, for plain and clipped fp32 steps:
     - "torch compiled foreach": ``torch.compile`` of AdamW's foreach step (and of clip_grad_norm_):
@@ -185,7 +208,7 @@ def torch_alternatives(case: Case, shapes, device: str, notes: set) -> dict[str,
       (what a flat parameter buffer, as in Megatron or FSDP1, gives): one tensor, no per-tensor
       cost, where torch has a fused implementation for the device."""
     out: dict[str, Callable[[], None]] = {}
-    if case.recipe not in ("plain", "clip"):
+    if case.recipe not in ("plain", "clip") or "state_dtype" in case.extras:
         return out
     cls = getattr(torch.optim, case.name)
     if case.name != "AdamW":
@@ -234,7 +257,7 @@ def peer_steps(case: Case, shapes, device: str, notes: set) -> dict[str, Callabl
     import importlib
 
     out = {}
-    if case.recipe != "plain" or case.options:
+    if case.recipe != "plain" or case.options or "state_dtype" in case.extras:
         return out
     for provider, (module, classes, devices) in PEERS.items():
         if device not in devices or case.name not in classes:
@@ -285,6 +308,10 @@ def main() -> None:
             steps[f"torch {variant}"] = torch_step(case, variant, shapes, args.device)
         for backend in backends:
             steps[f"fastopt {backend}"] = fastopt_step(case, backend, shapes, args.device)
+            if "state_dtype" in case.extras:  # today's mode beside it, in the same alternation
+                fp32_state = {k: v for k, v in case.extras.items() if k != "state_dtype"}
+                steps[f"fastopt {backend} fp32 state"] = fastopt_step(case, backend, shapes, args.device, fp32_state)
+                notes.add(state_bytes_note(case, backend, args.device))
         steps.update(torch_alternatives(case, shapes, args.device, notes))
         steps.update(peer_steps(case, shapes, args.device, notes))
         steps = runnable(steps, notes)

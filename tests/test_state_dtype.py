@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastopt
-from fastopt.reference.rounding import memory_index, param_seed, slot_seed, stochastic_round_bf16
+from fastopt.reference.rounding import memory_index, param_seed, slot_bits, stochastic_round_bf16
 
 BF16 = torch.bfloat16
 NAMES = ("Adam", "AdamW", "Adagrad", "RMSprop")
@@ -148,7 +148,8 @@ def test_reference_rounds_each_slot_with_its_own_stream():
     opt.step()
     # the sum starts at bf16(0.3) and gets g * g (float32)
     exact = torch.full_like(p, 0.3, dtype=BF16).float() + g * g
-    want = stochastic_round_bf16(exact.contiguous(), slot_seed(param_seed(0), 0), 1, index=memory_index(p).contiguous())
+    assert slot_bits(param_seed(0), 0) == (param_seed(0), 0)  # slot 0: the low half of the param's stream
+    want = stochastic_round_bf16(exact.contiguous(), param_seed(0), 1, index=memory_index(p).contiguous())
     assert torch.equal(opt.state[p]["sum"], want)
     assert not torch.equal(want, exact.to(BF16)), "the rounding must differ from round-to-nearest somewhere"
 

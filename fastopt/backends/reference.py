@@ -99,10 +99,12 @@ def _step_segment(rule: Rule, seg: Segment, hp: dict, xform: GradTransform) -> N
     for key, tensors in seg.states.items():
         values = states[key]
         if seg.seeds is not None:  # Note [stochastic state] (update_math.h): the kernels' bits
-            slot = rule.state_slot(key)
-            values = [rounding.stochastic_round_bf16(v, rounding.slot_seed(seed, slot), step,
-                                                     index=rounding.memory_index(target))
-                      for v, seed, step, target in zip(values, seg.seeds, seg.steps, seg.targets)]
+            slot, rounded = rule.state_slot(key), []
+            for v, seed, step, target in zip(values, seg.seeds, seg.steps, seg.targets):
+                stream, half = rounding.slot_bits(seed, slot)
+                rounded.append(rounding.stochastic_round_bf16(v, stream, step, index=rounding.memory_index(target),
+                                                              half=half))
+            values = rounded
         pairs += zip(tensors, values)
     if seg.masters is not None:
         pairs += zip(seg.params, work)

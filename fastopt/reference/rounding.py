@@ -44,17 +44,18 @@ def stochastic_bits(seed: Int, step: Int, index: Tensor) -> Tensor:
 
 @torch.no_grad()
 def stochastic_round_bf16(x: Tensor, seed: Int, step: Int, offset: int = 0,
-                          index: Optional[Tensor] = None) -> Tensor:
+                          index: Optional[Tensor] = None, half: int = 0) -> Tensor:
     """``x`` (float32) rounded to bfloat16 stochastically; element ``i`` of ``x`` (in its flat,
     row-major order) takes the random bits of index ``offset + i``, or of ``index`` (an int64
-    tensor of ``x``'s shape: ``memory_index``) when given."""
+    tensor of ``x``'s shape: ``memory_index``) when given: their low 16 bits (``half=0``) or their
+    high 16 (``half=1``)."""
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round_bf16: expected float32, got {x.dtype}")
     flat = x.contiguous().view(-1)
     u = flat.view(torch.int32).to(torch.int64) & _M32
     if index is None:
         index = torch.arange(offset, offset + flat.numel(), device=x.device)
-    r = stochastic_bits(seed, step, index.reshape(-1))
+    r = stochastic_bits(seed, step, index.reshape(-1)) >> (16 * half)
     nan = (u & 0x7FFFFFFF) > 0x7F800000
     bits = torch.where(nan, (u >> 16) | 0x40, (u + (r & 0xFFFF)) >> 16)
     bits = torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16)  # two's complement
@@ -90,6 +91,8 @@ def param_seed(ordinal: int, base: int = 0) -> int:
     return _signed64(z ^ (z >> 31))
 
 
-def slot_seed(seed: int, slot: int) -> int:
-    """The seed of state slot ``slot`` (the rule's state order) of a param whose seed is ``seed``."""
-    return _signed64(seed + slot)
+def slot_bits(seed: int, slot: int) -> tuple[int, int]:
+    """(seed, half) of state slot ``slot`` (the rule's state order) of a param whose seed is
+    ``seed``: slots 0 and 1 take the low and high 16 bits of stream ``seed``, slots 2 and 3 of
+    stream ``seed + 1`` (Note [stochastic state], csrc/include/fastopt/update_math.h)."""
+    return _signed64(seed + slot // 2), slot % 2

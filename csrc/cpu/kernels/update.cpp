@@ -47,9 +47,9 @@ void with_storage(const UpdateArgs& u, Fn&& fn) {
   });
 }
 
-// State value `v` (float32) stored stochastically with the bits of `stream` at index_lo.
-inline at::BFloat16 store_stochastic(float v, const StochasticStream& stream, uint32_t index_lo) {
-  return at::BFloat16(bf16_bits_stochastic(v, stream.bits(index_lo)), at::BFloat16::from_bits());
+// State value `v` (float32) stored stochastically with the random bits r (its low 16 count).
+inline at::BFloat16 store_stochastic(float v, uint32_t r) {
+  return at::BFloat16(bf16_bits_stochastic(v, r), at::BFloat16::from_bits());
 }
 
 // fn(chunk, scalars) for every chunk of a tensor with a grad (Note [absent grads]), in parallel;
@@ -94,13 +94,13 @@ void update_chunk(const UpdateArgs& u, const Chunk& c, const typename R::templat
   Q* __restrict__ s1 = k1 ? slot<Q>(u, 3, c) : nullptr;
   Q* __restrict__ s2 = k2 ? slot<Q>(u, 4, c) : nullptr;
   S* __restrict__ out = kMaster ? slot<S>(u, 2 + R::kStates, c) : nullptr;
-  // the random streams of the state slots (unused without kStochastic); a chunk's indices share
-  // their high 32 bits (stochastic_round.h)
-  StochasticStream streams[R::kStates] = {};
+  // the random streams of the state slots, one per pair of slots (unused without kStochastic); a
+  // chunk's indices share their high 32 bits (stochastic_round.h)
+  StochasticStream streams[(R::kStates + 1) / 2] = {};
   if constexpr (kStochastic) {
     const uint64_t seed = static_cast<uint64_t>(u.seeds[c.tensor]);
     const uint64_t step = static_cast<uint64_t>(u.steps[c.tensor]);
-    for (int k = 0; k < R::kStates; ++k) {
+    for (int k = 0; k < (R::kStates + 1) / 2; ++k) {
       streams[k] = stochastic_stream(seed + static_cast<uint64_t>(k), step, static_cast<uint32_t>(c.begin >> 32));
     }
   }
@@ -117,9 +117,13 @@ void update_chunk(const UpdateArgs& u, const Chunk& c, const typename R::templat
     const T pi = R::template update<kF>(static_cast<T>(p[i]), gi, st, sc);
     p[i] = static_cast<P>(pi);
     if constexpr (kStochastic) {
-      if constexpr (k0) s0[i] = store_stochastic(st[0], streams[0], j);
-      if constexpr (k1) s1[i] = store_stochastic(st[1], streams[1], j);
-      if constexpr (k2) s2[i] = store_stochastic(st[2], streams[2], j);
+      // slots 0 and 1 share one stream's 32 bits (low and high halves), slot 2 has the next
+      uint32_t r01 = 0, r2 = 0;
+      if constexpr (k0 || k1) r01 = streams[0].bits(j);
+      if constexpr (k2) r2 = streams[R::kStates > 2 ? 1 : 0].bits(j);
+      if constexpr (k0) s0[i] = store_stochastic(st[0], r01);
+      if constexpr (k1) s1[i] = store_stochastic(st[1], r01 >> 16);
+      if constexpr (k2) s2[i] = store_stochastic(st[2], r2);
     } else {
       if constexpr (k0) s0[i] = static_cast<Q>(st[0]);
       if constexpr (k1) s1[i] = static_cast<Q>(st[1]);

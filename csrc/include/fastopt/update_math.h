@@ -377,8 +377,10 @@ struct SGD {
 // update<kF>() as ever, and stored with deterministic stochastic rounding (Note [deterministic
 // stochastic rounding], stochastic_round.h), which keeps the small increments a moment receives
 // (round-to-nearest would drop every increment below half a bf16 ulp, ~0.2% of the value). The
-// random bits of state slot k of param i at element j are stochastic_bits(seed_i + k, step, j):
-// seed_i is the param's state["seed"] (int64 bits), `step` its step count after this step's
+// random bits of state slot k of param i at element j are the low (k even) or high (k odd) 16 bits
+// of stochastic_bits(seed_i + k / 2, step, j) (two slots per 32 random bits: the hash is the
+// stochastic store's cost, and Adam's step is then one hash per element): seed_i is the param's
+// state["seed"] (int64 bits), `step` its step count after this step's
 // increment, j the element's index in the param's memory order (its position in the param's
 // memory when the param is non-overlapping and dense, else its row-major position: what the
 // kernels walk, Note [dense tensors, any layout], csrc/cpu/multi_tensor.h). The reference rules
