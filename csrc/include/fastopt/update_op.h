@@ -53,7 +53,7 @@ constexpr const char* schema_type() {
 
 // Note [one schema per rule]: "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, ...,
 // Tensor(e!)[] steps, Tensor(f!)[] params_out, Tensor lr, float beta1, ..., Tensor? inv_scale,
-// float? clip_value, Tensor? clip_coef, Tensor? found_inf) -> ()". One step for every tensor of a
+// float? clip_value, Tensor? clip_coef, Tensor? found_inf, Tensor? seeds=None) -> ()". One step for every tensor of a
 // (device, dtype) group, in place: `params` are the tensors the math runs on (the fp32 masters
 // with master weights, whose rounded values go to `params_out`; otherwise `params_out` is empty),
 // `steps` are incremented (not when found_inf is set); the grads are first unscaled, value-clipped
