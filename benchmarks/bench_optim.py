@@ -183,12 +183,17 @@ def fastopt_step(case: Case, backend: str, shapes, device, extras=None) -> Calla
     return step
 
 
+def fp32_state(extras: dict) -> dict:
+    """A case's extras without its state_dtype: today's mode, timed beside it."""
+    return {k: v for k, v in extras.items() if k != "state_dtype"}
+
+
 def state_bytes_note(case: Case, backend: str, device: str) -> str:
     """Bytes of optimizer state per param (state tensors and master copies, from the tensors a
     step made), with and without the case's state_dtype."""
     per_param = {}
     for label, extras in (("state_dtype", case.extras),
-                          ("fp32 state", {k: v for k, v in case.extras.items() if k != "state_dtype"})):
+                          ("fp32 state", fp32_state(case.extras))):
         p = _params([(1000,)], device, torch.bfloat16 if case.recipe == "master" else torch.float32)
         opt = getattr(fastopt, case.name)(p, lr=1e-3, backend=backend, **case.options, **extras)
         opt.step()
@@ -309,8 +314,8 @@ def main() -> None:
         for backend in backends:
             steps[f"fastopt {backend}"] = fastopt_step(case, backend, shapes, args.device)
             if "state_dtype" in case.extras:  # today's mode beside it, in the same alternation
-                fp32_state = {k: v for k, v in case.extras.items() if k != "state_dtype"}
-                steps[f"fastopt {backend} fp32 state"] = fastopt_step(case, backend, shapes, args.device, fp32_state)
+                steps[f"fastopt {backend} fp32 state"] = fastopt_step(case, backend, shapes, args.device,
+                                                                      fp32_state(case.extras))
                 notes.add(state_bytes_note(case, backend, args.device))
         steps.update(torch_alternatives(case, shapes, args.device, notes))
         steps.update(peer_steps(case, shapes, args.device, notes))
