@@ -8,7 +8,9 @@ case runs fastopt and torch.optim side by side in the same processes and compare
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import datetime
 import os
 import socket
 import warnings
@@ -73,10 +75,21 @@ def _spawn(fn, *args, world: int = WORLD) -> None:
     mp.spawn(fn, args=(_free_port(), *args), nprocs=world, join=True)
 
 
-def _init(rank: int, port: int, world: int = WORLD) -> None:
+@contextlib.contextmanager
+def _process_group(rank: int, port: int, world: int = WORLD, backend: str = "gloo"):
+    """One rank's process group for the body. On success every rank meets at a barrier before the
+    group is destroyed: a rank that tears gloo down while a peer's last sends (the all-gather of
+    ``full_tensor()``, DCP's collectives) are still in flight can abort that peer ("terminate called
+    without an active exception", SIGABRT; seen once in CI at world 4 on 2 cores). After a failure
+    there is no barrier (the peers may never reach it): the group is destroyed and the error raised."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=5))
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _model() -> torch.nn.Module:
@@ -112,12 +125,9 @@ _OPTIMIZERS = {
 
 
 def _fsdp_parity(rank: int, port: int, cases: list, backend: str) -> None:
-    _init(rank, port)
-    try:
+    with _process_group(rank, port):
         for name, max_norm, mixed_precision in cases:
             _fsdp_case(rank, name, backend, max_norm, mixed_precision)
-    finally:
-        dist.destroy_process_group()
 
 
 def _fsdp_case(rank: int, name: str, backend: str, max_norm, mixed_precision: bool, device: str = "cpu") -> None:
@@ -176,8 +186,7 @@ def test_fsdp2_dtensor_params_step_like_torch(backend):
 
 
 def _entry_points_refuse_dtensors(rank: int, port: int) -> None:
-    _init(rank, port)
-    try:
+    with _process_group(rank, port):
         from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -252,8 +261,6 @@ def _entry_points_refuse_dtensors(rank: int, port: int) -> None:
         opt.found_inf = torch.zeros(())
         opt.step()
         assert not torch.equal(p.to_local(), before)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_the_compiled_entry_points_refuse_dtensors():
@@ -269,8 +276,7 @@ def test_the_compiled_entry_points_refuse_dtensors():
 def _ddp_parity(rank: int, port: int, backend: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    _init(rank, port)
-    try:
+    with _process_group(rank, port):
         for name in sorted(_OPTIMIZERS):
             for options in (dict(gradient_as_bucket_view=True), dict(gradient_as_bucket_view=True, static_graph=True),
                             dict()):
@@ -298,8 +304,6 @@ def _ddp_parity(rank: int, port: int, backend: str) -> None:
                         opt.zero_grad(set_to_none=step % 2 == 0)
                 for p, q in zip(ours_m.parameters(), theirs_m.parameters()):
                     _assert_scaled(p, q, steps, f"{name} {options}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", backend_params("cpu"))
@@ -323,10 +327,7 @@ def _dcp_run(rank: int, port: int, world: int, phase: str, kind: str, ckpt: str,
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _process_group(rank, port, world):
         model = _model()
         if master:
             model = model.to(torch.bfloat16)
@@ -368,8 +369,6 @@ def _dcp_run(rank: int, port: int, world: int, phase: str, kind: str, ckpt: str,
                          for n, p in model.named_parameters()})
         if rank == 0:
             torch.save(full, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def _dcp(world, phase, kind, ckpt, out, master=False):
@@ -424,8 +423,7 @@ def _hsdp_parity(rank: int, port: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _init(rank, port, world=4)
-    try:
+    with _process_group(rank, port, world=4):
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         models = []
         for _ in range(2):
@@ -456,8 +454,6 @@ def _hsdp_parity(rank: int, port: int) -> None:
             theirs.zero_grad()
         for p, q in zip(ours_m.parameters(), theirs_m.parameters()):
             _assert_scaled(p, q, steps, "HSDP AdamW")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_hsdp_clipping_counts_replicated_shards_once():
@@ -469,14 +465,10 @@ def test_hsdp_clipping_counts_replicated_shards_once():
 
 
 def _nccl_single_rank(rank: int, port: int, backend: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    try:
+    with _process_group(0, port, 1, backend="nccl"):
         for name in sorted(_OPTIMIZERS):
             _fsdp_case(rank, name, backend, 0.05 if name == "AdamW" else None, False, device="cuda")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.cuda
