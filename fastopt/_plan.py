@@ -173,10 +173,16 @@ class Segment:
     grads: list[Tensor] = field(default_factory=list)  # refreshed every step
     is_complex: bool = False
     sharded: bool = False  # owners are DTensors, the other lists their local shards (Note [DTensor shards])
-    # per param, the seed of its stochastic rounding (state["seed"]): the state is bfloat16 and
-    # stored stochastically (Note [stochastic state], csrc/include/fastopt/update_math.h); None:
-    # the state has the dtype of the params (float32 masters) and is stored rounded to nearest
+    # per param, the seed of its stochastic rounding (state["seed"]), None without one
     seeds: Optional[list[int]] = None
+    # the state is bfloat16 and stored stochastically (Note [stochastic state],
+    # csrc/include/fastopt/update_math.h); else it has the params' dtype (float32 masters) and is
+    # stored rounded to nearest
+    stochastic_state: bool = False
+    # how the params are stored (Note [param store]): None (nearest), "kahan" (with
+    # ``compensations``, state["compensation"] per param) or "stochastic" (with ``seeds``)
+    compensation: Optional[str] = None
+    compensations: Optional[list[Tensor]] = None
     _seed_tensor: Optional[Tensor] = field(default=None, repr=False)
 
     def subset(self, indices: list[int]) -> "Segment":
@@ -191,6 +197,9 @@ class Segment:
             is_complex=any(self.owners[i].is_complex() for i in indices),
             sharded=self.sharded,
             seeds=None if self.seeds is None else [self.seeds[i] for i in indices],
+            stochastic_state=self.stochastic_state,
+            compensation=self.compensation,
+            compensations=None if self.compensations is None else [self.compensations[i] for i in indices],
         )
 
     @property
@@ -201,7 +210,7 @@ class Segment:
         return self.state_dtype_of(self.params[0]) if self.params else torch.float32
 
     def state_dtype_of(self, p: Tensor) -> torch.dtype:
-        if self.seeds is not None:
+        if self.stochastic_state:
             return torch.bfloat16
         return torch.float32 if self.masters is not None else p.dtype
 
@@ -235,15 +244,23 @@ class Segment:
         master weights, else the param's): a param whose dtype or shape changed after its state
         was made is refused, as torch.optim refuses it, rather than updated with mismatched state."""
         for i, p in enumerate(self.params):
-            dtype = self.state_dtype_of(p)
-            for key, tensors in self.states.items():
-                t = tensors[i]
+            for key, t, dtype in self.expected_state(i):
                 if t.dtype != dtype or t.shape != p.shape:
                     raise RuntimeError(
                         f"fastopt ({backend}): state {key!r} of param {i} is {t.dtype} {list(t.shape)}, the "
                         f"update needs {dtype} {list(p.shape)} (was the param's dtype or shape changed after "
                         "its state was made? torch.optim's Adam refuses this too; after a deliberate change, "
                         "optimizer.load_state_dict(optimizer.state_dict()) casts the state to the params' dtypes)")
+
+    def expected_state(self, i: int) -> list[tuple[str, Tensor, torch.dtype]]:
+        """(key, tensor, the dtype the update expects) of param ``i``'s state tensors: the rule's
+        (``state_dtype_of``) and its compensation buffer (the param's dtype)."""
+        p = self.params[i]
+        dtype = self.state_dtype_of(p)
+        out = [(key, tensors[i], dtype) for key, tensors in self.states.items()]
+        if self.compensations is not None:
+            out.append(("compensation", self.compensations[i], p.dtype))
+        return out
 
     @property
     def targets(self) -> list[Tensor]:

@@ -25,12 +25,13 @@ def test_every_rule_is_declared_alike_in_python_and_cpp():
 @pytest.mark.parametrize("rule", rules.RULES, ids=lambda r: r.name)
 def test_each_rules_op_schema_follows_its_declaration(rule):
     """The op's arguments: params, grads, the state lists, steps, params_out, lr, the
-    hyperparameters, the grad transform, then the seeds of a stochastic state (Note [one schema per
-    rule])."""
+    hyperparameters, the grad transform, then how it stores: the seeds, stochastic_state and
+    compensation (Note [one schema per rule])."""
     schema = rule.list_op().default._schema
     names = [a.name for a in schema.arguments]
     expected = (["params", "grads", *(name for _, name in rule.state), "steps", "params_out", "lr", *rule.hyper,
-                 "inv_scale", "clip_value", "clip_coef", "found_inf", "seeds"])
+                 "inv_scale", "clip_value", "clip_coef", "found_inf", "seeds", "stochastic_state",
+                 "compensation"])
     assert names == expected
     mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     assert mutated == ["params", *(name for _, name in rule.state), "steps", "params_out"]

@@ -115,18 +115,21 @@ void bind_cpu(py::module& m) {
         py::gil_scoped_release no_gil;
         return cpu::grad_norm(*p.plan, kGradSlot, norm_type, inv_scale, clip);
       });
-  // cpu_plan(rule, lists, steps, owners, seeds=[]) (plan_of; seeds: Note [stochastic state])
+  // cpu_plan(rule, lists, steps, owners, seeds=[], stochastic_state=False, compensation=None)
+  // (plan_of; how it stores: Rounding, fastopt/update_op.h)
   m.def(
       "cpu_plan",
       [](const std::string& rule, const std::vector<Tensors>& lists, const Tensors& steps, Tensors owners,
-         const std::vector<int64_t>& seeds) {
+         const std::vector<int64_t>& seeds, bool stochastic_state, const c10::optional<std::string>& compensation) {
+        const Rounding rounding{seeds, stochastic_state, param_store(compensation)};
         CpuPlan out = plan_of<cpu::Slots>(rule, lists, [&](auto r, const SlotLists& slots) {
-          return cpu::make_slots<decltype(r)>(slots, steps, seeds);
+          return cpu::make_slots<decltype(r)>(slots, steps, rounding);
         });
         out.plan->set_owners(std::move(owners));
         return out;
       },
-      py::arg("rule"), py::arg("lists"), py::arg("steps"), py::arg("owners"), py::arg("seeds") = std::vector<int64_t>{});
+      py::arg("rule"), py::arg("lists"), py::arg("steps"), py::arg("owners"), py::arg("seeds") = std::vector<int64_t>{},
+      py::arg("stochastic_state") = false, py::arg("compensation") = py::none());
   // cpu_step(plan, lr, hyper, inv_scale, clip_value, clip_coef, found_inf): lr a CPU tensor.
   m.def("cpu_step", [](const CpuPlan& p, const at::Tensor& lr, const py::sequence& hyper, OptTensor inv_scale,
                        c10::optional<double> clip, OptTensor coef, OptTensor found_inf) {

@@ -53,9 +53,13 @@ struct UpdateArgs {
   bool master;
   LrValue lr;
   GradPrep<double> prep;  // (1, +inf, 1, +-1) when nothing is done to the grads but maximize
-  // per tensor, the seed of its stochastic state (Note [stochastic state], fastopt/update_math.h):
-  // the state slots are bfloat16, stored stochastically; nullptr: the state has the params' type
+  // per tensor, the seed of its stochastic stores (Note [stochastic state], fastopt/update_math.h),
+  // nullptr without one
   const int64_t* seeds = nullptr;
+  bool stochastic_state = false;  // the state slots are bfloat16, stored stochastically; else the params' type
+  // how float16/bfloat16 params without masters are stored (Note [param store]); kKahan: the
+  // compensation buffers are the params_out slot (`master` is then false)
+  ParamStore store = ParamStore::kNearest;
 };
 
 // The norm pass over a plan's grads (Note [deterministic norm], multi_tensor_norm.cpp): one partial

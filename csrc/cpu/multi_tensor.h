@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "fastopt/grad_binding.h"
+#include "fastopt/update_op.h"
 #include "kernels.h"
 
 namespace fastopt {
@@ -43,12 +44,12 @@ class Slots {
  public:
   Slots(const Slots&) = delete;  // slot_table_ points into this object's vectors
   Slots& operator=(const Slots&) = delete;
-  // `seeds`: one per param for stochastic bfloat16 state (Note [stochastic state],
-  // fastopt/update_math.h), or none.
+  // `rounding`: how the results are stored (fastopt/update_op.h; its seeds one per param, or none).
   Slots(const std::vector<std::pair<const char*, at::TensorList>>& lists, std::vector<bool> written,
-        at::TensorList steps, std::vector<int64_t> seeds = {})
-      : work_(lists.size()), ptrs_(lists.size()), written_(std::move(written)), seeds_(std::move(seeds)) {
+        at::TensorList steps, Rounding rounding = {})
+      : work_(lists.size()), ptrs_(lists.size()), written_(std::move(written)), rounding_(std::move(rounding)) {
     const int64_t n = static_cast<int64_t>(lists.front().second.size());
+    const std::vector<int64_t>& seeds_ = rounding_.seeds;
     TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, "fastopt: one step count per param");
     TORCH_CHECK(seeds_.empty() || static_cast<int64_t>(seeds_.size()) == n, "fastopt: ", seeds_.size(),
                 " seeds for ", n, " params (one per param, or none)");
@@ -71,7 +72,7 @@ class Slots {
         names.emplace_back(name);
         present.push_back(!list.empty());
       }
-      check_slot_dtypes(names, dtypes_, present, "cpu", !seeds_.empty());
+      check_slot_dtypes(names, dtypes_, present, "cpu", rounding_.stochastic_state);
     }
     numels_.resize(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -157,11 +158,14 @@ class Slots {
   // GradArgs::prep() (fastopt/update_op.h).
   UpdateArgs update_args(const std::vector<double>& steps, const LrValue& lr, const GradPrep<double>& prep) const {
     return UpdateArgs{slot_table_.data(), chunks_.data(), static_cast<int64_t>(chunks_.size()), steps.data(),
-                      dtypes_[kGradSlot], present(work_.size() - 1), lr, prep,
-                      seeds_.empty() ? nullptr : seeds_.data()};
+                      dtypes_[kGradSlot], master(), lr, prep,
+                      rounding_.seeds.empty() ? nullptr : rounding_.seeds.data(), rounding_.stochastic_state,
+                      rounding_.param};
   }
 
-  bool stochastic_state() const { return !seeds_.empty(); }
+  const Rounding& rounding() const { return rounding_; }
+  // params_out holds the rounded params of float32 masters (not the compensation buffers of kKahan)
+  bool master() const { return present(work_.size() - 1) && rounding_.param == ParamStore::kNearest; }
 
   at::ScalarType dtype(size_t slot) const { return dtypes_[slot]; }
   bool present(size_t slot) const { return !work_[slot].empty(); }
@@ -182,7 +186,7 @@ class Slots {
   std::vector<void* const*> slot_table_;  // ptrs_[s].data(), nullptr for an empty slot
   std::vector<at::ScalarType> dtypes_;
   std::vector<bool> written_;
-  std::vector<int64_t> seeds_;
+  Rounding rounding_;
   std::vector<int64_t> numels_;
   std::vector<Chunk> chunks_;
   std::vector<at::Tensor> steps_;

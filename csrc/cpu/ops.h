@@ -16,9 +16,9 @@ namespace fastopt {
 namespace cpu {
 
 // A plan of rule R's lists (fastopt/update_op.h: params, grads, R's state lists, params_out) and
-// their step counts; `seeds`: one per param for stochastic bfloat16 state, or none.
+// their step counts, stored as `rounding` says (fastopt/update_op.h).
 template <typename R>
-std::shared_ptr<Slots> make_slots(const SlotLists& lists, at::TensorList steps, std::vector<int64_t> seeds = {});
+std::shared_ptr<Slots> make_slots(const SlotLists& lists, at::TensorList steps, Rounding rounding = {});
 
 // One step over prepared slots (grads bound) through the capability kernels (kernels.h); increments
 // the step counts. Both are instantiated for every rule of FASTOPT_RULES (update.cpp).

@@ -13,21 +13,21 @@ namespace fastopt {
 namespace cpu {
 
 template <typename R>
-std::shared_ptr<Slots> make_slots(const SlotLists& lists, at::TensorList steps, std::vector<int64_t> seeds) {
+std::shared_ptr<Slots> make_slots(const SlotLists& lists, at::TensorList steps, Rounding rounding) {
   TORCH_CHECK(lists.size() == params_out_slot<R>() + 1, "fastopt (cpu): ", op_name<R>(), " takes ",
               params_out_slot<R>() + 1, " tensor lists (params, grads, its state, params_out), got ", lists.size());
   std::vector<std::pair<const char*, at::TensorList>> views;
   for (const auto& [name, list] : lists) views.emplace_back(name, list);
-  return std::make_shared<Slots>(views, written_slots<R>(), steps, std::move(seeds));
+  return std::make_shared<Slots>(views, written_slots<R>(), steps, std::move(rounding));
 }
 
 template <typename R>
 void apply(const Slots& sl, const Lr& lr, const typename R::Hyper& h, const GradArgs& ga) {
   if (sl.size() == 0 || ga.skip()) return;
   check_states<R>(h, [&](size_t s) { return sl.present(s); });
-  check_storage(op_name<R>().c_str(), sl.dtype(kGradSlot), sl.dtype(kParamSlot), sl.present(params_out_slot<R>()));
-  TORCH_CHECK(!sl.stochastic_state() || sl.dtype(kGradSlot) != at::kDouble, op_name<R>(),
-              ": stochastic bfloat16 state (seeds) is for float32, float16 and bfloat16 params, not float64");
+  check_storage(op_name<R>().c_str(), sl.dtype(kGradSlot), sl.dtype(kParamSlot), sl.master());
+  check_rounding(op_name<R>().c_str(), sl.rounding(), sl.dtype(kGradSlot), sl.dtype(kParamSlot),
+                 sl.present(params_out_slot<R>()));
   const std::vector<double> t = sl.increment_steps();
   kernels().update(sl.update_args(t, lr, ga.prep(h.maximize)), h);
 }
@@ -40,14 +40,14 @@ void update_op(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   const UpdateOpArgs<R> a = pop_update_args<R>(*stack);
   if (a.slots[kParamSlot].second.empty()) return;
   if (a.grad.skip()) return;
-  auto sl = make_slots<R>(a.slots, a.steps, a.seeds);
+  auto sl = make_slots<R>(a.slots, a.steps, a.rounding);
   apply<R>(*sl, Lr(a.lr), a.hyper, a.grad);
   sl->finish();
 }
 }  // namespace
 
 #define FASTOPT_CPU_UPDATE_INSTANTIATE(R)                                                            \
-  template std::shared_ptr<Slots> make_slots<R>(const SlotLists&, at::TensorList, std::vector<int64_t>); \
+  template std::shared_ptr<Slots> make_slots<R>(const SlotLists&, at::TensorList, Rounding);             \
   template void apply<R>(const Slots&, const Lr&, const R::Hyper&, const GradArgs&);
 FASTOPT_RULES(FASTOPT_CPU_UPDATE_INSTANTIATE)
 

@@ -94,8 +94,9 @@ template <typename R>
 void update_op(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   const UpdateOpArgs<R> a = pop_update_args<R>(*stack);
   if (a.slots[kParamSlot].second.empty()) return;
-  TORCH_CHECK(a.seeds.empty(), "fastopt (cuda): ", op_name<R>(), " does not take seeds (stochastic bfloat16 state) "
-              "yet; the reference rules do");
+  TORCH_CHECK(!a.rounding.stochastic() && a.rounding.param == ParamStore::kNearest && a.rounding.seeds.empty(),
+              "fastopt (cuda): ", op_name<R>(), " does not store stochastically (seeds, stochastic_state) or with "
+              "compensation yet; the reference rules do");
   const CudaPlan plan(a.slots, a.steps, {});
   step<R>(plan, list_op_lr(a.lr, plan.device()), a.hyper, a.grad);
 }

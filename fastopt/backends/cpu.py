@@ -42,7 +42,16 @@ def grad_args(x: GradTransform) -> tuple:
 
 
 def _params_out(seg: Segment) -> list[Tensor]:
-    return seg.params if seg.masters is not None else []
+    """The op's params_out: the rounded params of the masters, or the compensation buffers of
+    compensation="kahan" (Note [param store])."""
+    if seg.masters is not None:
+        return seg.params
+    return seg.compensations if seg.compensations is not None else []
+
+
+def rounding_args(seg: Segment) -> dict:
+    """How the op or plan stores the segment (Note [stochastic state], Note [param store])."""
+    return dict(stochastic_state=seg.stochastic_state, compensation=seg.compensation)
 
 
 def segment_lists(rule: Rule, seg: Segment, grads: list[Tensor]) -> tuple:
@@ -62,8 +71,8 @@ def compiled_plan(build: Callable, rule: Rule, seg: Segment):
     from the owners' grads (a real view for complex params)."""
     owners = [local(p) for p in seg.owners] if seg.sharded else list(seg.owners)  # Note [DTensor shards]
     lists = [seg.targets, seg.params, *rule.state_lists(seg.states), _params_out(seg)]
-    if seg.seeds is not None:  # Note [stochastic state] (only the cpu plans take seeds)
-        return build(rule.name, lists, seg.steps, owners, seg.seeds)
+    if seg.seeds is not None or seg.compensation is not None:  # only the cpu plans store so
+        return build(rule.name, lists, seg.steps, owners, seg.seeds or [], **rounding_args(seg))
     return build(rule.name, lists, seg.steps, owners)
 
 
@@ -95,4 +104,4 @@ class CpuBackend(PlannedBackend):
 
     def _fallback_step(self, rule: Rule, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
         rule.list_op()(*segment_lists(rule, seg, seg.grads), *op_args(rule, hp), *grad_args(xform),
-                       seeds=seg.seed_tensor)
+                       seeds=seg.seed_tensor, **rounding_args(seg))

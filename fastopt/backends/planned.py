@@ -62,7 +62,7 @@ class PlannedBackend(ReferenceBackend):
         """Whether the kernels can walk param ``i`` of ``seg`` linearly with its state: every
         tensor dense, laid out like the param, in the dtype the kernels expect."""
         p = seg.params[i]
-        expected = [(v[i], seg.state_dtype_of(p)) for v in seg.states.values()]
+        expected = [(t, dtype) for _, t, dtype in seg.expected_state(i)]
         if seg.masters is not None:
             expected.append((seg.masters[i], torch.float32))
         step = seg.steps[i]

@@ -90,15 +90,17 @@ def _step_segment(rule: Rule, seg: Segment, hp: dict, xform: GradTransform) -> N
         return
     dtype = grads[0].dtype
     work = [t.to(dtype, copy=True) for t in seg.targets]
+    if seg.compensations is not None:  # Note [param store] (update_math.h): the update runs on p + c
+        torch._foreach_add_(work, [c.to(dtype) for c in seg.compensations])
     states = {k: [t.to(dtype, copy=True) for t in v] for k, v in seg.states.items()}
     torch._foreach_add_(seg.steps, 1)
 
     rule.run_spec(work, grads, states, seg.steps, hp)
 
-    pairs = list(zip(seg.targets, work))
+    pairs = _param_stores(seg, work)
     for key, tensors in seg.states.items():
         values = states[key]
-        if seg.seeds is not None:  # Note [stochastic state] (update_math.h): the kernels' bits
+        if seg.stochastic_state:  # Note [stochastic state] (update_math.h): the kernels' bits
             slot, rounded = rule.state_slot(key), []
             for v, seed, step, target in zip(values, seg.seeds, seg.steps, seg.targets):
                 stream, half = rounding.slot_bits(seed, slot)
@@ -116,3 +118,25 @@ def _step_segment(rule: Rule, seg: Segment, hp: dict, xform: GradTransform) -> N
         for dst, src in pairs:
             dst.copy_(torch.where(skip, dst, src.to(dst.dtype)))
         torch._foreach_sub_(seg.steps, skip.to(seg.steps[0].dtype))
+
+
+def _param_stores(seg: Segment, work: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """(destination, value) of the updated params (``work``, in the compute dtype) as Note [param
+    store] (update_math.h) stores them: rounded to nearest by the copy; "kahan": the param rounded
+    to nearest and its compensation the rest, w - p (0 where p is not finite); "stochastic": the
+    bits of state slot 3."""
+    if seg.compensation == "kahan":
+        pairs = []
+        for p, c, w in zip(seg.params, seg.compensations, work):
+            rounded = w.to(p.dtype)
+            back = rounded.to(w.dtype)
+            pairs += [(p, rounded), (c, torch.where(back.isfinite(), w - back, torch.zeros_like(w)))]
+        return pairs
+    if seg.compensation == "stochastic":
+        pairs = []
+        for p, w, seed, step in zip(seg.params, work, seg.seeds, seg.steps):
+            stream, half = rounding.slot_bits(seed, rounding.PARAM_SLOT)
+            pairs.append((p, rounding.stochastic_round_bf16(w, stream, step, index=rounding.memory_index(p),
+                                                              half=half)))
+        return pairs
+    return list(zip(seg.targets, work))

@@ -20,6 +20,17 @@ EXTRAS_DOC = r"""
             optimizer (``model.load_state_dict``, an in-place op, ``p.data = ...``) re-seeds its
             copy at the next step; a write through ``p.data`` in place (``p.data.copy_(x)``) is
             not seen and is undone by the next step (default: False)
+        state_dtype (torch.dtype, optional): ``torch.bfloat16`` stores the state tensors
+            (moments, sums, buffers) in bfloat16, computed in float32 and written back with
+            deterministic stochastic rounding keyed by ``state['seed']``, the step and the
+            element (default: None, the params' dtype, float32 with master weights)
+        compensation (str, optional): how fp16/bf16 parameters without master weights are
+            stored: ``"kahan"`` keeps ``state['compensation']`` (the param's dtype), the rounding
+            error of the last store, and updates ``param + compensation``, so that updates
+            smaller than the param's precision accumulate; ``"stochastic"`` (bf16 params) rounds
+            the param stochastically as ``state_dtype`` rounds the state. Other parameters are
+            stored as without it; it cannot be combined with ``master_weights`` (default: None,
+            round to nearest as torch.optim)
         backend (str, optional): ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or
             ``"cuda"``; see ``fastopt.available_backends`` (default: ``"auto"``)
         foreach, fused, capturable: torch.optim's flags, accepted so that code written for

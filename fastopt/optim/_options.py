@@ -10,6 +10,7 @@ import torch
 
 from .. import backends
 
+COMPENSATIONS = (None, "kahan", "stochastic")
 _TORCH_FLAGS = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
 _EXTRAS = {
     "max_grad_norm": None,
@@ -18,6 +19,7 @@ _EXTRAS = {
     "error_if_nonfinite": False,
     "master_weights": False,
     "state_dtype": None,
+    "compensation": None,
     "backend": "auto",
     **_TORCH_FLAGS,
 }
@@ -37,6 +39,11 @@ class FusedOptions:
     # [stochastic state], csrc/include/fastopt/update_math.h); None: the params' dtype (float32
     # with master weights), as torch.optim
     state_dtype: Optional[torch.dtype] = None
+    # how float16/bfloat16 params without master weights are stored (Note [param store],
+    # csrc/include/fastopt/update_math.h): None, round to nearest (torch.optim); "kahan", with a
+    # compensation buffer of the param's dtype (state["compensation"]); "stochastic" (bfloat16
+    # params), stochastic rounding keyed by state["seed"]. Other params are stored as without it.
+    compensation: Optional[str] = None
     backend: str = "auto"
 
     @property
@@ -75,6 +82,11 @@ def parse_extras(owner: str, extras: dict) -> tuple[FusedOptions, dict]:
         raise TypeError(f"master_weights must be a bool, got {values['master_weights']!r}")
     if values["state_dtype"] not in (None, torch.bfloat16):
         raise ValueError(f"Invalid state_dtype: {values['state_dtype']!r} (expected None or torch.bfloat16)")
+    if values["compensation"] not in COMPENSATIONS:
+        raise ValueError(f"Invalid compensation: {values['compensation']!r} (expected one of {COMPENSATIONS})")
+    if values["compensation"] is not None and values["master_weights"]:
+        raise ValueError(f"compensation={values['compensation']!r} cannot be combined with master_weights=True: "
+                         "the compensation stands in for the float32 master weights (choose one)")
     if values["backend"] not in backends.NAMES:
         raise ValueError(f"Invalid backend: {values['backend']!r} (expected one of {backends.NAMES})")
     options = FusedOptions(
@@ -84,6 +96,7 @@ def parse_extras(owner: str, extras: dict) -> tuple[FusedOptions, dict]:
         error_if_nonfinite=values["error_if_nonfinite"],
         master_weights=values["master_weights"],
         state_dtype=values["state_dtype"],
+        compensation=values["compensation"],
         backend=values["backend"],
     )
     return options, flags

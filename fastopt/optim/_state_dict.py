@@ -21,7 +21,7 @@ def validate(opt: Any, state_dict: dict) -> dict:
             if key not in saved:
                 raise KeyError(f"{key!r}: param group {i} of the loaded state dict has no {key!r}, which "
                                f"{name} needs (is it another optimizer's state dict?)")
-    allowed = set(opt._state_names) | {"step", "master_param", "seed"}
+    allowed = set(opt._state_names) | {"step", "master_param", "seed", "compensation"}
     for saved_id, saved_state in state_dict["state"].items():
         extra = sorted(set(saved_state) - allowed)
         if extra:
@@ -66,16 +66,29 @@ def settle(opt: Any, state_dict: dict, id_map: dict) -> None:
 
 def _settle_low_precision(opt: Any, p: Tensor, state: dict, saved: dict) -> None:
     """With ``state_dtype``: the state tensors in bfloat16 (rounded to nearest from what was saved,
-    a torch.optim dict's float32 moments say) and the saved seed as it was (torch's loading casts
-    it to the param's dtype); a dict without one gets a fresh seed at the next step. Without
-    ``state_dtype``: no seed, the state as the params' (torch's cast)."""
-    if opt._options.state_dtype is None:
+    a torch.optim dict's float32 moments say). With a stochastic store (``state_dtype`` or
+    compensation="stochastic"): the saved seed as it was (torch's loading casts it to the param's
+    dtype); a dict without one gets a fresh seed at the next step. Without: no seed. A saved
+    compensation buffer stays with compensation="kahan" (in the param's dtype; a dict without one
+    starts from zeros) and is dropped otherwise, as ``master_param`` is."""
+    if opt._compensation(p) != "kahan":
+        state.pop("compensation", None)
+    elif isinstance(saved.get("compensation"), Tensor):
+        state["compensation"] = saved["compensation"].to(device=p.device, dtype=p.dtype, copy=True)
+    if not opt._needs_seed(p):
         state.pop("seed", None)
+        return
+    if opt._options.state_dtype is None:
+        _keep_seed(state, saved)
         return
     for key in opt._state_names:
         value = saved.get(key)
         if isinstance(value, Tensor):
             state[key] = value.to(device=p.device, dtype=opt._options.state_dtype, copy=True)
+    _keep_seed(state, saved)
+
+
+def _keep_seed(state: dict, saved: dict) -> None:
     seed = saved.get("seed")
     if seed is None:
         state.pop("seed", None)

@@ -185,6 +185,15 @@ class FusedOptimizer(Optimizer):
     def _uses_master(self, p: Tensor) -> bool:
         return self._options.master_weights and p.dtype in LOW_PRECISION
 
+    def _compensation(self, p: Tensor) -> Optional[str]:
+        """How ``p`` is stored (Note [param store]): ``compensation`` for a float16/bfloat16 param
+        (without master weights: the options refuse both), None for any other."""
+        return self._options.compensation if p.dtype in LOW_PRECISION else None
+
+    def _needs_seed(self, p: Tensor) -> bool:
+        """Something of ``p`` is rounded stochastically: its state or the param itself."""
+        return self._options.state_dtype is not None or self._compensation(p) == "stochastic"
+
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         """The dtype of ``p``'s state tensors: ``state_dtype`` when set, else float32 with master
         weights, else the param's."""
@@ -199,12 +208,16 @@ class FusedOptimizer(Optimizer):
         seeds its stochastic rounding (``state["seed"]``, with ``state_dtype``)."""
         keys = self._state_keys(group)
         master = self._uses_master(p)
-        stochastic = self._options.state_dtype is not None
-        if stochastic and p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        stochastic = self._needs_seed(p)
+        compensation = self._compensation(p)
+        if self._options.state_dtype is not None and p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"fastopt.{type(self).__name__}: state_dtype=torch.bfloat16 is for float32, float16 "
                              f"and bfloat16 params; this one is {p.dtype}")
+        if compensation == "stochastic" and p.dtype != torch.bfloat16:
+            raise ValueError(f"fastopt.{type(self).__name__}: compensation='stochastic' rounds to bfloat16; this "
+                             f"param is {p.dtype} (compensation='kahan' works for float16 params)")
         keeps_step = self._rule.keeps_step
-        if not (keys or master or keeps_step or p in self.state):
+        if not (keys or master or keeps_step or compensation or p in self.state):
             return {}
         state = self.state[p]
         created = self._run.created
@@ -224,6 +237,9 @@ class FusedOptimizer(Optimizer):
         if stochastic and "seed" not in state:
             created.append((p, "seed"))
             state["seed"] = torch.tensor(param_seed(ordinal), dtype=torch.int64)
+        if compensation == "kahan" and "compensation" not in state:
+            created.append((p, "compensation"))
+            state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if master and "master_param" not in state:
             created.append((p, "master_param"))
             state["master_param"] = p.detach().to(
@@ -264,9 +280,9 @@ class FusedOptimizer(Optimizer):
                     absent.append(p)
                     continue
                 if p.grad.is_sparse:
-                    if self._options.state_dtype is not None:
+                    if self._options.state_dtype is not None or self._compensation(p) is not None:
                         raise NotImplementedError(f"fastopt.{type(self).__name__}: sparse gradients cannot be "
-                                                  "combined with state_dtype")
+                                                  "combined with state_dtype or compensation")
                     self._check_sparse(p, group)  # raises before any state exists
                 if not self._rule.keeps_step:  # Note [SGD's first step]: is p's state made for this step?
                     fresh = all(self.state.get(p, {}).get(k) is None for k in keys)
@@ -282,7 +298,8 @@ class FusedOptimizer(Optimizer):
                     spec = self._shards_for_kernels(p, state, keys, backend, steps)
                     if spec is None:
                         backend = self._subclass_fallback(p, backend)
-                if "seed" in state and backend.name in ("triton", "cuda"):
+                compensation = self._compensation(p)
+                if ("seed" in state or compensation is not None) and backend.name in ("triton", "cuda"):
                     backend = self._stochastic_fallback(backend, p.device)
                 key = (p.device, view.dtype, backend.name, None if spec is None else (id(spec[0]), spec[1]))
                 bucket = buckets.get(key)
@@ -296,6 +313,9 @@ class FusedOptimizer(Optimizer):
                             states={k: [] for k in keys},
                             sharded=spec is not None,
                             seeds=[] if "seed" in state else None,
+                            stochastic_state=self._options.state_dtype is not None,
+                            compensation=compensation,
+                            compensations=[] if compensation == "kahan" else None,
                         )
                     )
                 seg = bucket.segments[-1]
@@ -308,6 +328,8 @@ class FusedOptimizer(Optimizer):
                     seg.states[k].append(real_view(shard(state[k])))
                 if seg.seeds is not None:
                     seg.seeds.append(int(state["seed"]))
+                if seg.compensations is not None:
+                    seg.compensations.append(shard(state["compensation"]))
                 if seg.masters is not None:
                     seg.masters.append(shard(state["master_param"]))
                     masters.append((p, state["master_param"]))
@@ -321,12 +343,15 @@ class FusedOptimizer(Optimizer):
         spec = shard_spec(p)
         if spec is None:
             return None
-        others = [p.grad] + [state[k] for k in keys] + ([state["master_param"]] if "master_param" in state else [])
+        extra = [state[k] for k in ("master_param", "compensation") if k in state]
+        others = [p.grad] + [state[k] for k in keys] + extra
         if any(shard_spec(t) != spec for t in others) or not plain_tensors(steps):
             return None
         probe = Segment(None, params=[real_view(local(p))], steps=[steps],
                         states={k: [real_view(local(state[k]))] for k in keys},
-                        masters=[local(state["master_param"])] if "master_param" in state else None)
+                        masters=[local(state["master_param"])] if "master_param" in state else None,
+                        stochastic_state=self._options.state_dtype is not None,
+                        compensations=[local(state["compensation"])] if "compensation" in state else None)
         return spec if backend.can_plan(probe, 0) else None
 
     def _subclass_fallback(self, p: Tensor, backend: Any) -> Any:
@@ -345,12 +370,14 @@ class FusedOptimizer(Optimizer):
         return backends.resolve("reference", p.device)
 
     def _stochastic_fallback(self, backend: Any, device: torch.device) -> Any:
-        """The backend for params with ``state_dtype``: the GPU kernels do not round
-        stochastically yet, so they take the reference rules (the same bits), with a warning once
-        per optimizer (counted in ``step_stats`` too)."""
+        """The backend for params with ``state_dtype`` or ``compensation``: the GPU kernels do not
+        store so yet, so they take the reference rules (the same bits), with a warning once per
+        optimizer (counted in ``step_stats`` too)."""
         if not self._run.warned_stochastic:
             self._run.warned_stochastic = True
-            warnings.warn(f"fastopt.{type(self).__name__}: state_dtype=torch.bfloat16 runs on the reference rules, "
+            what = "state_dtype=torch.bfloat16" if self._options.state_dtype is not None else (
+                f"compensation={self._options.compensation!r}")
+            warnings.warn(f"fastopt.{type(self).__name__}: {what} runs on the reference rules, "
                           f"not the {backend.name} kernels (not written for them yet); results are the same, "
                           "the step is slower", stacklevel=5)
         return backends.resolve("reference", device)

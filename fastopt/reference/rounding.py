@@ -81,6 +81,7 @@ def _signed64(v: int) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
+@torch.compiler.disable  # plain int arithmetic: Dynamo would trace it on symbolic ints
 def param_seed(ordinal: int, base: int = 0) -> int:
     """The seed of the ``ordinal``-th param of an optimizer (its position over all param groups
     when its state was made): splitmix64 of ``base + ordinal``, as a signed int64 (the bits are
@@ -89,6 +90,11 @@ def param_seed(ordinal: int, base: int = 0) -> int:
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _M64
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _M64
     return _signed64(z ^ (z >> 31))
+
+
+# The state slot whose random bits round a param stored stochastically (compensation="stochastic",
+# Note [param store], csrc/include/fastopt/update_math.h kParamRandomSlot).
+PARAM_SLOT = 3
 
 
 def slot_bits(seed: int, slot: int) -> tuple[int, int]:

@@ -386,7 +386,22 @@ struct SGD {
 // kernels walk, Note [dense tensors, any layout], csrc/cpu/multi_tensor.h). The reference rules
 // (fastopt/backends/reference.py, fastopt/reference/rounding.py) round the same values with the
 // same bits, so both give the same state bit for bit, for any chunking and thread count. The
-// params are stored as without it (round to nearest; float32 masters with master weights).
+// params are stored as without it (round to nearest; float32 masters with master weights), unless
+// compensation says otherwise (Note [param store]).
+
+// Note [param store]: how the update's float32 result is written back to float16/bfloat16 params
+// without master weights (compensation=, fastopt/optim/_options.py). kNearest: rounded to nearest,
+// as torch. kKahan: the param has a compensation buffer c of its own dtype (state["compensation"],
+// the op's params_out list): the update runs on w = float(p) + float(c), then p = round(w) and
+// c = round(w - float(p)) (0 where p is not finite), so that p + c carries about twice p's bits and
+// small updates accumulate instead of being rounded away (optimi's Kahan summation, the residual
+// kept rather than the update). kStochastic (bfloat16 params): p is rounded stochastically with the
+// bits of state slot 3 (the high 16 bits of stochastic_bits(seed_i + 1, step, j), Note [stochastic
+// state]): unbiased, no buffer. The reference rules (fastopt/backends/reference.py) store the same.
+enum class ParamStore : uint8_t { kNearest = 0, kKahan = 1, kStochastic = 2 };
+
+// The random bits' state slot of a param stored stochastically (Note [param store]).
+constexpr int kParamRandomSlot = 3;
 
 // The rules, each once: FASTOPT_RULES(X) expands X(Rule) for every rule (the op registrations, the
 // CPU kernel table, the CUDA instantiations).

@@ -53,12 +53,15 @@ constexpr const char* schema_type() {
 
 // Note [one schema per rule]: "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, ...,
 // Tensor(e!)[] steps, Tensor(f!)[] params_out, Tensor lr, float beta1, ..., Tensor? inv_scale,
-// float? clip_value, Tensor? clip_coef, Tensor? found_inf, Tensor? seeds=None) -> ()". One step for every tensor of a
+// float? clip_value, Tensor? clip_coef, Tensor? found_inf, Tensor? seeds=None, bool stochastic_state=False, str? compensation=None) -> ()". One step for every tensor of a
 // (device, dtype) group, in place: `params` are the tensors the math runs on (the fp32 masters
 // with master weights, whose rounded values go to `params_out`; otherwise `params_out` is empty),
 // `steps` are incremented (not when found_inf is set); the grads are first unscaled, value-clipped
 // and multiplied by clip_coef (fastopt/grad_math.h). `seeds` (an int64 CPU tensor, one per param):
-// the state lists are bfloat16, stored stochastically (Note [stochastic state], update_math.h).
+// the random streams of the stochastic stores; `stochastic_state`: the state lists are bfloat16,
+// stored stochastically (Note [stochastic state], update_math.h); `compensation` ("kahan" or
+// "stochastic", float16/bfloat16 params without masters): how the params are stored (Note [param
+// store]); with "kahan", `params_out` holds the compensation buffers, in the params' dtype.
 template <typename R>
 std::string op_schema() {
   std::string s = op_name<R>() + "(Tensor(a!)[] params, Tensor[] grads";
@@ -69,7 +72,8 @@ std::string op_schema() {
   for_each_hyper<R>([&](const auto& f) {
     s += std::string(", ") + schema_type<typename std::decay_t<decltype(f)>::value_type>() + " " + f.name;
   });
-  return s + ", Tensor? inv_scale, float? clip_value, Tensor? clip_coef, Tensor? found_inf, Tensor? seeds=None) -> ()";
+  return s + ", Tensor? inv_scale, float? clip_value, Tensor? clip_coef, Tensor? found_inf, Tensor? seeds=None, "
+             "bool stochastic_state=False, str? compensation=None) -> ()";
 }
 
 // The slots of R's lists: names in the op's order, empty lists.
@@ -136,6 +140,50 @@ struct GradArgs {
   }
 };
 
+// How an update stores its results (its op's last three arguments, a cpu plan's too): the seeds of
+// the stochastic stores, one per param (empty without one), whether the state is bfloat16 stored
+// stochastically (Note [stochastic state]) and how the params are stored (Note [param store]).
+struct Rounding {
+  std::vector<int64_t> seeds;
+  bool stochastic_state = false;
+  ParamStore param = ParamStore::kNearest;
+
+  bool stochastic() const { return stochastic_state || param == ParamStore::kStochastic; }
+};
+
+// An op's `compensation` argument.
+inline ParamStore param_store(const c10::optional<std::string>& compensation) {
+  if (!compensation.has_value()) return ParamStore::kNearest;
+  if (*compensation == "kahan") return ParamStore::kKahan;
+  if (*compensation == "stochastic") return ParamStore::kStochastic;
+  TORCH_CHECK(false, "fastopt: compensation must be None, 'kahan' or 'stochastic', got '", *compensation, "'");
+}
+
+// What a Rounding needs of the lists it stores (the caller's slot dtypes: grads, params, whether
+// params_out is there): seeds exactly when something is stored stochastically; stochastic state
+// for float32, float16 and bfloat16 params; compensation for float16/bfloat16 params without
+// master weights ("stochastic": bfloat16 only), with params_out (the compensation buffers) for
+// "kahan" and without it for "stochastic".
+inline void check_rounding(const char* op, const Rounding& r, at::ScalarType grad_dtype, at::ScalarType param_dtype,
+                           bool has_params_out) {
+  TORCH_CHECK(r.seeds.empty() != r.stochastic(), op, ": ", r.seeds.empty() ? "a stochastic store needs `seeds`"
+              : "`seeds` were given, but nothing is stored stochastically (stochastic_state=False, no "
+                "compensation='stochastic')");
+  TORCH_CHECK(!r.stochastic_state || grad_dtype != at::kDouble, op,
+              ": stochastic bfloat16 state is for float32, float16 and bfloat16 params, not float64");
+  if (r.param == ParamStore::kNearest) return;
+  const bool low = grad_dtype == at::kHalf || grad_dtype == at::kBFloat16;
+  TORCH_CHECK(low && param_dtype == grad_dtype, op, ": compensation is for float16/bfloat16 params without master "
+              "weights, got ", param_dtype, " params with ", grad_dtype, " grads");
+  if (r.param == ParamStore::kKahan) {
+    TORCH_CHECK(has_params_out, op, ": compensation='kahan' takes the compensation buffers as `params_out`");
+  } else {
+    TORCH_CHECK(grad_dtype == at::kBFloat16, op, ": compensation='stochastic' rounds to bfloat16; the params are ",
+                grad_dtype, " (compensation='kahan' works for float16)");
+    TORCH_CHECK(!has_params_out, op, ": compensation='stochastic' takes no `params_out`");
+  }
+}
+
 // The arguments of R's op as the dispatcher gives them to a boxed kernel.
 template <typename R>
 struct UpdateOpArgs {
@@ -144,7 +192,7 @@ struct UpdateOpArgs {
   at::Tensor lr;
   typename R::Hyper hyper{};
   GradArgs grad;  // inv_scale, clip_value, clip_coef, found_inf
-  std::vector<int64_t> seeds;  // empty: no stochastic state
+  Rounding rounding;  // seeds, stochastic_state, compensation
 };
 
 // The seeds an op was given: an int64 CPU tensor of one element per param (or none).
@@ -162,7 +210,7 @@ inline std::vector<int64_t> seed_values(const c10::optional<at::Tensor>& seeds, 
 
 template <typename R>
 constexpr size_t op_argument_count() {
-  return 2 + R::kStates + 2 + 1 + hyper_count<R>() + 5;
+  return 2 + R::kStates + 2 + 1 + hyper_count<R>() + 7;
 }
 
 // Takes the op's arguments off the stack (the op returns nothing). A state list the flags do not
@@ -186,7 +234,9 @@ UpdateOpArgs<R> pop_update_args(torch::jit::Stack& stack) {
   a.grad.clip_value = v[i++].toOptional<double>();
   a.grad.clip_coef = v[i++].toOptional<at::Tensor>();
   a.grad.found_inf = v[i++].toOptional<at::Tensor>();
-  a.seeds = seed_values(v[i++].toOptional<at::Tensor>(), a.slots[kParamSlot].second.size());
+  a.rounding.seeds = seed_values(v[i++].toOptional<at::Tensor>(), a.slots[kParamSlot].second.size());
+  a.rounding.stochastic_state = v[i++].toBool();
+  a.rounding.param = param_store(v[i++].toOptional<std::string>());
   torch::jit::drop(stack, n);
   const unsigned f = R::flags(a.hyper);
   for (int k = 0; k < R::kStates; ++k) {
