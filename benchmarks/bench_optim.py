@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -48,6 +48,9 @@ class Case:
     extras: dict = field(default_factory=dict)  # fastopt-only arguments
     tag: str = ""
     full_only: bool = False
+    # (label, fastopt extras) of today's mode, timed beside the case's in the same alternation
+    # ("fastopt <backend> <label>"), with the state bytes per param of both; None: none
+    beside: Optional[tuple[str, dict]] = None
 
     @property
     def label(self) -> str:
@@ -69,9 +72,16 @@ CASES = [
     # fastopt's step with its float32 state ("fp32 state") alternately in the same run. fp32
     # params: reads p, g, m, v and writes p, m, v = 4+4+2+2 + 4+2+2 = 20 B/param (28 with fp32
     # state); bf16 params with fp32 masters: master, g, m, v, then master, m, v, p = 20 B (28)
-    *[Case("AdamW", s, 20, extras={"state_dtype": torch.bfloat16}, tag="bf16 state") for s in ("one", "small")],
+    *[Case("AdamW", s, 20, extras={"state_dtype": torch.bfloat16}, tag="bf16 state",
+           beside=("fp32 state", {})) for s in ("one", "small")],
     Case("AdamW", "one", 20, recipe="master", extras={"master_weights": True, "state_dtype": torch.bfloat16},
-         tag="bf16+master, bf16 state"),
+         tag="bf16+master, bf16 state", beside=("fp32 state", {"master_weights": True})),
+    # bf16 params without masters (compensation, Note [param store]) against today's bf16 +
+    # fp32 masters (28 B): kahan reads p, c, g, m, v and writes p, c, m, v = 18 B/param;
+    # stochastic reads p, g, m, v and writes p, m, v = 14 B/param
+    *[Case("AdamW", "one", b, recipe="master", extras={"compensation": c, "state_dtype": torch.bfloat16},
+           tag=f"bf16 {c}, bf16 state", beside=("bf16+master", {"master_weights": True}))
+      for c, b in (("kahan", 18), ("stochastic", 14))],
     # the host's work per step, where the arithmetic is nothing: 4,000 one-element params, their
     # grads kept between steps; then in a training loop (grads made by each backward, freed by
     # zero_grad), where every provider also pays the same backward
@@ -183,25 +193,19 @@ def fastopt_step(case: Case, backend: str, shapes, device, extras=None) -> Calla
     return step
 
 
-def fp32_state(extras: dict) -> dict:
-    """A case's extras without its state_dtype: today's mode, timed beside it."""
-    return {k: v for k, v in extras.items() if k != "state_dtype"}
-
-
 def state_bytes_note(case: Case, backend: str, device: str) -> str:
-    """Bytes of optimizer state per param (state tensors and master copies, from the tensors a
-    step made), with and without the case's state_dtype."""
+    """Bytes of optimizer state per param (state tensors, master copies and compensation buffers,
+    from the tensors a step made), with the case's extras and with today's mode beside it."""
     per_param = {}
-    for label, extras in (("state_dtype", case.extras),
-                          ("fp32 state", fp32_state(case.extras))):
+    for label, extras in (("case", case.extras), case.beside):
         p = _params([(1000,)], device, torch.bfloat16 if case.recipe == "master" else torch.float32)
         opt = getattr(fastopt, case.name)(p, lr=1e-3, backend=backend, **case.options, **extras)
         opt.step()
         state = opt.state[p[0]].values()
         per_param[label] = sum(t.numel() * t.element_size() for t in state if t.numel() == 1000) / 1000
-    return (f"{case.label} ({backend}): state bytes per param {per_param['state_dtype']:g} with "
-            f"{case.extras['state_dtype']}, {per_param['fp32 state']:g} with fp32 state (step counts and "
-            "seeds aside); GB/s of both rows count the case's bytes")
+    return (f"{case.label} ({backend}): state bytes per param {per_param['case']:g}, "
+            f"{per_param[case.beside[0]]:g} with {case.beside[0]} (step counts and seeds aside); GB/s of "
+            "both rows count the case's bytes")
 
 
 def torch_alternatives(case: Case, shapes, device: str, notes: set) -> dict[str, Callable[[], None]]:
@@ -262,6 +266,8 @@ def peer_steps(case: Case, shapes, device: str, notes: set) -> dict[str, Callabl
     import importlib
 
     out = {}
+    if "compensation" in case.extras:
+        return low_precision_peers(case, shapes, device, notes)
     if case.recipe != "plain" or case.options or "state_dtype" in case.extras:
         return out
     for provider, (module, classes, devices) in PEERS.items():
@@ -274,6 +280,27 @@ def peer_steps(case: Case, shapes, device: str, notes: set) -> dict[str, Callabl
             continue
         out[provider] = cls(_params(shapes, device), lr=1e-3).step
     return out
+
+
+def low_precision_peers(case: Case, shapes, device: str, notes: set) -> dict[str, Callable[[], None]]:
+    """The peers of bf16 params without master weights (issue 27): optimi's AdamW with
+    kahan_sum=True (its state in the params' dtype, bf16) beside compensation="kahan", torchao's
+    _AdamW(bf16_stochastic_round=True) beside "stochastic"; a note for each one that is not
+    importable or does not run here."""
+    import importlib
+
+    peers = {"kahan": ("torch-optimi kahan_sum", "optimi", "AdamW", {"kahan_sum": True}),
+             "stochastic": ("torchao bf16_stochastic_round", "torchao.optim", "_AdamW",
+                            {"bf16_stochastic_round": True})}
+    provider, module, name, kwargs = peers[case.extras["compensation"]]
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        opt = cls(_params(shapes, device, torch.bfloat16), lr=1e-3, **kwargs)
+        opt.step()  # it runs here (torchao compiles its step on first use)
+    except Exception as exc:  # an optional peer: whatever stops it is reported, not raised
+        notes.add(f"{provider} skipped: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return {}
+    return {provider: opt.step}
 
 
 def torch_variants(case: Case, device: str) -> list[str]:
@@ -313,9 +340,9 @@ def main() -> None:
             steps[f"torch {variant}"] = torch_step(case, variant, shapes, args.device)
         for backend in backends:
             steps[f"fastopt {backend}"] = fastopt_step(case, backend, shapes, args.device)
-            if "state_dtype" in case.extras:  # today's mode beside it, in the same alternation
-                steps[f"fastopt {backend} fp32 state"] = fastopt_step(case, backend, shapes, args.device,
-                                                                      fp32_state(case.extras))
+            if case.beside is not None:  # today's mode beside it, in the same alternation
+                steps[f"fastopt {backend} {case.beside[0]}"] = fastopt_step(case, backend, shapes, args.device,
+                                                                            case.beside[1])
                 notes.add(state_bytes_note(case, backend, args.device))
         steps.update(torch_alternatives(case, shapes, args.device, notes))
         steps.update(peer_steps(case, shapes, args.device, notes))

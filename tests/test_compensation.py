@@ -281,15 +281,19 @@ def test_the_list_op_checks_what_it_stores():
 
 
 @needs_cpu
-@pytest.mark.parametrize("compensation", ["kahan", "stochastic"])
-def test_torch_compile_steps_like_eager(compensation):
+@pytest.mark.parametrize("state_dtype", [None, BF16], ids=["state-as-params", "bf16-state"])
+@pytest.mark.parametrize("compensation", [None, "kahan", "stochastic"])
+def test_torch_compile_steps_like_eager(compensation, state_dtype):
     """Under torch.compile the step runs the list ops (Note [the plan life cycle]): the same bits as
-    the eager step's plan (the same kernels)."""
+    the eager step's plan (the same kernels), the seeds made in the compiled first step too."""
+    if compensation is None and state_dtype is None:
+        pytest.skip("neither: tests/test_compile_and_cuda.py")
+    extras = {} if state_dtype is None else {"state_dtype": state_dtype}
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
         params = [p.clone().requires_grad_() for p in _params()[:3]]
-        opt = _make("AdamW", params, "cpu", compensation)
+        opt = _make("AdamW", params, "cpu", compensation, **extras)
         step = torch.compile(opt.step) if compiled else opt.step
         for step_grads in _grads(params, 3):
             for p, g in zip(params, step_grads):

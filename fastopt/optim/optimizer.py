@@ -335,8 +335,7 @@ class FusedOptimizer(Optimizer):
                     masters.append((p, state["master_param"]))
         return Plan(list(buckets.values()), sparse, absent, self._state_key(), masters)
 
-    @staticmethod
-    def _shards_for_kernels(p: Tensor, state: dict, keys: tuple, backend: Any, steps: Tensor) -> Optional[tuple]:
+    def _shards_for_kernels(self, p: Tensor, state: dict, keys: tuple, backend: Any, steps: Tensor) -> Optional[tuple]:
         """(mesh, placements) when ``backend``'s kernels can step the local shard of the DTensor
         ``p`` (Note [DTensor shards]): its grad and every state tensor (not the step count
         ``steps``) are DTensors laid out alike, and the shards can be walked together; else None."""
