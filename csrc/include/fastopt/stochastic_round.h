@@ -71,4 +71,24 @@ FASTOPT_HD uint16_t bf16_bits_stochastic(float x, uint32_t r) {
   return static_cast<uint16_t>((u + (r & 0xFFFFu)) >> 16);  // at most 0xFF80FFFF: no carry into bit 32
 }
 
+// The bfloat16 bit pattern of float32 `x` rounded to nearest, ties to even, as c10::BFloat16
+// rounds it (a NaN becomes 0x7FC0): integer arithmetic and one select, which vectorizes where
+// the conversion's NaN branch kept a loop scalar (the kahan store, Note [param store]).
+FASTOPT_HD uint16_t bf16_bits_nearest(float x) {
+  const uint32_t u = float_bits(x);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0u) : rounded;
+}
+
+FASTOPT_HD float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
 }  // namespace fastopt
