@@ -17,6 +17,11 @@ PYTEST_JOBS ?= 2
 # suite's time: `sample` runs one triton case per test function (tests/conftest.py), `full` all.
 # (CI's second environment runs them all, with the GPU machine's Triton; a GPU runs them all.)
 TRITON_MATRIX ?= sample
+# A test that hangs fails on its own after TEST_TIMEOUT seconds (pytest-timeout, thread method:
+# every thread's stack is printed and the test process ends; pytest-xdist names the test), rather
+# than holding the whole run until CI's limit. The slowest test takes about 30 s here.
+TEST_TIMEOUT ?= 600
+TIMEOUT_ARGS := --timeout=$(TEST_TIMEOUT) --timeout-method=thread
 BENCH_ARGS ?=
 
 BUILD_STAMP := $(VENV)/.fastopt-built
@@ -35,8 +40,9 @@ $(PY):
 
 deps: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	@for mod in pytest xdist numpy ninja cmake setuptools wheel packaging expecttest; do \
-	  $(PY) -c "import $$mod" 2>/dev/null || missing="$$missing $$(echo $$mod | sed 's/^xdist$$/pytest-xdist/')"; \
+	@for dep in pytest xdist:pytest-xdist pytest_timeout:pytest-timeout numpy ninja cmake setuptools wheel packaging \
+	  expecttest; do \
+	  $(PY) -c "import $${dep%%:*}" 2>/dev/null || missing="$$missing $${dep#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then $(PY) -m pip install -q $$missing; fi
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
@@ -62,7 +68,7 @@ test-deps: deps
 
 test: build cuda-check test-deps
 	FASTOPT_REQUIRE_EXT=1 FASTOPT_REQUIRE_INTEGRATIONS=1 FASTOPT_TRITON_MATRIX=$(TRITON_MATRIX) $(PY) -m pytest -q \
-	  $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS)) $(PYTEST_ARGS)
+	  $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS)) $(TIMEOUT_ARGS) $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory test-capabilities
 
 # test-capabilities: the cpu backend's optimizer, numerics and BatchNorm+ReLU tests once more with
@@ -76,7 +82,7 @@ test-capabilities: build
 	for level in $$levels; do \
 	  echo "== the cpu tests with FASTOPT_CPU_CAPABILITY=$$level"; \
 	  FASTOPT_CPU_CAPABILITY=$$level FASTOPT_REQUIRE_EXT=1 $(PY) -m pytest -q -p no:cacheprovider \
-	    $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS)) -k "cpu and not triton" $(CAPABILITY_TESTS) || exit 1; \
+	    $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS)) $(TIMEOUT_ARGS) -k "cpu and not triton" $(CAPABILITY_TESTS) || exit 1; \
 	done
 
 # cuda-check: every .cu file compiled by nvcc for the distributable CUDA architectures (Note [CUDA

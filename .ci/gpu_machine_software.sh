@@ -20,7 +20,7 @@ mkdir -p "$cache"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 # numpy<2.4: Triton 3.6's interpreter calls int() on one-element arrays, which NumPy 2.4 refuses
 # ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.9's does not.
-"${clean[@]}" "$venv/bin/pip" install -q torch==2.11.0 triton==3.6.0 "numpy<2.4" pytest pytest-xdist ninja cmake setuptools \
+"${clean[@]}" "$venv/bin/pip" install -q torch==2.11.0 triton==3.6.0 "numpy<2.4" pytest pytest-xdist pytest-timeout ninja cmake setuptools \
   wheel packaging expecttest
 "${clean[@]}" "$venv/bin/python" -c "import torch, triton; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)"
 
@@ -35,5 +35,5 @@ cd "$work"  # outside the source tree: `import fastopt` is the installed package
 import fastopt, fastopt.nn, fastopt.triton_kernels
 assert fastopt._ext.has_cuda_ops(), fastopt._ext.load_error
 print('fastopt installed at', fastopt.__file__, '| built with CUDA')"
-"${clean[@]}" FASTOPT_REQUIRE_EXT=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 --rootdir "$work/src" \
+"${clean[@]}" FASTOPT_REQUIRE_EXT=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 --timeout=600 --timeout-method=thread --rootdir "$work/src" \
   -c "$work/src/pyproject.toml" "$work/src/tests"
