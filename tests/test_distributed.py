@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import gc
 import os
 import socket
+import sys
 import warnings
 
 import pytest
@@ -69,19 +71,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rank_main(rank: int, fn, port: int, *args) -> None:
+    """One rank's process: ``fn(rank, port, *args)``, then the exit of Note [a rank's exit].
+
+    Note [a rank's exit]: a rank that returned normally could still die afterwards with SIGABRT
+    ("terminate called without an active exception"; CI saw it at world 2 and world 4 of the DCP
+    tests, after the ranks had met at the closing barrier): FSDP2's modules hold reference cycles
+    (hooks, device meshes) that keep tensors and the gloo process group alive until the garbage
+    collection of interpreter shutdown, and a gloo worker thread that drops a tensor then must take
+    the GIL, which a finalizing interpreter answers with pthread_exit, whose unwinding through a
+    noexcept frame is std::terminate (torch's own issue, pytorch PR 179291). So the cycles are
+    collected here, while the interpreter is whole, and the process then ends without finalizing
+    (its output flushed; a failing ``fn`` raises before this and is reported by mp.spawn as usual)."""
+    fn(rank, port, *args)
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _spawn(fn, *args, world: int = WORLD) -> None:
     """Run ``fn(rank, port, *args)`` in ``world`` fresh processes; a failure in any rank fails the
     test with that rank's traceback."""
-    mp.spawn(fn, args=(_free_port(), *args), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(fn, _free_port(), *args), nprocs=world, join=True)
 
 
 @contextlib.contextmanager
 def _process_group(rank: int, port: int, world: int = WORLD, backend: str = "gloo"):
     """One rank's process group for the body. On success every rank meets at a barrier before the
-    group is destroyed: a rank that tears gloo down while a peer's last sends (the all-gather of
-    ``full_tensor()``, DCP's collectives) are still in flight can abort that peer ("terminate called
-    without an active exception", SIGABRT; seen once in CI at world 4 on 2 cores). After a failure
-    there is no barrier (the peers may never reach it): the group is destroyed and the error raised."""
+    group is destroyed, so that no rank tears gloo down while a peer's last sends (the all-gather of
+    ``full_tensor()``, DCP's collectives) are in flight. (The SIGABRT this was first written against
+    came later, at the process's exit: Note [a rank's exit].) After a failure there is no barrier
+    (the peers may never reach it): the group is destroyed and the error raised."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=5))
@@ -372,7 +393,7 @@ def _dcp_run(rank: int, port: int, world: int, phase: str, kind: str, ckpt: str,
 
 
 def _dcp(world, phase, kind, ckpt, out, master=False):
-    mp.spawn(_dcp_run, args=(_free_port(), world, phase, kind, str(ckpt), str(out), master), nprocs=world, join=True)
+    _spawn(_dcp_run, world, phase, kind, str(ckpt), str(out), master, world=world)
 
 
 @pytest.mark.slow
