@@ -67,8 +67,11 @@ FASTOPT_HD uint32_t float_bits(float x) {
 // The bfloat16 bit pattern of float32 `x` rounded stochastically with the random bits `r`.
 FASTOPT_HD uint16_t bf16_bits_stochastic(float x, uint32_t r) {
   const uint32_t u = float_bits(x);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // NaN: quiet
-  return static_cast<uint16_t>((u + (r & 0xFFFFu)) >> 16);  // at most 0xFF80FFFF: no carry into bit 32
+  // at most 0xFF80FFFF for a number: no carry into bit 32. A NaN stays a quiet NaN. One select, no
+  // branch: with an early return the kernels' loops stayed scalar (control flow in the loop)
+  const uint16_t rounded = static_cast<uint16_t>((u + (r & 0xFFFFu)) >> 16);
+  const uint16_t nan = static_cast<uint16_t>((u >> 16) | 0x0040u);
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded;
 }
 
 // The bfloat16 bit pattern of float32 `x` rounded to nearest, ties to even, as c10::BFloat16
