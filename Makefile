@@ -101,9 +101,17 @@ cuda-check: deps
 	  $(VENV)/bin/cmake --build $(CUDA_CHECK_DIR) -j2; \
 	else echo "cuda-check: no nvcc on this machine, CUDA sources not compiled"; fi
 
+# The peers the low-precision rows are timed against (issue 27), where they install: torch-optimi
+# (pure PyTorch, kahan_sum) and torchao (_AdamW(bf16_stochastic_round=True)); --no-deps keeps the
+# installed torch. A peer that is missing is reported as skipped in the results, not an error.
+BENCH_PEERS ?= optimi:torch-optimi==0.3.3 torchao:torchao==0.18.0
 bench: build
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib \
 	  || echo "matplotlib could not be installed: the benchmark runs without plots"
+	@for dep in $(BENCH_PEERS); do \
+	  $(PY) -c "import $${dep%%:*}" 2>/dev/null || $(PY) -m pip install -q --no-deps "$${dep#*:}" \
+	    || echo "$${dep#*:} could not be installed: its rows are reported as skipped"; \
+	done
 	$(PY) benchmarks/bench_optim.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_bn_relu.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_resnet.py $(BENCH_ARGS)
