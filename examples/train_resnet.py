@@ -19,13 +19,17 @@ this runs offline. Every heuristic of the recipe is here and has a switch:
   early stopping on the validation loss .......................... --patience (0: off)
   checkpoints of the best model and of the last state ........... --out, --resume
   mixed precision: bf16 params, fp32 master weights, autocast ... --bf16
+  bf16 params without master weights ............................ --bf16 --state-dtype bfloat16
+                                                                   --compensation kahan|stochastic
   a data pipeline with worker processes .......................... --workers
   transfer learning from a checkpoint ............................ --finetune CKPT
 
 At the end it writes a PNG of the loss and accuracy curves and prints the time per epoch. With
 --compare it trains twice from the same seed, once with torch.optim (clipping by
 torch.nn.utils.clip_grad_norm_, BatchNorm and ReLU as separate modules) and once with fastopt, and
-plots both runs in one PNG.
+plots both runs in one PNG. With --compare-precision it trains bf16 params four ways (fp32 master
+weights; bf16 state with Kahan compensation; bf16 state with stochastic rounding; plain bf16
+rounded to nearest: examples/precision_modes.py) and plots their validation losses.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
@@ -43,8 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import fastopt
-from fastopt.nn import fuse_bn_relu
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fastopt  # noqa: E402
+from fastopt.nn import fuse_bn_relu  # noqa: E402
+from precision_modes import MODES, extras_from_flags, mode_flags, plot_losses  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Settings
@@ -65,6 +72,11 @@ class Config:
     init: str = "he"
     fuse: bool = True
     bf16: bool = False
+    # how fastopt stores the params and state (examples/precision_modes.py): with bf16, fp32
+    # master weights unless master_weights=False or a compensation stands in for them
+    state_dtype: Optional[str] = None  # "bfloat16": bf16 moments, stochastic rounding
+    compensation: Optional[str] = None  # "kahan" | "stochastic", for the bf16 params
+    master_weights: bool = True
     width: int = 16
     upscale: int = 1  # 2: 16x16 images (bilinear), for a deeper look at the same digits
     classes: str = "0-9"
@@ -103,6 +115,12 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
     p.add_argument("--init", choices=["he", "torch"], default=d.init)
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep BatchNorm and ReLU apart")
     p.add_argument("--bf16", action="store_true", help="bf16 params with fp32 master weights, bf16 autocast")
+    p.add_argument("--state-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="fastopt's optimizer state dtype (bfloat16: stochastic rounding)")
+    p.add_argument("--compensation", choices=["kahan", "stochastic"], default=None,
+                   help="with --bf16: the bf16 params without master weights, a Kahan buffer or stochastic rounding")
+    p.add_argument("--no-master-weights", dest="master_weights", action="store_false",
+                   help="with --bf16: the bf16 params stepped as they are (round to nearest)")
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--upscale", type=int, default=d.upscale)
     p.add_argument("--classes", default=d.classes, help="the digits to train on: '0-9', '0-4', '1,3,5'")
@@ -115,12 +133,15 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
     p.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale)
     p.add_argument("--library", choices=["fastopt", "torch"], default=d.library)
     p.add_argument("--compare", action="store_true", help="train with torch.optim and with fastopt; one plot")
+    p.add_argument("--compare-precision", action="store_true",
+                   help="bf16 params trained the four ways of precision_modes.py; one plot")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--interrupt-after", type=int, default=None, metavar="EPOCHS",
                    help="stop as a killed run would, after this many epochs (then try --resume)")
     p.add_argument("--quiet", action="store_true")
     args = vars(p.parse_args(argv))
-    compare = args.pop("compare")
+    compare = "precision" if args.pop("compare_precision") else args.pop("compare")
+    args.pop("compare", None)
     if args["lr"] is None:
         args["lr"] = SGD_LR if args["optimizer"] == "sgd" else d.lr
     return Config(**args), compare
@@ -265,11 +286,12 @@ def make_optimizer(model: ResNet, cfg: Config) -> torch.optim.Optimizer:
         extra = {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
     if cfg.library == "torch":
         return getattr(torch.optim, _CLASSES[cfg.optimizer])(groups, lr=cfg.lr, **extra)
-    # fastopt: the same arguments, plus clipping inside the step and fp32 masters for bf16 params
+    # fastopt: the same arguments, plus clipping inside the step and fp32 masters (or another
+    # precision mode) for bf16 params
     return getattr(fastopt, _CLASSES[cfg.optimizer])(
         groups, lr=cfg.lr, **extra,
         max_grad_norm=cfg.max_grad_norm or None,
-        master_weights=cfg.bf16,
+        **extras_from_flags(cfg.state_dtype, cfg.compensation, cfg.bf16 and cfg.master_weights),
     )
 
 
@@ -543,8 +565,30 @@ def plot(runs: dict[str, History], path: str) -> None:
     plt.close(fig)
 
 
+def compare_precision(cfg: Config) -> dict[str, History]:
+    """bf16 params trained the four ways of precision_modes.py, from the same seed and data order,
+    every epoch of each (no early stop, so that the curves end at the same epoch)."""
+    return {mode: train(replace(cfg, bf16=True, library="fastopt", patience=0, out=os.path.join(cfg.out, mode),
+                                **mode_flags(mode)))
+            for mode in MODES}
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, History]:
     cfg, compare = parse_args(argv)
+    if compare == "precision":
+        runs = compare_precision(cfg)
+        path = os.path.join(cfg.out, "precision.png")
+        try:
+            plot_losses({m: (list(range(1, len(h.val_loss) + 1)), h.val_loss) for m, h in runs.items()}, path,
+                        "ResNet on digits, bf16 params", "epoch")
+            print(f"plot: {path}")
+        except ImportError:
+            print("matplotlib is not installed: no plot")
+        for mode, h in runs.items():
+            rel = runs["master"].val_loss[-1]
+            print(f"{MODES[mode][0]:34s} final val loss {h.val_loss[-1]:.4f} ({100 * (h.val_loss[-1] / rel - 1):+.2f}% "
+                  f"vs (a))  test accuracy {h.test_acc:.4f}")
+        return runs
     if compare:
         # the same seed and data order for both; torch first, so neither gets a warmer cache
         runs = {

@@ -99,3 +99,39 @@ def test_early_stopping_stops_the_run_and_keeps_the_best_model(ex, tmp_path, mon
     assert best["epoch"] == 1
     for k, v in seen[1].items():
         assert torch.equal(best["model"][k], v), k
+
+
+@pytest.mark.parametrize("argv,want", [
+    ([], dict(master_weights=False, state_dtype=None, compensation=None)),
+    (["--bf16"], dict(master_weights=True, state_dtype=None, compensation=None)),
+    (["--bf16", "--no-master-weights"], dict(master_weights=False, state_dtype=None, compensation=None)),
+    (["--bf16", "--state-dtype", "bfloat16", "--compensation", "kahan"],
+     dict(master_weights=False, state_dtype=torch.bfloat16, compensation="kahan")),
+    (["--bf16", "--state-dtype", "bfloat16", "--compensation", "stochastic"],
+     dict(master_weights=False, state_dtype=torch.bfloat16, compensation="stochastic")),
+    (["--state-dtype", "bfloat16"], dict(master_weights=False, state_dtype=torch.bfloat16, compensation=None)),
+])
+def test_precision_flags_reach_the_optimizer(ex, tmp_path, argv, want):
+    """--bf16, --no-master-weights, --state-dtype and --compensation become the optimizer's
+    master_weights, state_dtype and compensation (a compensation stands in for the masters)."""
+    cfg, compare = ex.parse_args(argv + ["--width", "8", "--out", str(tmp_path)])
+    assert compare is False
+    opt = ex.make_optimizer(ex.build(cfg, 10, torch.device("cpu")), cfg)
+    got = {k: getattr(opt._options, k) for k in want}
+    assert got == want, (argv, got)
+
+
+def test_compare_precision_trains_the_four_modes(ex, tmp_path, monkeypatch):
+    """--compare-precision runs train() once per mode of precision_modes.py, bf16 params each,
+    with that mode's flags, and reports every run."""
+    seen = []
+
+    def fake_train(cfg):
+        seen.append((cfg.bf16, cfg.master_weights, cfg.state_dtype, cfg.compensation, cfg.patience))
+        return ex.History(val_loss=[1.0, 0.5], test_acc=0.9)
+
+    monkeypatch.setattr(ex, "train", fake_train)
+    runs = ex.main(["--compare-precision", "--out", str(tmp_path)])
+    assert list(runs) == ["master", "kahan", "stochastic", "nearest"]
+    assert seen == [(True, True, None, None, 0), (True, False, "bfloat16", "kahan", 0),
+                    (True, False, "bfloat16", "stochastic", 0), (True, False, None, None, 0)]
