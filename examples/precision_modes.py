@@ -29,6 +29,16 @@ MODES: dict[str, tuple[str, dict]] = {
 }
 
 
+def add_precision_flags(parser, master_help: str) -> None:
+    """The examples' --state-dtype, --compensation and --no-master-weights (Config.state_dtype,
+    .compensation, .master_weights)."""
+    parser.add_argument("--state-dtype", choices=["float32", "bfloat16"], default=None,
+                        help="fastopt's optimizer state dtype (bfloat16: stochastic rounding)")
+    parser.add_argument("--compensation", choices=["kahan", "stochastic"], default=None,
+                        help="bf16 params without master weights: a Kahan buffer, or stochastic rounding")
+    parser.add_argument("--no-master-weights", dest="master_weights", action="store_false", help=master_help)
+
+
 def extras_from_flags(state_dtype: Optional[str], compensation: Optional[str], master_weights: bool) -> dict:
     """The optimizer extras of the examples' --state-dtype, --compensation and master-weight flags.
     A compensation stands in for the master weights (fastopt refuses both at once)."""

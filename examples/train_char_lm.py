@@ -32,7 +32,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastopt  # noqa: E402
-from precision_modes import MODES, extras_from_flags, mode_flags, plot_losses, state_bytes_per_param  # noqa: E402
+from precision_modes import (  # noqa: E402
+    MODES, add_precision_flags, extras_from_flags, mode_flags, plot_losses, state_bytes_per_param,
+)
 
 
 @dataclass
@@ -70,12 +72,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "weight_decay", "max_grad_norm"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--state-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="the optimizer state's dtype (default: float32 with master weights, else the param's)")
-    p.add_argument("--compensation", choices=["kahan", "stochastic"], default=None,
-                   help="bf16 params without master weights: a Kahan buffer, or stochastic rounding")
-    p.add_argument("--no-master-weights", dest="master_weights", action="store_false",
-                   help="bf16 params stepped as they are (round to nearest), as torch.optim does")
+    add_precision_flags(p, "bf16 params stepped as they are (round to nearest), as torch.optim does")
     p.add_argument("--out", default=d.out)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--compare-precision", action="store_true",

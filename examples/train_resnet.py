@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastopt  # noqa: E402
 from fastopt.nn import fuse_bn_relu  # noqa: E402
-from precision_modes import MODES, extras_from_flags, mode_flags, plot_losses  # noqa: E402
+from precision_modes import MODES, add_precision_flags, extras_from_flags, mode_flags, plot_losses  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Settings
@@ -115,12 +115,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
     p.add_argument("--init", choices=["he", "torch"], default=d.init)
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep BatchNorm and ReLU apart")
     p.add_argument("--bf16", action="store_true", help="bf16 params with fp32 master weights, bf16 autocast")
-    p.add_argument("--state-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="fastopt's optimizer state dtype (bfloat16: stochastic rounding)")
-    p.add_argument("--compensation", choices=["kahan", "stochastic"], default=None,
-                   help="with --bf16: the bf16 params without master weights, a Kahan buffer or stochastic rounding")
-    p.add_argument("--no-master-weights", dest="master_weights", action="store_false",
-                   help="with --bf16: the bf16 params stepped as they are (round to nearest)")
+    add_precision_flags(p, "with --bf16: the bf16 params stepped as they are (round to nearest)")
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--upscale", type=int, default=d.upscale)
     p.add_argument("--classes", default=d.classes, help="the digits to train on: '0-9', '0-4', '1,3,5'")

@@ -59,6 +59,37 @@ def _assert_unchanged(opt, params, snap):
             assert torch.equal(v, before_state[pid][k]), f"state {k!r} changed"
 
 
+def _step_fails_writing_nothing(opt, params, error, match):
+    """The step raises ``error``; no param or state changed, the faulty last param's taken as the
+    fault left it."""
+    snap = _snapshot(opt, params[:-1])
+    last = (params[-1].detach().clone(), {k: v.clone() for k, v in opt.state.get(params[-1], {}).items()})
+    with pytest.raises(error, match=match):
+        opt.step()
+    _assert_unchanged(opt, params[:-1], snap)
+    assert torch.equal(params[-1].detach(), last[0]), "the faulty param moved"
+    state = opt.state.get(params[-1], {})
+    assert state.keys() == last[1].keys() and all(torch.equal(v, last[1][k]) for k, v in state.items())
+
+
+def _next_step_is_the_twins(opt, params, twin, twin_params, saved):
+    """The cause gone (the last param's data back, its grad made again), the next step is the one
+    the twin, which never saw the failure, takes: bit for bit, params and state."""
+    params[-1].grad = None
+    params[-1].data = saved
+    _grads(params, 3)
+    _grads(twin_params, 3)
+    opt.step()
+    twin.step()
+    for i, (p, q) in enumerate(zip(params, twin_params)):
+        assert torch.equal(p.detach(), q.detach()), f"param {i} differs from the twin's"
+    for p, q in zip(params, twin_params):
+        assert opt.state[p].keys() == twin.state[q].keys()
+        for key, value in twin.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+    assert opt.step_stats.kernel + opt.step_stats.reference == len(params)
+
+
 # Each fault: (applies to, what it does to the last param, torch's kind of error, message). None
 # as "applies to" means every optimizer; "later" faults need state from an earlier step.
 def _grad_dtype(p):
@@ -130,30 +161,10 @@ def test_a_failed_step_changes_nothing(name, fault, when, backend, device):
     _grads(params, 3)
     saved = params[-1].data
     make_fault(params[-1])
-    snap = _snapshot(opt, params[:-1])
-    last = (params[-1].detach().clone(), {k: v.clone() for k, v in opt.state.get(params[-1], {}).items()})
-    with pytest.raises(error, match=match):
-        opt.step()
-    _assert_unchanged(opt, params[:-1], snap)
-    assert torch.equal(params[-1].detach(), last[0]), "the faulty param moved"
-    state = opt.state.get(params[-1], {})
-    assert state.keys() == last[1].keys() and all(torch.equal(v, last[1][k]) for k, v in state.items())
+    _step_fails_writing_nothing(opt, params, error, match)
     if when == "first step" and name != "Adagrad":  # Adagrad makes its state in __init__, as torch's
         assert not any(opt.state.values()), "a failed first step left state behind"
-
-    # the cause gone, the next step is the one the twin takes
-    params[-1].grad = None
-    params[-1].data = saved
-    _grads(params, 3)
-    _grads(twin_params, 3)
-    opt.step()
-    twin.step()
-    for i, (p, q) in enumerate(zip(params, twin_params)):
-        assert torch.equal(p.detach(), q.detach()), f"param {i} differs from the twin's"
-    for p, q in zip(params, twin_params):
-        for key, value in twin.state[q].items():
-            assert torch.equal(opt.state[p][key], value), key
-    assert opt.step_stats.kernel + opt.step_stats.reference == len(params)
+    _next_step_is_the_twins(opt, params, twin, twin_params, saved)
 
 
 # The low-precision modes (issue 27) over float32 and bfloat16 params (two buckets; state_dtype
@@ -213,27 +224,10 @@ def test_a_failed_low_precision_step_changes_nothing(name, mode, fault, when, ba
     _grads(params, 3)
     saved = params[-1].data
     make_fault(params[-1])
-    snap = _snapshot(opt, params)
-    with pytest.raises(error, match=match):
-        opt.step()
-    _assert_unchanged(opt, params[:-1], (snap[0][:-1], snap[1]))
-    assert torch.equal(params[-1].detach(), snap[0][-1]) or params[-1].dtype != snap[0][-1].dtype
+    _step_fails_writing_nothing(opt, params, error, match)
     if when == "first step" and name != "Adagrad":
         assert not any(opt.state.values()), "a failed first step left state behind"
-
-    params[-1].grad = None
-    params[-1].data = saved
-    _grads(params, 3)
-    _grads(twin_params, 3)
-    opt.step()
-    twin.step()
-    for i, (p, q) in enumerate(zip(params, twin_params)):
-        assert torch.equal(p.detach(), q.detach()), f"param {i} differs from the twin's"
-    for p, q in zip(params, twin_params):
-        assert opt.state[p].keys() == twin.state[q].keys()
-        for key, value in twin.state[q].items():
-            assert torch.equal(opt.state[p][key], value), key
-    assert opt.step_stats.kernel + opt.step_stats.reference == len(params)
+    _next_step_is_the_twins(opt, params, twin, twin_params, saved)
     if backend == "cpu":  # the kernels ran, not the reference rules
         assert opt.step_stats.reference == 0, opt.step_stats
 
