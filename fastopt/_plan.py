@@ -160,6 +160,15 @@ def check_grads(grads: list[Tensor], tmpls: list[Tensor], indices: list[int], ba
                                f"the param {list(tmpl.shape)}")
 
 
+def state_changed_error(backend: str, key: str, i: int, t: Tensor, needed: str) -> RuntimeError:
+    """The error of a param whose dtype or shape changed after its state was made."""
+    return RuntimeError(
+        f"fastopt ({backend}): state {key!r} of param {i} is {t.dtype} {list(t.shape)}, the update needs "
+        f"{needed} (was the param's dtype or shape changed after its state was made? torch.optim's Adam "
+        "refuses this too; after a deliberate change, optimizer.load_state_dict(optimizer.state_dict()) "
+        "casts the state to the params' dtypes)")
+
+
 @dataclass
 class Segment:
     """The tensors of one param group inside a bucket, in parameter order."""
@@ -246,11 +255,16 @@ class Segment:
         for i, p in enumerate(self.params):
             for key, t, dtype in self.expected_state(i):
                 if t.dtype != dtype or t.shape != p.shape:
-                    raise RuntimeError(
-                        f"fastopt ({backend}): state {key!r} of param {i} is {t.dtype} {list(t.shape)}, the "
-                        f"update needs {dtype} {list(p.shape)} (was the param's dtype or shape changed after "
-                        "its state was made? torch.optim's Adam refuses this too; after a deliberate change, "
-                        "optimizer.load_state_dict(optimizer.state_dict()) casts the state to the params' dtypes)")
+                    raise state_changed_error(backend, key, i, t, f"{dtype} {list(p.shape)}")
+
+    def check_no_stale_compensation(self, backend: str, p: Tensor, state: dict) -> None:
+        """Note [stale compensation]: a "compensation" buffer is refused on a param that is not
+        stored with one (a bf16/fp16 param under compensation="kahan" turned float32): its rounding
+        errors belong to values the param no longer has, and were the param turned back, the
+        buffer would be added to it again. ``p`` is about to join this segment."""
+        t = state.get("compensation")
+        if t is not None and self.compensations is None:
+            raise state_changed_error(backend, "compensation", len(self.owners), t, f"none for a {p.dtype} param")
 
     def expected_state(self, i: int) -> list[tuple[str, Tensor, torch.dtype]]:
         """(key, tensor, the dtype the update expects) of param ``i``'s state tensors: the rule's

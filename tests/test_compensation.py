@@ -256,6 +256,37 @@ def test_errors_and_nothing_written():
     assert torch.equal(emb.weight, weight) and all(torch.equal(opt.state[emb.weight][k], v) for k, v in sums.items())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state_dtype", [None, BF16], ids=["param-dtype state", "bf16 state"])
+def test_a_param_that_left_bfloat16_keeps_no_stale_compensation(backend, state_dtype):
+    """A kahan param turned float32 between steps has a buffer of the rounding errors of bf16
+    stores that its new values no longer carry: stepped without it and turned back to bf16, the
+    stale buffer would be added to it again (a silent change). So the step refuses it as a dtype
+    change after the state was made (with state_dtype the moments themselves would still fit),
+    writing nothing; load_state_dict(state_dict()), the message's way out, drops the buffer."""
+    p = torch.nn.Parameter(torch.randn(6).to(BF16))
+    q = torch.nn.Parameter(torch.randn(4).to(BF16))  # stays bf16: its buffer stays in use
+    opt = fastopt.AdamW([p, q], lr=1e-3, backend=backend, compensation="kahan", state_dtype=state_dtype)
+    for _ in range(2):
+        p.grad, q.grad = torch.randn(6).to(BF16), torch.randn(4).to(BF16)
+        opt.step()
+    assert opt.state[p]["compensation"].abs().max() > 0  # the buffer holds something to go stale
+    p.data = p.data.float()
+    p.grad = torch.randn(6)
+    before = {t: (t.detach().clone(), {k: v.clone() for k, v in opt.state[t].items()}) for t in (p, q)}
+    # without state_dtype the bf16 moments refuse too: whichever check comes first names its key
+    stale = "compensation" if state_dtype is not None else "(exp_avg|compensation)"
+    with pytest.raises(RuntimeError, match=f"state '{stale}' of param 0 is torch.bfloat16.*was the param's dtype"):
+        opt.step()
+    for t, (value, state) in before.items():
+        assert torch.equal(t.detach(), value) and opt.state[t].keys() == state.keys()
+        assert all(torch.equal(opt.state[t][k], v) for k, v in state.items())
+    opt.load_state_dict(opt.state_dict())
+    assert "compensation" not in opt.state[p] and "compensation" in opt.state[q]
+    opt.step()
+    assert opt.step_stats.reference == (2 if backend == "reference" else 0)
+
+
 @needs_cpu
 def test_the_list_op_checks_what_it_stores():
     """torch.ops.fastopt's ops (what torch.compile runs): compensation needs what it stores."""

@@ -319,6 +319,7 @@ class FusedOptimizer(Optimizer):
                         )
                     )
                 seg = bucket.segments[-1]
+                seg.check_no_stale_compensation(backend.name, p, state)
                 shard = local if spec is not None else (lambda t: t)
                 seg.is_complex = seg.is_complex or p.is_complex()
                 seg.owners.append(p)
