@@ -25,9 +25,14 @@ CONFIGS = {
     "Adagrad": {"lr_decay": 0.01},
     "RMSprop": {"momentum": 0.5, "centered": True},
 }
-BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
-    "cpu" not in fastopt.available_backends("cpu"), reason="the cpu backend is not built"))]
 needs_cpu = pytest.mark.skipif("cpu" not in fastopt.available_backends("cpu"), reason="the cpu backend is not built")
+# these tests make CPU tensors: triton runs them in Triton's interpreter (TRITON_INTERPRET=1, the
+# default here without a GPU); tests/test_state_dtype.py also runs it on the GPU
+needs_triton = pytest.mark.skipif("triton" not in fastopt.available_backends("cpu"),
+                                  reason="triton does not run on CPU tensors here (TRITON_INTERPRET unset or no Triton)")
+# the backends whose kernels store with compensation (not the cuda kernels yet: test_gpu_backends_fall_back_visibly)
+KERNELS = [pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)]
+BACKENDS = ["reference", *KERNELS]
 BF16_ULP = 2.0**-7  # relative spacing of bf16 values (8 significant bits): the step at 1.0
 FP16_ULP = 2.0**-10
 
@@ -101,7 +106,7 @@ def test_small_updates_are_kept(compensation, dtype, backend):
     for _ in range(100):
         p.grad = torch.ones_like(p)
         opt.step()
-    if backend == "cpu":
+    if backend != "reference":
         assert opt.step_stats.kernel == 1 and opt.step_stats.reference == 0
     want = start - 100 * 1e-3
     if compensation is None:
@@ -117,13 +122,13 @@ def test_small_updates_are_kept(compensation, dtype, backend):
         assert len(p.unique()) > 1  # rounded up and down: not a deterministic rounding
 
 
-@needs_cpu
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("state_dtype", [None, BF16], ids=["state-as-params", "bf16-state"])
 @pytest.mark.parametrize("compensation", ["kahan", "stochastic"])
 @pytest.mark.parametrize("name", NAMES)
-def test_cpu_kernels_store_like_the_reference(name, compensation, state_dtype):
+def test_kernels_store_like_the_reference(name, compensation, state_dtype, backend):
     """Four steps, two param groups, odd layouts, a float32 param among bf16 ones: the kernels ran
-    every param; the cpu kernels' float32 results differ from the reference's ops by an ulp where a
+    every param; the kernels' float32 results differ from the reference's ops by an ulp where a
     sqrt or a multiply-add rounds otherwise (tests/test_state_dtype.py), so:
     * kahan: param + compensation agrees to float32 rounding of the values the steps reach (a few
       ulps a step of values up to ~4: atol 1e-5), the param within one bf16 ulp;
@@ -132,7 +137,7 @@ def test_cpu_kernels_store_like_the_reference(name, compensation, state_dtype):
       elements allowed, for the ulps a sqrt passes on to the moments too)."""
     extras = {} if state_dtype is None else {"state_dtype": state_dtype}
     ref, ref_params = _run(name, "reference", compensation, groups=2, **extras)
-    cpu, cpu_params = _run(name, "cpu", compensation, groups=2, **extras)
+    cpu, cpu_params = _run(name, backend, compensation, groups=2, **extras)
     assert cpu.step_stats.kernel == len(cpu_params) and cpu.step_stats.reference == 0
     assert ref.step_stats.reference == len(ref_params)
     for i, (a, b) in enumerate(zip(cpu_params, ref_params)):
@@ -148,7 +153,7 @@ def test_cpu_kernels_store_like_the_reference(name, compensation, state_dtype):
             # bf16 neighbour, the param moved by lr x that ulp more (2^-7 x |buf|; two such)
             buf = sb.get("momentum_buffer")
             atol = 1e-5 + (0 if buf is None or not buf.numel() else 1e-2 * 2 * BF16_ULP * float(buf.float().abs().max()))
-            if not fuse_alike():  # as tests/test_state_dtype.py derives it: a moment on the other
+            if backend != "cpu" or not fuse_alike():  # as tests/test_state_dtype.py derives it: a moment on the other
                 atol = max(atol, 4 * 1e-2 * 2 * BF16_ULP)  # bf16 neighbour, x lr, x 4 steps
             torch.testing.assert_close(_value(cpu, a), _value(ref, b), rtol=0, atol=atol, msg=f"param {i}")
         else:
@@ -203,7 +208,7 @@ def test_autograd_grads_and_float32_params(compensation, backend):
             opt.zero_grad()
         runs[comp] = (low, full, opt)
     low, full, opt = runs[compensation]
-    if backend == "cpu":
+    if backend != "reference":
         assert opt.step_stats.kernel == 4 and opt.step_stats.reference == 0
     for a, b in zip(full.parameters(), runs[None][1].parameters()):
         assert torch.equal(a, b) and "compensation" not in opt.state[a] and "seed" not in opt.state[a]
@@ -371,18 +376,20 @@ def test_state_dicts_move_to_and_from_torch():
     assert all(fresh.state[p]["compensation"].dtype == BF16 for p in model.parameters())
 
 
+@pytest.mark.cuda
 def test_gpu_backends_fall_back_visibly():
-    """The triton and cuda kernels do not store with compensation yet: such params take the
-    reference rules, with a warning and counted in step_stats."""
-    available = [b for b in ("triton",) if b in fastopt.available_backends("cpu")]
-    if not available:
-        pytest.skip("no GPU backend runs on CPU tensors here (TRITON_INTERPRET=1 runs triton)")
-    p = torch.randn(10, dtype=BF16, requires_grad=True)
-    opt = fastopt.Adam([p], backend=available[0], compensation="kahan")
-    p.grad = torch.ones(10, dtype=BF16)
-    with pytest.warns(UserWarning, match="compensation='kahan' runs on the reference rules"):
+    """The cuda kernels do not store with compensation yet: such params take the triton kernels
+    (or the reference rules without Triton), with a warning and counted in step_stats."""
+    if "cuda" not in fastopt.available_backends("cuda"):
+        pytest.skip("the cuda backend does not run here (no GPU, or built without CUDA)")
+    p = torch.randn(10, dtype=BF16, device="cuda", requires_grad=True)
+    opt = fastopt.Adam([p], backend="cuda", compensation="kahan")
+    p.grad = torch.ones(10, dtype=BF16, device="cuda")
+    triton = "triton" in fastopt.available_backends("cuda")  # then the triton kernels step them
+    runs_on = "the triton kernels" if triton else "the reference rules"
+    with pytest.warns(UserWarning, match=f"compensation='kahan' runs on {runs_on}"):
         opt.step()
-    assert opt.step_stats.reference == 1 and opt.step_stats.kernel == 0
+    assert (opt.step_stats.kernel, opt.step_stats.reference) == ((1, 0) if triton else (0, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()

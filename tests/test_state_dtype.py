@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fastopt
+from conftest import backend_device
 from fastopt.reference.rounding import memory_index, param_seed, slot_bits, stochastic_round_bf16
 
 BF16 = torch.bfloat16
@@ -34,6 +35,11 @@ GRAD_ONLY = {"Adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), "AdamW": ("exp
              "Adagrad": ("sum",), "RMSprop": ("square_avg", "grad_avg")}
 
 needs_cpu = pytest.mark.skipif("cpu" not in fastopt.available_backends("cpu"), reason="the cpu backend is not built")
+needs_triton = pytest.mark.skipif("triton" not in fastopt.available_backends(backend_device("triton")),
+                                  reason="triton does not run here (no GPU, TRITON_INTERPRET unset or no Triton)")
+# the backends whose kernels store stochastically (the cuda kernels do not yet: test_gpu_backends_fall_back_visibly)
+KERNELS = [pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)]
+BACKENDS = ["reference", *KERNELS]
 
 
 def _fuse_alike() -> bool:
@@ -61,9 +67,11 @@ def _grads(params, steps, seed=1):
     return [[torch.randn(p.shape, generator=g).to(p.dtype) for p in params] for _ in range(steps)]
 
 
-def _run(name, backend, *, params=None, grads=None, groups=1, steps=4, extras=None, config=None):
-    params = [p.clone().requires_grad_() for p in (params if params is not None else _params())]
-    grads = grads if grads is not None else _grads(params, steps)
+def _run(name, backend, *, params=None, grads=None, groups=1, steps=4, extras=None, config=None, device=None):
+    """``steps`` steps of the optimizer on ``backend``, on the backend's device (or ``device``)."""
+    dev = device or backend_device(backend)
+    params = [p.to(dev).clone().requires_grad_() for p in (params if params is not None else _params())]
+    grads = [[g.to(dev) for g in gs] for gs in (grads if grads is not None else _grads(params, steps))]
     cut = len(params) // 2
     spec = [{"params": params}] if groups == 1 else [{"params": params[:cut]}, {"params": params[cut:]}]
     opt = getattr(fastopt, name)(spec, lr=1e-2, backend=backend, state_dtype=BF16,
@@ -79,12 +87,12 @@ def _states(opt, params):
     return [opt.state[p] for p in params]
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_state_is_bfloat16_with_a_seed(name, backend):
     opt, params = _run(name, backend, steps=2)
     stats = opt.step_stats
-    assert (stats.kernel, stats.reference) == ((len(params), 0) if backend == "cpu" else (0, len(params)))
+    assert (stats.kernel, stats.reference) == ((len(params), 0) if backend != "reference" else (0, len(params)))
     keys = GRAD_ONLY[name] + (("momentum_buffer",) if name == "RMSprop" else ())
     for i, (p, st) in enumerate(zip(params, _states(opt, params))):
         for key in keys:
@@ -125,6 +133,34 @@ def test_cpu_kernels_store_the_references_bits(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
 
 
+@needs_triton
+@pytest.mark.parametrize("name", NAMES)
+def test_triton_kernels_store_the_references_bits(name):
+    """The Triton kernels (Note [stochastic stores in Triton], triton_kernels/common.py) against the
+    reference on the same device, four steps, two param groups, odd layouts: the kernels ran; every
+    state slot is the reference's bit for bit almost everywhere (the same random bits: other bits
+    would move about half the roundings of values not exactly on a bf16 number; where the float32
+    values differ by an ulp, from a sqrt or a multiply-add rounded otherwise than the reference's
+    ops, a stochastic rounding moves once in 2^16, and a moment one bf16 neighbour off moves the
+    slots computed from it: at most 1 in 1,000 elements allowed) and within one bf16 ulp
+    everywhere; the params close (float32; the tolerance of test_cpu_kernels_store_the_references_bits)."""
+    dev = backend_device("triton")
+    ref, ref_params = _run(name, "reference", groups=2, device=dev)
+    tri, tri_params = _run(name, "triton", groups=2)
+    assert tri.step_stats.kernel == len(tri_params) and tri.step_stats.reference == 0
+    for i, (a, b) in enumerate(zip(_states(tri, tri_params), _states(ref, ref_params))):
+        assert a.keys() == b.keys()
+        for key, want in b.items():
+            got = a[key]
+            if key in ("step", "seed"):
+                assert torch.equal(got, want), (i, key)
+                continue
+            assert int((got != want).sum()) <= max(1, want.numel() // 1000), f"param {i} {key}"
+            torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6, msg=f"param {i} {key}")
+    for a, b in zip(tri_params, ref_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=4 * 1e-2 * 2 * 2**-7)
+
+
 @needs_cpu
 @pytest.mark.parametrize("name", NAMES)
 def test_same_bits_for_any_threads_and_groups(name):
@@ -160,24 +196,25 @@ def test_reference_rounds_each_slot_with_its_own_stream():
     assert not torch.equal(want, exact.to(BF16)), "the rounding must differ from round-to-nearest somewhere"
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_small_increments_are_kept(backend):
     """What stochastic rounding is for: Adagrad's sum at 1.0 grows by g^2 = 1e-4 a step, 1/78 of a
     bf16 ulp at 1.0 (2^-7): stored to nearest it would stay 1.0 for ever; stored stochastically
     its mean over 20,000 elements after 100 steps is 1.01 (each element's rounding is unbiased; an
     element's value is 1 + 2^-7 x (its round-ups, ~Binomial(100, 1/78)), so the mean's standard
     deviation is 2^-7 x sqrt(100 / 78 / 20,000) ~ 6e-5, allowed 2e-4 > 3 sigma)."""
-    p = torch.zeros(20_000, requires_grad=True)
+    p = torch.zeros(20_000, device=backend_device(backend), requires_grad=True)
     opt = fastopt.Adagrad([p], lr=1e-3, initial_accumulator_value=1.0, backend=backend, state_dtype=BF16)
     for _ in range(100):
         p.grad = torch.full_like(p, 1e-2)
         opt.step()
+    assert (opt.step_stats.kernel, opt.step_stats.reference) == ((0, 1) if backend == "reference" else (1, 0))
     s = opt.state[p]["sum"].float()
     assert abs(float(s.mean()) - 1.01) < 2e-4, float(s.mean())
     assert float(s.min()) >= 1.0  # never rounded down below where it started
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_a_resume_is_bit_for_bit(name, backend):
     """Six steps against three, a state dict (through torch.save), three more in a fresh optimizer."""
@@ -199,7 +236,7 @@ def test_a_resume_is_bit_for_bit(name, backend):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_low_precision_params(backend):
     """bf16 params without masters (their state bf16, stored stochastically) and with fp32 masters
     (bf16 state, fp32 masters): the state's dtype, the cpu kernels ran."""
@@ -210,7 +247,7 @@ def test_low_precision_params(backend):
         assert st["exp_avg"].dtype == BF16 and st["exp_avg_sq"].dtype == BF16
         assert ("master_param" in st) == master and (not master or st["master_param"].dtype == torch.float32)
         assert ps[0].dtype == BF16
-        if backend == "cpu":
+        if backend != "reference":
             assert opt.step_stats.kernel == len(ps) and opt.step_stats.reference == 0
 
 
@@ -231,7 +268,7 @@ def test_low_precision_params_cpu_equals_reference():
             torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_clipping_and_grad_scaler_skip(backend):
     """Norm clipping clips the grads as they are; a step whose grads hold an inf under a
     GradScaler-style found_inf changes nothing (params, state, step), with bf16 state."""
@@ -240,8 +277,9 @@ def test_clipping_and_grad_scaler_skip(backend):
     assert opt.last_grad_norm is not None and float(opt.last_grad_norm) > 0.5
     before = [p.detach().clone() for p in ps]
     states = copy.deepcopy([dict(opt.state[p]) for p in ps])
-    opt.found_inf = torch.ones(())
-    opt.grad_scale = torch.full((), 1024.0)
+    assert opt.step_stats.reference == (len(ps) if backend == "reference" else 0)
+    opt.found_inf = torch.ones((), device=ps[0].device)
+    opt.grad_scale = torch.full((), 1024.0, device=ps[0].device)
     for p in ps:
         p.grad = torch.randn_like(p)
     opt.step()
@@ -311,21 +349,28 @@ def test_state_dicts_move_to_and_from_torch(name):
     plain.step()
 
 
+@pytest.mark.cuda
 def test_gpu_backends_fall_back_visibly():
-    """The triton and cuda kernels do not take seeds yet: such params take the reference rules,
-    with a warning and counted in step_stats (results are the reference's)."""
-    available = [b for b in ("triton",) if b in fastopt.available_backends("cpu")]
-    if not available:
-        pytest.skip("no GPU backend runs on CPU tensors here (TRITON_INTERPRET=1 runs triton)")
-    p = torch.randn(10, requires_grad=True)
-    opt = fastopt.Adam([p], backend=available[0], state_dtype=BF16)
-    p.grad = torch.ones(10)
-    with pytest.warns(UserWarning, match="state_dtype=torch.bfloat16 runs on the reference rules"):
+    """The cuda kernels do not take seeds yet: such params take the triton kernels (or the reference
+    rules without Triton), with a warning, counted in step_stats; backend="auto" takes the triton
+    kernels without one."""
+    if "cuda" not in fastopt.available_backends("cuda"):
+        pytest.skip("the cuda backend does not run here (no GPU, or built without CUDA)")
+    p = torch.randn(10, device="cuda", requires_grad=True)
+    opt = fastopt.Adam([p], backend="cuda", state_dtype=BF16)
+    p.grad = torch.ones(10, device="cuda")
+    triton = "triton" in fastopt.available_backends("cuda")  # then the triton kernels step them
+    runs_on = "the triton kernels" if triton else "the reference rules"
+    with pytest.warns(UserWarning, match=f"state_dtype=torch.bfloat16 runs on {runs_on}"):
         opt.step()
-    assert opt.step_stats.reference == 1 and opt.step_stats.kernel == 0
+    assert (opt.step_stats.kernel, opt.step_stats.reference) == ((1, 0) if triton else (0, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()  # once per optimizer
+        if triton:
+            auto = fastopt.Adam([p], state_dtype=BF16)  # backend="auto": the triton kernels, no warning
+            auto.step()
+            assert (auto.step_stats.kernel, auto.step_stats.reference) == (1, 0)
 
 
 @needs_cpu

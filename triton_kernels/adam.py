@@ -15,22 +15,22 @@ import triton
 import triton.language as tl
 
 from .common import (
-    addcmul_sq, block_grad, block_store_param, chunk_bounds, decoupled_decay, div, finish_step, lerp,
-    load_as, lr_over, one_minus_pow, read_step, scalar, skipped, sqrt, to_storage, walk_chunk,
+    addcmul_sq, block_grad, block_param, block_store_param, chunk_bounds, decoupled_decay, div, finish_step, lerp,
+    load_as, lr_over, one_minus_pow, read_step, scalar, skipped, sqrt, store_state, walk_chunk,
 )
 from .launch import launch_args
 
 
 @triton.jit
-def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, out_ptr, idx, mask, sc, gs, G: tl.constexpr, F: tl.constexpr):
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, out_ptr, idx, mask, sc, gs, rs, G: tl.constexpr,
+                F: tl.constexpr):
     """The update of the elements ``idx`` (Note [one walk per chunk])."""
     neg_step_size, bc2_sqrt, lerp_w, beta2_, omb2, eps_, wd, decay_ = sc
     COMPUTE: tl.constexpr = G[0]
-    P_DTYPE: tl.constexpr = G[1]
     L2: tl.constexpr = F[0]
     DECOUPLED: tl.constexpr = F[1]
     AMSGRAD: tl.constexpr = F[2]
-    p = load_as(p_ptr, idx, mask, COMPUTE)
+    p = block_param(p_ptr, out_ptr, idx, mask, G)
     m = load_as(m_ptr, idx, mask, COMPUTE)
     v = load_as(v_ptr, idx, mask, COMPUTE)
     g = block_grad(g_ptr, idx, mask, p, wd, gs, G, L2)
@@ -42,26 +42,27 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, out_ptr, idx, mask, sc, gs
     if AMSGRAD:
         vmax = load_as(vmax_ptr, idx, mask, COMPUTE)
         vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(vmax_ptr + idx, to_storage(vmax, P_DTYPE), mask=mask)
+        store_state(vmax, vmax_ptr, idx, mask, 2, rs, G)
         vv = vmax
     denom = div(sqrt(vv), bc2_sqrt) + eps_
     p = p + div(neg_step_size * m, denom)
-    tl.store(m_ptr + idx, to_storage(m, P_DTYPE), mask=mask)
-    tl.store(v_ptr + idx, to_storage(v, P_DTYPE), mask=mask)
-    block_store_param(p, p_ptr, out_ptr, idx, mask, G)
+    store_state(m, m_ptr, idx, mask, 0, rs, G)
+    store_state(v, v_ptr, idx, mask, 1, rs, G)
+    block_store_param(p, p_ptr, out_ptr, idx, mask, rs, G)
 
 
 @triton.jit
 def _adam_kernel(
     tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
-    p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, out_ptrs, p_base, g_base, out_base,
+    p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, out_ptrs, p_base, g_base, out_base, s_base, seed_ptrs,
     lr_ptr, lr: tl.float64, lerp_weight: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
     log_beta1: tl.float64, log_beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64, decay: tl.float64,
     grad_scale_ptr, clip_value: tl.float64, clip_coef_ptr, found_inf_ptr,
     COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, L2: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr, S_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
+    STORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
@@ -73,9 +74,10 @@ def _adam_kernel(
             decay_ = decoupled_decay(lr_ptr, decay, weight_decay, LR_IS_PTR, COMPUTE)
         sc = (neg_step_size, bc2_sqrt, scalar(lerp_weight, COMPUTE), scalar(beta2, COMPUTE),
               scalar(one_minus_beta2, COMPUTE), scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), decay_)
-        walk_chunk(_adam_block, p_base, g_base, out_base, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, out_ptrs, t,
-                   start, end, sc, grad_scale_ptr, clip_value, clip_coef_ptr,
-                   (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF),
+        walk_chunk(_adam_block, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs,
+                   out_ptrs, seed_ptrs, t, step, start, end, sc, grad_scale_ptr, clip_value, clip_coef_ptr,
+                   (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF, S_DTYPE, STOCHASTIC,
+                    STORE),
                    (L2, DECOUPLED, AMSGRAD), (True, True, AMSGRAD), BLOCK)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
@@ -87,11 +89,11 @@ def adam_step(plan, *, lr, beta1: float, beta2: float, eps: float, weight_decay:
     exp_avg_sqs, max_exp_avg_sqs, params_out) in one launch."""
     if len(plan) == 0:
         return
-    args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize)
+    args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize, "exp_avgs")
     _adam_kernel[(plan.n_chunks,)](
         *args["tables"],
         plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["exp_avgs"], plan.ptrs["exp_avg_sqs"],
-        plan.ptrs["max_exp_avg_sqs"], plan.ptrs["params_out"], *plan.bases("params", "grads", "params_out"),
+        plan.ptrs["max_exp_avg_sqs"], plan.ptrs["params_out"], *args["bases"],
         *args["lr"], 1.0 - beta1, beta2, 1.0 - beta2, math.log(beta1) if beta1 > 0 else -math.inf,
         math.log(beta2) if beta2 > 0 else -math.inf, eps, weight_decay,
         1.0 if args["lr_is_ptr"] else 1.0 - float(lr) * weight_decay, *args["grad"],

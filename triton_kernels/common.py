@@ -24,6 +24,10 @@ import triton
 import triton.language as tl
 
 from .._plan import NO_GRAD as _NO_GRAD
+from ..reference.rounding import (
+    INDEX_HI as _INDEX_HI, INDEX_LO as _INDEX_LO, MIX1 as _MIX1, MIX2 as _MIX2, PARAM_SLOT as _PARAM_SLOT,
+    SEED_HI as _SEED_HI, SEED_LO as _SEED_LO, STEP as _STEP,
+)
 
 # Note [absent grads] (fastopt/_plan.py): the grad table's entry of a param without a grad
 NO_GRAD: tl.constexpr = tl.constexpr(_NO_GRAD)
@@ -267,12 +271,15 @@ def store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE: tl.constexpr, OUT_DTYPE: 
 # bodies]): each slot's tensor as an offset from its base, then whole BLOCKs unmasked where every
 # offset keeps 16-byte alignment, then a masked tail. `walk_chunk` is that walk, written once; a
 # rule gives its update of one block, called as
-#     BLOCK_FN(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, out_ptr, idx, mask, sc, gs, G, F)
-# with its state slots s0..s2 (S: which are present; an absent slot gets the params' address and
+#     BLOCK_FN(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, out_ptr, idx, mask, sc, gs, rs, G, F)
+# with its state slots s0..s2 (S: which are present; an absent slot gets the params' offset and
 # is never read), its per-program scalars `sc`, the grad transform's `gs` = (clip, inv_scale,
-# coef) (read here from the kernel's grad arguments), the constexprs every rule shares G = (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER,
-# HAS_SCALE, HAS_CLIP, HAS_COEF) and its own flags F. Triton inlines every call: the compiled
-# program is the one the kernels wrote out by hand before.
+# coef) (read here from the kernel's grad arguments), the random streams `rs` of this program's
+# tensor (Note [stochastic stores in Triton]), the constexprs every rule shares G = (COMPUTE,
+# P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF, S_DTYPE, STOCHASTIC, STORE)
+# and its own flags F. The state slots are offsets from `s_base` (a tensor of the state's dtype:
+# bfloat16 with stochastic state), out_ptr is the param's compensation buffer with STORE == KAHAN.
+# Triton inlines every call: the compiled program is the one the kernels wrote out by hand before.
 @triton.jit
 def _slot_offset(base, table, t, absent_offset, PRESENT: tl.constexpr):
     """``from_base`` for a slot that may be absent: then ``absent_offset`` (an address that is
@@ -284,34 +291,36 @@ def _slot_offset(base, table, t, absent_offset, PRESENT: tl.constexpr):
 
 
 @triton.jit
-def walk_chunk(BLOCK_FN: tl.constexpr, p_base, g_base, out_base, p_ptrs, g_ptrs, s0_ptrs, s1_ptrs, s2_ptrs, out_ptrs,
-               t, start, end, sc, grad_scale_ptr, clip_value, clip_coef_ptr, G: tl.constexpr, F: tl.constexpr,
-               S: tl.constexpr, BLOCK: tl.constexpr):
-    """Tensor ``t``'s elements [start, end) through ``BLOCK_FN`` (Note [one walk per chunk])."""
+def walk_chunk(BLOCK_FN: tl.constexpr, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs, s0_ptrs, s1_ptrs, s2_ptrs,
+               out_ptrs, seed_ptrs, t, step, start, end, sc, grad_scale_ptr, clip_value, clip_coef_ptr,
+               G: tl.constexpr, F: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
+    """Tensor ``t``'s elements [start, end) through ``BLOCK_FN`` (Note [one walk per chunk]);
+    ``step``: the tensor's count after this step (the random streams are keyed by it)."""
     inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, G[5], G[7], G[0])
     gs = (scalar(clip_value, G[0]), inv_scale, coef)
-    MASTER: tl.constexpr = G[4]
+    rs = random_streams(seed_ptrs, t, step, start, G[9] or G[10] == STORE_STOCHASTIC)
+    WITH_OUT: tl.constexpr = G[4] or G[10] == STORE_KAHAN
     S0: tl.constexpr = S[0]
     S1: tl.constexpr = S[1]
     S2: tl.constexpr = S[2]
     p_off, ok = from_base(p_base, p_ptrs, t)
     g_off, g_ok = from_base(g_base, g_ptrs, t)
-    s0_off, s0_ok = _slot_offset(p_base, s0_ptrs, t, p_off, S0)
-    s1_off, s1_ok = _slot_offset(p_base, s1_ptrs, t, p_off, S1)
-    s2_off, s2_ok = _slot_offset(p_base, s2_ptrs, t, p_off, S2)
-    out_off, out_ok = _slot_offset(out_base, out_ptrs, t, g_off, MASTER)
+    s0_off, s0_ok = _slot_offset(s_base, s0_ptrs, t, p_off, S0)
+    s1_off, s1_ok = _slot_offset(s_base, s1_ptrs, t, p_off, S1)
+    s2_off, s2_ok = _slot_offset(s_base, s2_ptrs, t, p_off, S2)
+    out_off, out_ok = _slot_offset(out_base, out_ptrs, t, g_off, WITH_OUT)
     ok = ok & g_ok & s0_ok & s1_ok & s2_ok & out_ok
     tail = start
     if ok:
         tail = start + (end - start) // BLOCK * BLOCK
         for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of CHUNK
-            BLOCK_FN(aligned_ptr(p_base, p_off), aligned_ptr(g_base, g_off), aligned_ptr(p_base, s0_off),
-                     aligned_ptr(p_base, s1_off), aligned_ptr(p_base, s2_off), aligned_ptr(out_base, out_off),
-                     off + tl.arange(0, BLOCK), None, sc, gs, G, F)
+            BLOCK_FN(aligned_ptr(p_base, p_off), aligned_ptr(g_base, g_off), aligned_ptr(s_base, s0_off),
+                     aligned_ptr(s_base, s1_off), aligned_ptr(s_base, s2_off), aligned_ptr(out_base, out_off),
+                     off + tl.arange(0, BLOCK), None, sc, gs, rs, G, F)
     for off in tl.range(tail, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
-        BLOCK_FN(p_base + p_off, g_base + g_off, p_base + s0_off, p_base + s1_off, p_base + s2_off,
-                 out_base + out_off, idx, idx < end, sc, gs, G, F)
+        BLOCK_FN(p_base + p_off, g_base + g_off, s_base + s0_off, s_base + s1_off, s_base + s2_off,
+                 out_base + out_off, idx, idx < end, sc, gs, rs, G, F)
 
 
 @triton.jit
@@ -322,6 +331,130 @@ def block_grad(g_ptr, idx, mask, p, weight_decay, gs, G: tl.constexpr, L2: tl.co
 
 
 @triton.jit
-def block_store_param(p, p_ptr, out_ptr, idx, mask, G: tl.constexpr):
-    """``store_param`` with the walk's shared constexprs ``G``."""
-    store_param(p, p_ptr, out_ptr, idx, mask, G[1], G[2], G[4])
+def block_param(p_ptr, out_ptr, idx, mask, G: tl.constexpr):
+    """The param the update runs on, in the compute dtype: with STORE == KAHAN the stored param
+    plus its compensation buffer (``out_ptr``, Note [param store], update_math.h)."""
+    p = load_as(p_ptr, idx, mask, G[0])
+    if G[10] == STORE_KAHAN:
+        p = p + load_as(out_ptr, idx, mask, G[0])
+    return p
+
+
+@triton.jit
+def block_store_param(p, p_ptr, out_ptr, idx, mask, rs, G: tl.constexpr):
+    """The new param ``p`` stored as Note [param store] (update_math.h) says: rounded to nearest
+    (``store_param``: and the user's param from the master), or with STORE == KAHAN rounded to
+    nearest with the rest in the compensation buffer ``out_ptr`` (0 where the param is not
+    finite), or with STORE == STOCHASTIC rounded stochastically with the bits of state slot 3."""
+    STORE: tl.constexpr = G[10]
+    P_DTYPE: tl.constexpr = G[1]
+    if STORE == STORE_KAHAN:
+        rounded = to_storage(p, P_DTYPE)
+        back = rounded.to(tl.float32)
+        rest = tl.where(tl.abs(back) <= FLOAT32_MAX, p - back, 0.0)
+        tl.store(p_ptr + idx, rounded, mask=mask)
+        tl.store(out_ptr + idx, to_storage(rest, P_DTYPE), mask=mask)
+    elif STORE == STORE_STOCHASTIC:
+        tl.store(p_ptr + idx, bf16_stochastic(p, slot_bits(rs, idx, PARAM_RANDOM_SLOT)), mask=mask)
+    else:
+        store_param(p, p_ptr, out_ptr, idx, mask, P_DTYPE, G[2], G[4])
+
+
+@triton.jit
+def store_state(x, ptr, idx, mask, SLOT: tl.constexpr, rs, G: tl.constexpr):
+    """State slot ``SLOT``'s new value ``x``: rounded stochastically to bfloat16 with the slot's
+    random bits when STOCHASTIC (Note [stochastic state], update_math.h), else to its storage
+    dtype S_DTYPE to nearest."""
+    if G[9]:
+        tl.store(ptr + idx, bf16_stochastic(x, slot_bits(rs, idx, SLOT)), mask=mask)
+    else:
+        tl.store(ptr + idx, to_storage(x, G[8]), mask=mask)
+
+
+# Note [stochastic stores in Triton]: the bits of Note [deterministic stochastic rounding]
+# (csrc/include/fastopt/stochastic_round.h; its specification fastopt/reference/rounding.py), so
+# that the Triton kernels store what the reference rules and the C++ kernels store. A program
+# sums the part of the word mix its chunk shares (seed, step, the high 32 bits of the index) once
+# per stream, in uint64 products of 32-bit values masked to 32 bits (no product overflows 64 bits,
+# which Triton's interpreter would warn of); each element adds its low index word and runs the
+# finalizer in uint32 arithmetic, which wraps on the GPU and in the interpreter (numpy arrays).
+# Stream 0 (the param's seed) gives state slots 0 and 1 their low and high 16 bits, stream 1
+# (seed + 1) slots 2 and 3 (3: the param's, compensation="stochastic").
+STORE_NEAREST: tl.constexpr = tl.constexpr(0)
+STORE_KAHAN: tl.constexpr = tl.constexpr(1)
+STORE_STOCHASTIC: tl.constexpr = tl.constexpr(2)
+PARAM_RANDOM_SLOT: tl.constexpr = tl.constexpr(_PARAM_SLOT)
+FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+_M32: tl.constexpr = tl.constexpr(0xFFFFFFFF)
+_K_SEED_LO: tl.constexpr = tl.constexpr(_SEED_LO)
+_K_SEED_HI: tl.constexpr = tl.constexpr(_SEED_HI)
+_K_STEP: tl.constexpr = tl.constexpr(_STEP)
+_K_INDEX_LO: tl.constexpr = tl.constexpr(_INDEX_LO)
+_K_INDEX_HI: tl.constexpr = tl.constexpr(_INDEX_HI)
+_K_MIX1: tl.constexpr = tl.constexpr(_MIX1)
+_K_MIX2: tl.constexpr = tl.constexpr(_MIX2)
+
+
+@triton.jit
+def _low32(x):
+    """The low 32 bits of an int64 or uint64 ``x``, as uint64 (the mask typed: a bare 0xFFFFFFFF
+    is an out-of-range int32 to Triton's interpreter)."""
+    return x.to(tl.uint64, bitcast=True) & tl.full([], _M32, tl.uint64)
+
+
+@triton.jit
+def _mul_lo(a, K: tl.constexpr):
+    """(a * K) mod 2^32 for a uint64 ``a`` below 2^32: the product fits in 64 bits."""
+    return _low32(a * tl.full([], K, tl.uint64))
+
+
+@triton.jit
+def _stream_base(seed_lo, seed_hi, step, index_hi):
+    """The word mix of (seed, step, index_hi), uint64 words below 2^32, as uint32."""
+    h = _mul_lo(seed_lo, _K_SEED_LO) + _mul_lo(seed_hi, _K_SEED_HI) + _mul_lo(step, _K_STEP)
+    h = h + _mul_lo(index_hi, _K_INDEX_HI)
+    return _low32(h).to(tl.uint32)
+
+
+@triton.jit
+def random_streams(seed_ptrs, t, step, start, NEEDED: tl.constexpr):
+    """The bases of tensor ``t``'s two streams (seed and seed + 1) at count ``step`` for the
+    chunk that begins at element ``start`` (a chunk never crosses a multiple of 2^32)."""
+    if NEEDED:
+        seed = tl.load(seed_ptrs + t).to(tl.uint64, bitcast=True)
+        lo = _low32(seed)
+        hi = seed >> 32  # logical: uint64
+        step_ = _low32(step.to(tl.int64))
+        index_hi = _low32(start >> 32)
+        lo1 = lo + 1  # seed + 1, carried into the high word, mod 2^64
+        hi1 = _low32(hi + (lo1 >> 32))
+        return _stream_base(lo, hi, step_, index_hi), _stream_base(_low32(lo1), hi1, step_, index_hi)
+    else:
+        zero = tl.full([], 0, tl.uint32)
+        return zero, zero
+
+
+@triton.jit
+def slot_bits(rs, idx, SLOT: tl.constexpr):
+    """The 16 random bits (in the low half of a uint32) of state slot ``SLOT`` at the elements
+    ``idx`` (int64, their index in the tensor's memory)."""
+    h = rs[SLOT // 2] + _low32(idx.to(tl.int64)).to(tl.uint32) * tl.full([], _K_INDEX_LO, tl.uint32)
+    h = h ^ (h >> 16)
+    h = h * tl.full([], _K_MIX1, tl.uint32)
+    h = h ^ (h >> 15)
+    h = h * tl.full([], _K_MIX2, tl.uint32)
+    h = h ^ (h >> 16)
+    if SLOT % 2 == 1:
+        h = h >> 16
+    return h
+
+
+@triton.jit
+def bf16_stochastic(x, r):
+    """float32 ``x`` rounded to bfloat16 with the random bits ``r`` (their low 16 count): the
+    bits added below the kept 16, then truncated; a NaN stays a quiet NaN (stochastic_round.h)."""
+    u = x.to(tl.uint32, bitcast=True)
+    rounded = ((u + (r & 0xFFFF)) >> 16).to(tl.uint16)
+    nan = ((u >> 16) | 0x40).to(tl.uint16)
+    out = tl.where((u & 0x7FFFFFFF) > 0x7F800000, nan, rounded)
+    return out.to(tl.bfloat16, bitcast=True)

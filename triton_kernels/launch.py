@@ -11,6 +11,9 @@ from torch import Tensor
 
 from .multi_tensor import BLOCK, CHUNK
 
+# a plan's compensation (Note [param store], update_math.h) as the kernels' STORE constexpr
+STORES = {None: 0, "kahan": 1, "stochastic": 2}
+
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float64: tl.float64}
 
@@ -28,7 +31,10 @@ def _device_scalar(t: Optional[Tensor], device: torch.device) -> Optional[Tensor
 
 
 def launch_args(plan, lr: Union[float, Tensor], grad_scale: Optional[Tensor], clip_value: Optional[float],
-                clip_coef: Optional[Tensor], found_inf: Optional[Tensor], maximize: bool) -> tuple[dict, dict]:
+                clip_coef: Optional[Tensor], found_inf: Optional[Tensor], maximize: bool,
+                state_slot: str) -> tuple[dict, dict]:
+    """The arguments and constexprs every update kernel takes; ``state_slot``: the rule's first state
+    slot, whose dtype is the state's (Note [one walk per chunk], common.py)."""
     dev = plan.device
     dummy = plan.done  # any device tensor, for pointer arguments a kernel does not read
     if isinstance(lr, Tensor) and lr.device == dev:
@@ -43,6 +49,9 @@ def launch_args(plan, lr: Union[float, Tensor], grad_scale: Optional[Tensor], cl
         "tables": (plan.tensor_of_chunk, plan.start_of_chunk, plan.numels, plan.chunks_of_tensor, plan.done,
                    plan.step_ptrs),
         "lr": lr_args,
+        # p_base, g_base, out_base, s_base (Note [aligned bodies]) and the seed table
+        "bases": (*plan.bases("params", "grads", "params_out", state_slot),
+                  dummy if plan.seeds is None else plan.seeds),
         "lr_is_ptr": lr_is_ptr,
         "grad": (dummy if grad_scale is None else grad_scale, 0.0 if clip_value is None else float(clip_value),
                  dummy if clip_coef is None else clip_coef, dummy if found_inf is None else found_inf),
@@ -53,7 +62,11 @@ def launch_args(plan, lr: Union[float, Tensor], grad_scale: Optional[Tensor], cl
         "P_DTYPE": tl_dtype(plan.dtypes["params"]),
         "G_DTYPE": tl_dtype(plan.dtypes["grads"]),
         "OUT_DTYPE": tl_dtype(plan.dtypes["params_out"]),
-        "MASTER": plan.dtypes["params_out"] is not None,
+        "MASTER": plan.master,
+        "S_DTYPE": tl_dtype(plan.dtypes[state_slot] or plan.dtypes["params"]),
+        # Note [stochastic stores in Triton] (common.py)
+        "STOCHASTIC": plan.stochastic_state,
+        "STORE": STORES[plan.compensation],
         "LR_IS_PTR": lr_is_ptr,
         "MAXIMIZE": maximize,
         "HAS_SCALE": grad_scale is not None,

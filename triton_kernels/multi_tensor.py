@@ -40,10 +40,18 @@ class MultiTensorPlan:
 
     ``slots`` maps a slot name to a list of tensors aligned by index (an empty list for an absent
     slot); ``grad_slot`` names the slot refreshed every step from the ``owners``' grads. Raises ValueError when an index
-    cannot be walked linearly (the caller then takes a copying path)."""
+    cannot be walked linearly (the caller then takes a copying path).
+
+    How the update stores (Note [stochastic state] and Note [param store], update_math.h):
+    ``master``, the ``params_out`` slot holds the user's params of float32 masters (default: when
+    that slot has tensors and ``compensation`` is not "kahan"); ``stochastic_state``, the state
+    slots are bfloat16, stored stochastically with the ``seeds`` (one int64 per tensor);
+    ``compensation``: None, "kahan" (``params_out`` holds the compensation buffers) or
+    "stochastic" (the params are stored stochastically with the ``seeds``)."""
 
     def __init__(self, slots: dict[str, list[Tensor]], steps: list[Tensor], owners: list[Tensor],
-                 grad_slot: str = "grads") -> None:
+                 grad_slot: str = "grads", *, master: Optional[bool] = None, stochastic_state: bool = False,
+                 compensation: Optional[str] = None, seeds: Optional[list[int]] = None) -> None:
         first = next(iter(slots.values()))
         n = len(first)
         self.device = first[0].device if n else torch.device("cpu")
@@ -77,6 +85,11 @@ class MultiTensorPlan:
             if t.numel() != 1 or t.dtype != torch.float32 or t.device != dev:
                 raise ValueError("fastopt (triton): step counts must be 1-element float32 tensors on the params' device")
         self.step_ptrs = _upload([t.data_ptr() for t in steps], torch.int64, dev)
+        self.stochastic_state, self.compensation = stochastic_state, compensation
+        self.master = bool(slots.get("params_out")) and compensation != "kahan" if master is None else master
+        if (stochastic_state or compensation == "stochastic") and (seeds is None or len(seeds) != n):
+            raise ValueError(f"fastopt (triton): stochastic stores need one seed per tensor ({n})")
+        self.seeds = None if seeds is None else _upload(list(seeds), torch.int64, dev)
         self.keep = (slots, steps)  # the tables hold raw addresses: keep the tensors alive
         self.ptr_values: dict[str, list[int]] = {}
         for name, tensors in slots.items():

@@ -12,46 +12,46 @@ import triton
 import triton.language as tl
 
 from .common import (
-    block_grad, block_store_param, chunk_bounds, finish_step, load_as, neg_lr, read_step, scalar, skipped,
-    to_storage, walk_chunk,
+    block_grad, block_param, block_store_param, chunk_bounds, finish_step, load_as, neg_lr, read_step, scalar,
+    skipped, store_state, walk_chunk,
 )
 from .launch import launch_args
 
 
 @triton.jit
-def _sgd_block(p_ptr, g_ptr, buf_ptr, _s1, _s2, out_ptr, idx, mask, sc, gs, G: tl.constexpr, F: tl.constexpr):
+def _sgd_block(p_ptr, g_ptr, buf_ptr, _s1, _s2, out_ptr, idx, mask, sc, gs, rs, G: tl.constexpr, F: tl.constexpr):
     """The update of the elements ``idx`` (Note [one walk per chunk])."""
     neg_lr_, mom, omd, first, wd = sc
     COMPUTE: tl.constexpr = G[0]
-    P_DTYPE: tl.constexpr = G[1]
     L2: tl.constexpr = F[0]
     MOMENTUM: tl.constexpr = F[1]
     NESTEROV: tl.constexpr = F[2]
-    p = load_as(p_ptr, idx, mask, COMPUTE)
+    p = block_param(p_ptr, out_ptr, idx, mask, G)
     g = block_grad(g_ptr, idx, mask, p, wd, gs, G, L2)
     if MOMENTUM:
         buf = load_as(buf_ptr, idx, mask, COMPUTE)
         # buf.mul_(momentum).add_(grad, alpha=1 - dampening); the grad itself on the first step
         buf = tl.where(first, g, tl.fma(g, omd, buf * mom))
-        tl.store(buf_ptr + idx, to_storage(buf, P_DTYPE), mask=mask)
+        store_state(buf, buf_ptr, idx, mask, 0, rs, G)
         if NESTEROV:
             g = tl.fma(buf, mom, g)  # grad.add(buf, alpha=momentum)
         else:
             g = buf
     p = tl.fma(g, neg_lr_, p)  # param.add_(grad, alpha=-lr)
-    block_store_param(p, p_ptr, out_ptr, idx, mask, G)
+    block_store_param(p, p_ptr, out_ptr, idx, mask, rs, G)
 
 
 @triton.jit
 def _sgd_kernel(
     tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
-    p_ptrs, g_ptrs, buf_ptrs, out_ptrs, p_base, g_base, out_base,
+    p_ptrs, g_ptrs, buf_ptrs, out_ptrs, p_base, g_base, out_base, s_base, seed_ptrs,
     lr_ptr, lr: tl.float64, momentum: tl.float64, one_minus_dampening: tl.float64, weight_decay: tl.float64,
     grad_scale_ptr, clip_value: tl.float64, clip_coef_ptr, found_inf_ptr,
     COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, L2: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr, S_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
+    STORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
         t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
@@ -59,9 +59,10 @@ def _sgd_kernel(
         step_ptr, step = read_step(step_ptrs, t)
         sc = (neg_lr(lr_ptr, lr, LR_IS_PTR, COMPUTE), scalar(momentum, COMPUTE), scalar(one_minus_dampening, COMPUTE),
               step == 1.0, scalar(weight_decay, COMPUTE))
-        walk_chunk(_sgd_block, p_base, g_base, out_base, p_ptrs, g_ptrs, buf_ptrs, p_ptrs, p_ptrs, out_ptrs, t, start,
-                   end, sc, grad_scale_ptr, clip_value, clip_coef_ptr,
-                   (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF),
+        walk_chunk(_sgd_block, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs, buf_ptrs, p_ptrs, p_ptrs,
+                   out_ptrs, seed_ptrs, t, step, start, end, sc, grad_scale_ptr, clip_value, clip_coef_ptr,
+                   (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF, S_DTYPE, STOCHASTIC,
+                    STORE),
                    (L2, MOMENTUM, NESTEROV), (MOMENTUM, False, False), BLOCK)
         finish_step(step_ptr, step, chunks_of_tensor, done, t)
 
@@ -71,10 +72,10 @@ def sgd_step(plan, *, lr, momentum: float, dampening: float, weight_decay: float
     """One SGD step over ``plan`` (slots params, grads, momentum_buffers, params_out) in one launch."""
     if len(plan) == 0:
         return
-    args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize)
+    args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize, "momentum_buffers")
     _sgd_kernel[(plan.n_chunks,)](
         *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["momentum_buffers"],
-        plan.ptrs["params_out"], *plan.bases("params", "grads", "params_out"), *args["lr"], momentum,
+        plan.ptrs["params_out"], *args["bases"], *args["lr"], momentum,
         1.0 - dampening, weight_decay, *args["grad"],
         L2=weight_decay != 0, MOMENTUM=momentum != 0, NESTEROV=momentum != 0 and nesterov, **meta,
     )

@@ -42,9 +42,11 @@ def kernels():
 
 
 def _slots(rule: Rule, seg: Segment) -> dict[str, list[Tensor]]:
-    # the grads slot holds the params as placeholders (their layout and dtype); bind_grads() fills it
-    return {"params": seg.targets, "grads": seg.params, **rule.slots(seg.states),
-            "params_out": seg.params if seg.masters is not None else []}
+    # the grads slot holds the params as placeholders (their layout and dtype); bind_grads() fills
+    # it. params_out: the user's params of float32 masters, or the compensation buffers of
+    # compensation="kahan" (Note [param store], csrc/include/fastopt/update_math.h)
+    out = seg.params if seg.masters is not None else (seg.compensations or [])
+    return {"params": seg.targets, "grads": seg.params, **rule.slots(seg.states), "params_out": out}
 
 
 class TritonBackend(PlannedBackend):
@@ -69,7 +71,9 @@ class TritonBackend(PlannedBackend):
 
     def _build(self, bucket: Bucket, seg: Segment):
         owners = [local(p) for p in seg.owners] if seg.sharded else seg.owners  # Note [DTensor shards]
-        return kernels().MultiTensorPlan(_slots(bucket.rule, seg), seg.steps, owners)
+        return kernels().MultiTensorPlan(_slots(bucket.rule, seg), seg.steps, owners, master=seg.masters is not None,
+                                         stochastic_state=seg.stochastic_state, compensation=seg.compensation,
+                                         seeds=seg.seeds)
 
     def _plan_norm(self, plan, norm_type: float, xform: GradTransform, max_norm) -> tuple:
         return kernels().grad_norm(plan, norm_type, grad_scale=xform.grad_scale, clip_value=xform.clip_value,

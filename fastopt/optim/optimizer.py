@@ -299,7 +299,7 @@ class FusedOptimizer(Optimizer):
                     if spec is None:
                         backend = self._subclass_fallback(p, backend)
                 compensation = self._compensation(p)
-                if ("seed" in state or compensation is not None) and backend.name in ("triton", "cuda"):
+                if ("seed" in state or compensation is not None) and backend.name == "cuda":
                     backend = self._stochastic_fallback(backend, p.device)
                 key = (p.device, view.dtype, backend.name, None if spec is None else (id(spec[0]), spec[1]))
                 bucket = buckets.get(key)
@@ -370,17 +370,21 @@ class FusedOptimizer(Optimizer):
         return backends.resolve("reference", p.device)
 
     def _stochastic_fallback(self, backend: Any, device: torch.device) -> Any:
-        """The backend for params with ``state_dtype`` or ``compensation``: the GPU kernels do not
-        store so yet, so they take the reference rules (the same bits), with a warning once per
-        optimizer (counted in ``step_stats`` too)."""
-        if not self._run.warned_stochastic:
+        """The backend for params with ``state_dtype`` or ``compensation`` where ``backend`` is cuda,
+        whose kernels do not store so yet: the triton kernels where they run (what
+        ``backend="auto"`` picks then, silently), else the reference rules (the same bits up to
+        float32 rounding, tests/test_state_dtype.py), with a warning once per optimizer for a
+        backend chosen by name or the reference rules (counted in ``step_stats`` too)."""
+        instead = "triton" if backends.why_unavailable("triton", device) is None else "reference"
+        if not self._run.warned_stochastic and (self._options.backend != "auto" or instead == "reference"):
             self._run.warned_stochastic = True
             what = "state_dtype=torch.bfloat16" if self._options.state_dtype is not None else (
                 f"compensation={self._options.compensation!r}")
-            warnings.warn(f"fastopt.{type(self).__name__}: {what} runs on the reference rules, "
+            runs_on = "the triton kernels" if instead == "triton" else "the reference rules"
+            warnings.warn(f"fastopt.{type(self).__name__}: {what} runs on {runs_on}, "
                           f"not the {backend.name} kernels (not written for them yet); results are the same, "
-                          "the step is slower", stacklevel=5)
-        return backends.resolve("reference", device)
+                          "the step may be slower", stacklevel=5)
+        return backends.resolve(instead, device)
 
     # -- the step ------------------------------------------------------------------------------
 
