@@ -312,6 +312,7 @@ class BucketRun:
     compiling: bool = False  # this step is traced by torch.compile: list ops or reference rules only
     now: Optional[list[Segment]] = None  # this step's segments with their grads (the reference path)
     plans: Optional[list[Any]] = None  # a compiled backend's SegmentPlan per segment (backends/planned.py)
+    records: Optional[list[list[OwnerRecord]]] = None  # the reference backend's owners as built, per segment
 
 
 @dataclass

@@ -21,6 +21,7 @@ import copy
 import io
 import os
 import random
+from typing import Optional
 
 import pytest
 import torch
@@ -41,6 +42,22 @@ REFUSED_ALWAYS = {"grad of another dtype"}
 # refuses it for every optimizer, with the way out in the message's README section
 # (optimizer.load_state_dict(optimizer.state_dict()) casts the state to the params' new dtypes).
 REFUSED_STATE = "was the param's dtype or shape changed after its state was made"
+
+# Note [fuzzing the low-precision modes]: state_dtype and compensation (issue 27) have no torch.optim
+# twin; their twin is fastopt's reference rules with the same extras (the specification the kernels
+# store the bits of, up to float32 rounding), and the params are bf16 and float32 (float64 ones are
+# refused with state_dtype). A float32 difference of an ulp moves a bf16 rounding (stochastic or to
+# nearest) to the neighbouring bf16 value, and a value one bf16 ulp (2^-8 relative) off moves the
+# next steps' results by about as much: a few such over a sequence are allowed (4 ulps, relative to
+# the tensor's largest element as _close scales it). A wrong rounding or formula is off by far more.
+LOW_PRECISION = {
+    "bf16-state": {"state_dtype": torch.bfloat16},
+    "kahan-bf16-state": {"state_dtype": torch.bfloat16, "compensation": "kahan"},
+    "stochastic": {"compensation": "stochastic"},
+}
+LOW_DTYPES = (torch.bfloat16, torch.bfloat16, torch.float32)
+LOW_OTHER = {torch.float32: torch.bfloat16, torch.bfloat16: torch.float32}
+LOW_TOL = dict(rtol=4 * 2.0**-8, atol=1e-6)
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, tol: dict) -> bool:
@@ -72,8 +89,9 @@ def _config(rng: random.Random, name: str) -> dict:
     return cfg
 
 
-def _new_param(rng: random.Random, gen: torch.Generator, device: str) -> torch.nn.Parameter:
-    dtype = rng.choice([torch.float32, torch.float32, torch.float64])
+def _new_param(rng: random.Random, gen: torch.Generator, device: str,
+               dtypes: tuple = (torch.float32, torch.float32, torch.float64)) -> torch.nn.Parameter:
+    dtype = rng.choice(dtypes)
     kind = rng.choice(["matrix", "vector", "empty", "scalar", "transposed", "3d"])
     shape = {"matrix": (3, 4), "vector": (5,), "empty": (0,), "scalar": (), "transposed": (4, 3),
              "3d": (2, 3, 2)}[kind]
@@ -107,27 +125,36 @@ def _grad_like(p, gen, layout_flip):
 
 
 class Fuzz:
-    def __init__(self, name: str, backend: str, seed: int, device: str = "cpu"):
-        self.name, self.backend, self.seed, self.device = name, backend, seed, device
+    def __init__(self, name: str, backend: str, seed: int, device: str = "cpu", mode: Optional[str] = None):
+        """``mode``: a key of LOW_PRECISION; then the twin is fastopt's reference rules with the
+        same extras (Note [fuzzing the low-precision modes]), else torch.optim."""
+        self.name, self.backend, self.seed, self.device, self.mode = name, backend, seed, device, mode
+        self.dtypes = LOW_DTYPES if mode is not None else (torch.float32, torch.float32, torch.float64)
+        self.other = LOW_OTHER if mode is not None else OTHER
         self.rng = random.Random(seed)
         self.log: list[str] = []
         self.loose = False  # compare float64 with float32 tolerances from now on (see compare)
         self.kernel = self.reference = 0  # params updated by compiled kernels / the reference rules
         gen = torch.Generator().manual_seed(seed)
-        params = [_new_param(self.rng, gen, device) for _ in range(self.rng.randint(1, 5))]
+        params = [_new_param(self.rng, gen, device, self.dtypes) for _ in range(self.rng.randint(1, 5))]
         cut = self.rng.randint(0, len(params))
         groups = [params[:cut], params[cut:]]
         self.cfg = _config(self.rng, name)
         self.max_norm = 1.0 if self.rng.random() < 0.3 else None
         self.log.append(f"params {[(tuple(p.shape), str(p.dtype)[6:]) for p in params]} cut {cut} "
-                        f"cfg {self.cfg} max_norm {self.max_norm}")
+                        f"cfg {self.cfg} max_norm {self.max_norm} mode {mode}")
         spec = [{"params": g, "lr": self.cfg["lr"] * (i + 1)} for i, g in enumerate(groups) if g]
         ours_groups = [{**s, "params": [p for p in s["params"]]} for s in spec]
         theirs_groups = [{**s, "params": [torch.nn.Parameter(p.detach().clone()) for p in s["params"]]}
                          for s in spec]
         extras = {} if self.max_norm is None else {"max_grad_norm": self.max_norm}
-        self.ours = Side(None, getattr(fastopt, name)(ours_groups, backend=backend, **self.cfg, **extras))
-        self.theirs = Side(None, getattr(torch.optim, name)(theirs_groups, foreach=False, **self.cfg))
+        self.ours = Side(None, getattr(fastopt, name)(ours_groups, backend=backend, **self.cfg, **extras,
+                                                      **LOW_PRECISION.get(mode, {})))
+        if mode is None:
+            self.theirs = Side(None, getattr(torch.optim, name)(theirs_groups, foreach=False, **self.cfg))
+        else:
+            self.theirs = Side(None, getattr(fastopt, name)(theirs_groups, backend="reference", **self.cfg, **extras,
+                                                            **LOW_PRECISION[mode]))
 
     # -- the comparison -----------------------------------------------------------------------
 
@@ -145,7 +172,7 @@ class Fuzz:
         for i, (p, q) in enumerate(zip(ours, theirs)):
             if p.dtype != q.dtype or p.shape != q.shape:
                 self.fail(f"param {i}: {p.dtype} {tuple(p.shape)} vs torch's {q.dtype} {tuple(q.shape)}")
-            tol = TOL[torch.float32 if mixed else p.dtype]
+            tol = LOW_TOL if self.mode is not None else TOL[torch.float32 if mixed else p.dtype]
             if not _close(p.detach(), q.detach(), tol):
                 self.fail(f"param {i} differs: max err {(p - q).abs().max().item():.3g}")
             st, sq = self.ours.opt.state.get(p, {}), self.theirs.opt.state.get(q, {})
@@ -153,7 +180,7 @@ class Fuzz:
                 self.fail(f"param {i}: state keys {sorted(st)} vs torch's {sorted(sq)}")
             for key, value in sq.items():
                 mine = st[key]
-                if key == "step":
+                if key in ("step", "seed"):
                     if float(mine) != float(value):
                         self.fail(f"param {i}: step {float(mine)} vs torch's {float(value)}")
                 elif not _close(mine.to(value.dtype), value, tol):
@@ -230,7 +257,7 @@ class Fuzz:
                 for i, p in enumerate(params):
                     g = _grad_like(p, gen, i in flip)
                     p.grad = None if i in absent else g
-            if which == "theirs" and self.max_norm is not None:
+            if which == "theirs" and self.max_norm is not None and self.mode is None:
                 torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_norm,
                                                foreach=False)
             self.step_side(side, which)
@@ -238,7 +265,7 @@ class Fuzz:
         return self.both(f"step ({'autograd' if autograd else f'assigned, absent {sorted(absent)}, flipped {sorted(flip)}'})", act)
 
     def step_side(self, side, which) -> None:
-        if which == "theirs" and self.name == "Adagrad":
+        if which == "theirs" and self.name == "Adagrad" and self.mode is None:
             # torch 2.11's Adagrad makes its state in __init__ only: a param added later has no
             # "sum", and its first step raises KeyError (later torch makes it at the first step, as
             # fastopt does). Make it as torch 2.13 does, at the step, for params with a grad.
@@ -301,12 +328,12 @@ class Fuzz:
         def act(side, which):
             p = _all_params(side)[i]
             p.grad = None
-            p.data = p.data.to(OTHER[p.dtype])
+            p.data = p.data.to(self.other[p.dtype])
         return self.both(f"param {i} to the other dtype (grads follow)", act, compare=False)
 
     def everything_dtype(self):
         self.loose = True
-        dtype = self.rng.choice([torch.float32, torch.float64])
+        dtype = self.rng.choice(sorted(set(self.dtypes), key=str))
 
         def act(side, which):
             for p in _all_params(side):
@@ -323,7 +350,7 @@ class Fuzz:
             params = _all_params(side)
             for p in params:
                 p.grad = _randn(p.shape, gen, p.dtype, p)
-            params[i].grad.data = params[i].grad.data.to(OTHER[params[i].dtype])
+            params[i].grad.data = params[i].grad.data.to(self.other[params[i].dtype])
             self.step_side(side, which)
         return self.both(f"grad of another dtype: param {i}", act)
 
@@ -343,7 +370,7 @@ class Fuzz:
 
         def act(side, which):
             gen = torch.Generator().manual_seed(seed)
-            p = _new_param(random.Random(seed), gen, self.device)
+            p = _new_param(random.Random(seed), gen, self.device, self.dtypes)
             side.opt.add_param_group({"params": [p], "lr": 0.003})
         return self.both("add_param_group(one new param)", act)
 
@@ -423,3 +450,19 @@ def test_fuzz_against_torch(name, backend, device):
         assert kernel == 0 and reference > 0
     else:
         assert kernel > 10 * reference, (kernel, reference)
+
+
+@pytest.mark.parametrize("mode", list(LOW_PRECISION))
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "SGD"])  # SGD: no state_dtype or compensation yet
+def test_fuzz_low_precision_against_the_reference(name, mode, backend, device):
+    """The same sequences with state_dtype and compensation (Note [fuzzing the low-precision
+    modes]): the backend's kernels against the reference rules with the same extras, a third of the
+    sequences per mode."""
+    if backend == "reference":
+        pytest.skip("the twin is the reference backend itself")
+    kernel = reference = 0
+    for seed in _seeds(name, backend)[: max(1, SEQUENCES // 3)]:
+        fuzz = Fuzz(name, backend, seed + 500, device, mode=mode)
+        fuzz.run(length=fuzz.rng.randint(5, 15))
+        kernel, reference = kernel + fuzz.kernel, reference + fuzz.reference
+    assert kernel > 10 * reference, (kernel, reference)

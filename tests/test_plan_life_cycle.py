@@ -335,3 +335,49 @@ def test_after_a_deliberate_dtype_change_reloading_the_state_dict_continues(name
         assert p.dtype == torch.float64
         # two float32 steps first: float32's tolerance
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_replaced_complex_param_is_updated_where_it_now_lives(backend, device):
+    """``p.data = ...`` between steps on a complex param: the step updates the new values, as
+    torch.optim does. (The reference backend stepped the real view it had taken of the old storage
+    at the plan's build: the param did not move, silently.) Against torch.optim's Adam."""
+    ours = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64, device=device))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    opt = fastopt.Adam([ours], lr=0.1, backend=backend)
+    ref = torch.optim.Adam([theirs], lr=0.1, foreach=False)
+    for step in range(2):
+        for p, o in ((ours, opt), (theirs, ref)):
+            if step == 1:
+                p.data = torch.full((3,), 2.0, dtype=torch.complex64, device=device)
+            p.grad = torch.ones_like(p)
+            o.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach())
+    assert float(ours.detach().real.max()) < 2.0  # it moved
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "SGD"])  # SGD: no compensation yet
+def test_a_param_turned_bfloat16_gets_its_compensation_at_that_step(name, backend, device):
+    """compensation="kahan" with state_dtype=bf16 (the moments fit any param dtype): a float32
+    param turned bf16 between steps is stored with a compensation buffer from that very step, on
+    every backend alike. (The reference backend kept stepping it in its float32 bucket, without a
+    buffer, until something else rebuilt its plan: the rounding rest of that step was lost and the
+    backends disagreed.)"""
+    results = []
+    for b in ("reference", backend):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64, device=device))
+        opt = getattr(fastopt, name)([p], lr=1e-2, backend=b, compensation="kahan", state_dtype=torch.bfloat16)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        assert "compensation" not in opt.state[p]
+        p.data = p.data.to(torch.bfloat16)
+        p.grad = torch.randn(64, device=device).to(torch.bfloat16)
+        opt.step()
+        assert "compensation" in opt.state[p] and opt.state[p]["compensation"].abs().max() > 0, b
+        results.append((p.detach().clone(), opt.state[p]["compensation"].clone()))
+    (p_ref, c_ref), (p_now, c_now) = results
+    # the same rounding rest: params within one bf16 ulp (2^-7 relative at most) and the values
+    # they stand for (param + compensation) to float32 rounding of values up to ~4 (the kernels'
+    # float32 results may differ from the reference's ops by an ulp: tests/test_state_dtype.py)
+    torch.testing.assert_close(p_now.float(), p_ref.float(), rtol=2**-7, atol=0)
+    torch.testing.assert_close(p_now.float() + c_now.float(), p_ref.float() + c_ref.float(), rtol=0, atol=1e-5)

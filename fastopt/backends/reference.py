@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from ..reference import rounding
-from .._plan import Bucket, Segment, StepStats
+from .._plan import Bucket, OwnerRecord, Segment, StepStats, local, plain_tensors
 from ..rules import Rule
 from .base import GradTransform
 
@@ -30,7 +30,18 @@ class ReferenceBackend:
 
     def bind(self, bucket: Bucket, stats: StepStats) -> bool:
         """Take this step's gradients (params without one are left out, as torch does); False
-        when one became sparse (the plan is stale and gets rebuilt)."""
+        when one became sparse or a param changed since the build (the plan is stale and gets
+        rebuilt): a param's storage, dtype, shape or strides, as the compiled backends' plans
+        notice it. Its segment holds what the build saw: the real view of a complex param's old
+        storage, the bucket of its old dtype (a float32 param turned bf16 under
+        compensation="kahan" would be stepped without its buffer)."""
+        if not torch.compiler.is_compiling():  # Dynamo guards on what it traced
+            if bucket.run.records is None:
+                bucket.run.records = [[_record(p) for p in seg.owners] for seg in bucket.segments]
+            elif not all(r is None or r.matches(local(p)) for seg, records in zip(bucket.segments, bucket.run.records)
+                         for r, p in zip(records, seg.owners)):
+                bucket.run.records = None
+                return False
         now = [seg.with_grads(self.name) for seg in bucket.segments]
         if any(seg is None for seg in now):
             return False
@@ -65,6 +76,13 @@ class ReferenceBackend:
         for segment, hp in zip(bucket.run.now, hparams):
             _step_segment(rule, segment, hp, xform)
         release(bucket)
+
+
+def _record(p: Tensor) -> Optional[OwnerRecord]:
+    """A param as the plan was built (its local shard for a DTensor); None for a tensor subclass
+    without memory of its own (the reference rules step it as it is)."""
+    t = local(p)
+    return OwnerRecord(t) if plain_tensors(t) else None
 
 
 def release(bucket: Bucket) -> None:
