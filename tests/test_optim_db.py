@@ -120,3 +120,54 @@ def test_capturable_on_cpu_params_is_accepted_on_purpose(name, backend, device):
     lockstep([Side(o, ps) for o, ps in zip(opts, (with_flag, without))], steps=3,
              grads=lambda step: _grads(base, "autograd"))
     assert torch.equal(with_flag[0].detach(), without[0].detach())
+
+
+# The low-precision modes (issue 27) have no torch.optim twin: their twin is fastopt's reference
+# rules with the same extras (Note [fuzzing the low-precision modes], tests/test_fuzz.py, which
+# also gives the tolerance: a float32 ulp moves a bf16 rounding to the neighbouring value).
+LOW_PRECISION = {
+    "bf16-state": (torch.float32, {"state_dtype": torch.bfloat16}),
+    "kahan-bf16-state": (torch.bfloat16, {"state_dtype": torch.bfloat16, "compensation": "kahan"}),
+    "stochastic": (torch.bfloat16, {"compensation": "stochastic"}),
+}
+LOW_TOL = dict(rtol=4 * 2.0**-8, atol=1e-6)
+
+
+def _close_low(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    scale = float(b.float().abs().max()) if b.numel() and b.isfinite().all() else 0.0
+    torch.testing.assert_close(a.float(), b.float(), rtol=LOW_TOL["rtol"],
+                               atol=LOW_TOL["atol"] + LOW_TOL["rtol"] * scale, equal_nan=True, msg=what)
+
+
+@pytest.mark.parametrize("mode", list(LOW_PRECISION))
+@pytest.mark.parametrize("layout", ["autograd", "contiguous"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "SGD"])  # SGD: no state_dtype or compensation yet
+def test_optim_db_inputs_in_the_low_precision_modes(name, layout, mode, backend, device):
+    """Every optim_db input of the rule with state_dtype or compensation: the backend's kernels ran
+    every param and agree with the reference rules run with the same extras (params, every state
+    tensor, seeds and steps), five steps."""
+    if backend == "reference":
+        pytest.skip("the twin is the reference backend itself")
+    dtype, extras = LOW_PRECISION[mode]
+    for inp in _inputs(name, device):
+        base = [torch.nn.Parameter(p.detach().to(dtype)) for p in _params(device, complex_ok=False)]
+        ours, theirs = clone_params(base), clone_params(base)
+
+        def kwargs():  # tensors (lr) fresh for each optimizer
+            return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inp.kwargs.items()}
+        cls = SPEC_BY_NAME[name].fastopt_cls
+        opt_t = cls(theirs, backend="reference", **kwargs(), **extras)
+        opt_f = cls(ours, backend=backend, **kwargs(), **extras)
+        lockstep([Side(opt_t, theirs), Side(opt_f, ours)], steps=5, grads=lambda step: _grads(base, layout))
+        what = f"optim_db input {inp.desc!r} {inp.kwargs} ({mode})"
+        assert opt_f.step_stats.kernel == len(base) and opt_f.step_stats.reference == 0, (what, opt_f.step_stats)
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            _close_low(a.detach(), b.detach(), f"{what}: param {i}")
+            sa, sb = opt_f.state[a], opt_t.state[b]
+            assert sa.keys() == sb.keys(), (what, i, sorted(sa), sorted(sb))
+            for key, value in sb.items():
+                if key in ("step", "seed"):
+                    assert float(sa[key]) == float(value), (what, i, key)
+                else:
+                    assert sa[key].dtype == value.dtype, (what, i, key)
+                    _close_low(sa[key], value, f"{what}: param {i} {key}")
