@@ -142,7 +142,9 @@ def _state_machine(backend, device):
     for params in (pair.ours, pair.theirs):  # new storage: the plan must not write the old one
         params[2].data = params[2].data.clone()
     plan1, stats = pair.step(pair.grads())
-    assert (plan1 is not plan0) == (backend in PLANNED)  # the reference reads the tensors as they are
+    # every backend re-plans (the reference too: its segments hold what the build saw, such as a
+    # complex param's real view of the old storage; test_a_replaced_complex_param_is_updated_...)
+    assert plan1 is not plan0
     _on_kernels(backend, stats, 5)
 
     plan, stats = pair.step(pair.grads())
