@@ -17,13 +17,14 @@ import fastopt
 from test_state_dtype import _fuse_alike as fuse_alike
 
 BF16 = torch.bfloat16
-NAMES = ("Adam", "AdamW", "Adagrad", "RMSprop")
+NAMES = ("Adam", "AdamW", "Adagrad", "RMSprop", "SGD")
 # configs that keep every state slot
 CONFIGS = {
     "Adam": {"amsgrad": True},
     "AdamW": {"weight_decay": 0.1},
     "Adagrad": {"lr_decay": 0.01},
     "RMSprop": {"momentum": 0.5, "centered": True},
+    "SGD": {"momentum": 0.9, "dampening": 0.1},
 }
 needs_cpu = pytest.mark.skipif("cpu" not in fastopt.available_backends("cpu"), reason="the cpu backend is not built")
 # these tests make CPU tensors: triton runs them in Triton's interpreter (TRITON_INTERPRET=1, the
@@ -240,8 +241,6 @@ def test_errors_and_nothing_written():
         fastopt.Adam([p], compensation="exact")
     with pytest.raises(ValueError, match="cannot be combined with master_weights"):
         fastopt.AdamW([p], compensation="kahan", master_weights=True)
-    with pytest.raises(NotImplementedError, match="SGD does not support compensation"):
-        fastopt.SGD([p], lr=0.1, compensation="kahan")
     ok = torch.randn(3, dtype=BF16, requires_grad=True)
     half = torch.randn(3, dtype=torch.float16, requires_grad=True)
     for backend in [b for b in ("reference", "cpu") if b in fastopt.available_backends("cpu")]:
@@ -393,3 +392,27 @@ def test_gpu_backends_fall_back_visibly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stochastic_param_turned_float32_steps_without_its_seed(backend):
+    """compensation="stochastic" and SGD without momentum (no moments whose dtype would refuse the
+    change): a bf16 param turned float32 between steps is stepped as float32 params are (its seed
+    stays in the state for a return to bf16, unused); turned back, it is rounded stochastically with
+    that seed again. (The cpu kernels refused the step: a seed was passed for a float32 param.)"""
+    p = torch.nn.Parameter(torch.randn(8).to(BF16))
+    opt = fastopt.SGD([p], lr=0.1, backend=backend, compensation="stochastic")
+    p.grad = torch.ones(8, dtype=BF16)
+    opt.step()
+    seed = int(opt.state[p]["seed"])
+    p.data = p.data.float()
+    before = p.detach().clone()
+    p.grad = torch.ones(8)
+    opt.step()
+    torch.testing.assert_close(p.detach(), before - 0.1)  # exactly the float32 step
+    assert int(opt.state[p]["seed"]) == seed
+    p.data = p.data.to(BF16)
+    p.grad = torch.ones(8, dtype=BF16)
+    opt.step()
+    assert int(opt.state[p]["seed"]) == seed and p.dtype == BF16
+    assert (opt.step_stats.kernel, opt.step_stats.reference) == ((0, 1) if backend == "reference" else (1, 0))

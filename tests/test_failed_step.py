@@ -169,7 +169,7 @@ def test_a_failed_step_changes_nothing(name, fault, when, backend, device):
 
 # The low-precision modes (issue 27) over float32 and bfloat16 params (two buckets; state_dtype
 # refuses float64 params): bf16 moments with seeds, a Kahan buffer for the bf16 params, bf16
-# params rounded stochastically. SGD takes none of them yet.
+# params rounded stochastically.
 LOW_PRECISION = {
     "bf16 state": dict(state_dtype=torch.bfloat16),
     "kahan + bf16 state": dict(compensation="kahan", state_dtype=torch.bfloat16),
@@ -191,7 +191,7 @@ def _low_precision_cases():
     for fault, (names, *_rest) in FAULTS.items():
         if "sparse" in fault and fault != "sparse grad":
             continue  # one sparse case: every rule refuses it alike in these modes
-        for name in sorted(set(OPTIMIZERS) - {"SGD"}):
+        for name in sorted(OPTIMIZERS):
             for mode, extras in LOW_PRECISION.items():
                 if fault == "param dtype changed after its state was made" and extras.keys() == {"state_dtype"}:
                     continue  # the state's dtype is state_dtype's, not the param's: no fault (with a

@@ -453,7 +453,7 @@ def test_fuzz_against_torch(name, backend, device):
 
 
 @pytest.mark.parametrize("mode", list(LOW_PRECISION))
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "SGD"])  # SGD: no state_dtype or compensation yet
+@pytest.mark.parametrize("name", NAMES)
 def test_fuzz_low_precision_against_the_reference(name, mode, backend, device):
     """The same sequences with state_dtype and compensation (Note [fuzzing the low-precision
     modes]): the backend's kernels against the reference rules with the same extras, a third of the

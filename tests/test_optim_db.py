@@ -141,7 +141,7 @@ def _close_low(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 @pytest.mark.parametrize("mode", list(LOW_PRECISION))
 @pytest.mark.parametrize("layout", ["autograd", "contiguous"])
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "SGD"])  # SGD: no state_dtype or compensation yet
+@pytest.mark.parametrize("name", NAMES)
 def test_optim_db_inputs_in_the_low_precision_modes(name, layout, mode, backend, device):
     """Every optim_db input of the rule with state_dtype or compensation: the backend's kernels ran
     every param and agree with the reference rules run with the same extras (params, every state

@@ -357,7 +357,7 @@ def test_a_replaced_complex_param_is_updated_where_it_now_lives(backend, device)
     assert float(ours.detach().real.max()) < 2.0  # it moved
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "SGD"])  # SGD: no compensation yet
+@pytest.mark.parametrize("name", NAMES)
 def test_a_param_turned_bfloat16_gets_its_compensation_at_that_step(name, backend, device):
     """compensation="kahan" with state_dtype=bf16 (the moments fit any param dtype): a float32
     param turned bf16 between steps is stored with a compensation buffer from that very step, on

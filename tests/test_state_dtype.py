@@ -18,13 +18,14 @@ from conftest import backend_device
 from fastopt.reference.rounding import memory_index, param_seed, slot_bits, stochastic_round_bf16
 
 BF16 = torch.bfloat16
-NAMES = ("Adam", "AdamW", "Adagrad", "RMSprop")
+NAMES = ("Adam", "AdamW", "Adagrad", "RMSprop", "SGD")
 # configs that keep every state slot (RMSprop's momentum_buffer and grad_avg, Adam's max_exp_avg_sq)
 CONFIGS = {
     "Adam": {"amsgrad": True},
     "AdamW": {"weight_decay": 0.1},
     "Adagrad": {"lr_decay": 0.01},
     "RMSprop": {"momentum": 0.5, "centered": True},
+    "SGD": {"momentum": 0.9, "dampening": 0.1},
 }
 # state slots that are a function of the grads alone (no sqrt, no param): with grads that do not
 # depend on the params, they are the same bits on every backend (Note [torch's fused multiply-adds]
@@ -32,7 +33,7 @@ CONFIGS = {
 # always round correctly (tests/test_numerics.py), and a one-ulp float32 difference moves a
 # stochastic rounding to the other bf16 neighbour once in 2^16
 GRAD_ONLY = {"Adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), "AdamW": ("exp_avg", "exp_avg_sq"),
-             "Adagrad": ("sum",), "RMSprop": ("square_avg", "grad_avg")}
+             "Adagrad": ("sum",), "RMSprop": ("square_avg", "grad_avg"), "SGD": ("momentum_buffer",)}
 
 needs_cpu = pytest.mark.skipif("cpu" not in fastopt.available_backends("cpu"), reason="the cpu backend is not built")
 needs_triton = pytest.mark.skipif("triton" not in fastopt.available_backends(backend_device("triton")),
@@ -292,8 +293,6 @@ def test_errors_and_nothing_written():
     p = torch.randn(3, requires_grad=True)
     with pytest.raises(ValueError, match="Invalid state_dtype"):
         fastopt.Adam([p], state_dtype=torch.float16)
-    with pytest.raises(NotImplementedError, match="SGD does not support state_dtype"):
-        fastopt.SGD([p], lr=0.1, momentum=0.9, state_dtype=BF16)
     ok = torch.randn(3, requires_grad=True)
     bad = torch.randn(3, dtype=torch.float64, requires_grad=True)
     opt = fastopt.Adam([ok, bad], backend="reference", state_dtype=BF16)

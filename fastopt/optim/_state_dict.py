@@ -71,6 +71,8 @@ def _settle_low_precision(opt: Any, p: Tensor, state: dict, saved: dict) -> None
     dtype); a dict without one gets a fresh seed at the next step. Without: no seed. A saved
     compensation buffer stays with compensation="kahan" (in the param's dtype; a dict without one
     starts from zeros) and is dropped otherwise, as ``master_param`` is."""
+    if not opt._keeps_step(p):  # SGD without a stochastic store: its plans count (Note [SGD's first step])
+        state.pop("step", None)
     if opt._compensation(p) != "kahan":
         state.pop("compensation", None)
     elif isinstance(saved.get("compensation"), Tensor):

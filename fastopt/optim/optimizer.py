@@ -194,6 +194,13 @@ class FusedOptimizer(Optimizer):
         """Something of ``p`` is rounded stochastically: its state or the param itself."""
         return self._options.state_dtype is not None or self._compensation(p) == "stochastic"
 
+    def _keeps_step(self, p: Tensor) -> bool:
+        """``p``'s state holds its step count (``state["step"]``): as torch.optim's for every rule
+        but SGD's, and SGD's too where something of ``p`` is rounded stochastically (the random
+        bits are keyed by the step, Note [stochastic state]: a plan's own count would start over
+        at every re-plan and a resume would not round as the uninterrupted run)."""
+        return self._rule.keeps_step or self._needs_seed(p)
+
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         """The dtype of ``p``'s state tensors: ``state_dtype`` when set, else float32 with master
         weights, else the param's."""
@@ -216,14 +223,17 @@ class FusedOptimizer(Optimizer):
         if compensation == "stochastic" and p.dtype != torch.bfloat16:
             raise ValueError(f"fastopt.{type(self).__name__}: compensation='stochastic' rounds to bfloat16; this "
                              f"param is {p.dtype} (compensation='kahan' works for float16 params)")
-        keeps_step = self._rule.keeps_step
+        keeps_step = self._keeps_step(p)
         if not (keys or master or keeps_step or compensation or p in self.state):
             return {}
         state = self.state[p]
         created = self._run.created
         if keeps_step and "step" not in state:
             created.append((p, "step"))
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            # Note [SGD's first step]: a momentum buffer there already (a torch.optim.SGD state
+            # dict, or one stepped before state_dtype was set) holds a step
+            held = not self._rule.keeps_step and any(state.get(k) is not None for k in keys)
+            state["step"] = torch.full((), 1.0 if held else 0.0, dtype=torch.float32, device=p.device)
         for key in keys:
             if state.get(key) is None:  # None: an old torch.optim.SGD state dict's absent buffer
                 created.append((p, key))
@@ -284,7 +294,8 @@ class FusedOptimizer(Optimizer):
                         raise NotImplementedError(f"fastopt.{type(self).__name__}: sparse gradients cannot be "
                                                   "combined with state_dtype or compensation")
                     self._check_sparse(p, group)  # raises before any state exists
-                if not self._rule.keeps_step:  # Note [SGD's first step]: is p's state made for this step?
+                keeps_step = self._keeps_step(p)
+                if not keeps_step:  # Note [SGD's first step]: is p's state made for this step?
                     fresh = all(self.state.get(p, {}).get(k) is None for k in keys)
                 state = self._ensure_state(p, group, ordinal)
                 if p.grad.is_sparse:
@@ -293,13 +304,17 @@ class FusedOptimizer(Optimizer):
                 view = real_view(p)
                 backend = backends.resolve(self._options.backend, p.device, view.dtype)
                 spec = None
-                steps = state["step"] if self._rule.keeps_step else _own_step_count(p, fresh)
+                steps = state["step"] if keeps_step else _own_step_count(p, fresh)
                 if not plain_tensors(p, p.grad, *state.values()):
                     spec = self._shards_for_kernels(p, state, keys, backend, steps)
                     if spec is None:
                         backend = self._subclass_fallback(p, backend)
                 compensation = self._compensation(p)
-                if ("seed" in state or compensation is not None) and backend.name == "cuda":
+                # a seed in the state of a param that no longer needs one (a bf16 param turned
+                # float32 under compensation="stochastic", whose state had no bf16 moments to
+                # refuse the change: SGD without momentum) is kept for its return, not passed on
+                needs_seed = self._needs_seed(p)
+                if (needs_seed or compensation is not None) and backend.name == "cuda":
                     backend = self._stochastic_fallback(backend, p.device)
                 key = (p.device, view.dtype, backend.name, None if spec is None else (id(spec[0]), spec[1]))
                 bucket = buckets.get(key)
@@ -312,7 +327,7 @@ class FusedOptimizer(Optimizer):
                             masters=[] if self._uses_master(p) else None,
                             states={k: [] for k in keys},
                             sharded=spec is not None,
-                            seeds=[] if "seed" in state else None,
+                            seeds=[] if needs_seed else None,
                             stochastic_state=self._options.state_dtype is not None,
                             compensation=compensation,
                             compensations=[] if compensation == "kahan" else None,

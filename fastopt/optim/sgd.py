@@ -32,15 +32,6 @@ class SGD(FusedOptimizer):
         **extras: Any,
     ) -> None:
         options, flags = parse_extras(type(self).__name__, extras)
-        if options.state_dtype is not None:
-            # SGD keeps no step count in its state, and the stochastic rounding's bits are keyed
-            # by the step: a resume would not round as the uninterrupted run (issue 28)
-            raise NotImplementedError("fastopt.SGD does not support state_dtype yet (Adam, AdamW, Adagrad and "
-                                      "RMSprop do)")
-        if options.compensation is not None:
-            # "stochastic" has the same need; "kahan" keeps state where torch's SGD keeps none
-            raise NotImplementedError(f"fastopt.SGD does not support compensation={options.compensation!r} yet "
-                                      "(Adam, AdamW, Adagrad and RMSprop do)")
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
