@@ -38,12 +38,13 @@ BF16_ULP = 2.0**-7  # relative spacing of bf16 values (8 significant bits): the 
 FP16_ULP = 2.0**-10
 
 
-def _params(dtype=BF16):
-    """Odd shapes: several chunks (70,000 > 2 x 32K elements), an empty param, a transposed one, a
-    channels_last one, a 1-element one; and a float32 param (stored as without compensation)."""
+def _params(dtype=BF16, n=70_000):
+    """Odd shapes: several chunks (n = 70,000 > 2 x 32K elements; 40,000: 3 x 16K, Triton's),
+    an empty param, a transposed one, a channels_last one, a 1-element one; and a float32 param
+    (stored as without compensation)."""
     torch.manual_seed(0)
     return [
-        torch.randn(70_000, dtype=dtype),
+        torch.randn(n, dtype=dtype),
         torch.randn(0, 3, dtype=dtype),
         torch.randn(7, 5, dtype=dtype).t(),
         torch.randn(2, 3, 4, 5, dtype=dtype).to(memory_format=torch.channels_last),
@@ -97,11 +98,15 @@ def test_small_updates_are_kept(compensation, dtype, backend):
       2^-17 x start a step in bf16, 100 steps < 1e-3 x start), the param within an ulp of it;
     * "stochastic" (bf16): the mean over 20,000 elements (each rounding unbiased; an element's
       error after 100 steps is a sum of 100 independent ones of at most one ulp, std <= 2^-7 x
-      sqrt(100) / 2 = 0.04, so the mean's std <= 3e-4), allowed 2e-3."""
+      sqrt(100) / 2 = 0.04, so the mean's std <= 3e-4), allowed 2e-3. In Triton's interpreter
+      (a step of 20,000 elements takes a second) 4,096 elements: std <= 6.3e-4, 2e-3 > 3 sigma;
+      and no compensation=None case (the store to nearest is every parity test's)."""
     if compensation == "stochastic" and dtype == torch.float16:
         pytest.skip("compensation='stochastic' rounds to bfloat16 (test_errors: refused for float16)")
+    if backend == "triton" and compensation is None:
+        pytest.skip("rounding to nearest: the triton parity tests store so on every step")
     start = 1.0 if dtype == BF16 else 8.0
-    p = torch.full((20_000,), start, dtype=dtype, requires_grad=True)
+    p = torch.full((4_096 if backend == "triton" else 20_000,), start, dtype=dtype, requires_grad=True)
     opt = fastopt.AdamW([p], lr=1e-3, betas=(0.0, 0.0), weight_decay=0.0, backend=backend,
                         compensation=compensation)
     for _ in range(100):
@@ -137,8 +142,9 @@ def test_kernels_store_like_the_reference(name, compensation, state_dtype, backe
       difference in the float32 value moves a stochastic rounding once in 2^16: at most 1 in 1,000
       elements allowed, for the ulps a sqrt passes on to the moments too)."""
     extras = {} if state_dtype is None else {"state_dtype": state_dtype}
-    ref, ref_params = _run(name, "reference", compensation, groups=2, **extras)
-    cpu, cpu_params = _run(name, backend, compensation, groups=2, **extras)
+    params = _params(n=40_000 if backend == "triton" else 70_000)
+    ref, ref_params = _run(name, "reference", compensation, params=params, groups=2, **extras)
+    cpu, cpu_params = _run(name, backend, compensation, params=params, groups=2, **extras)
     assert cpu.step_stats.kernel == len(cpu_params) and cpu.step_stats.reference == 0
     assert ref.step_stats.reference == len(ref_params)
     for i, (a, b) in enumerate(zip(cpu_params, ref_params)):
@@ -168,7 +174,7 @@ def test_a_resume_is_bit_for_bit(compensation, backend):
     """Six steps against three, a state dict (deep-copied, as torch.save would), three more in a
     fresh optimizer; and the same six steps twice give the same bits (the rounding is a function of
     seed, step and index, not of a global generator)."""
-    params = _params()
+    params = _params(n=40_000 if backend == "triton" else 70_000)  # 3 Triton chunks: the interpreter is slow
     grads = _grads(params, 6)
     whole, whole_params = _run("AdamW", backend, compensation, params=params, grads=grads)
     again, again_params = _run("AdamW", backend, compensation, params=params, grads=grads)

@@ -49,12 +49,12 @@ def _fuse_alike() -> bool:
     return (torch.backends.cpu.get_cpu_capability() != "DEFAULT") == (fastopt.cpu_capability() != "default")
 
 
-def _params(dtype=torch.float32):
-    """Odd shapes: several chunks (70,000 > 2 x 32K elements), an empty param, a transposed one, a
-    channels_last one, a 1-element one."""
+def _params(dtype=torch.float32, n=70_000):
+    """Odd shapes: several chunks (n = 70,000 > 2 x 32K elements; 40,000: 3 x 16K, Triton's),
+    an empty param, a transposed one, a channels_last one, a 1-element one."""
     torch.manual_seed(0)
     return [
-        torch.randn(70_000, dtype=dtype),
+        torch.randn(n, dtype=dtype),
         torch.randn(0, 3, dtype=dtype),
         torch.randn(7, 5, dtype=dtype).t(),
         torch.randn(2, 3, 4, 5, dtype=dtype).to(memory_format=torch.channels_last),
@@ -146,8 +146,9 @@ def test_triton_kernels_store_the_references_bits(name):
     slots computed from it: at most 1 in 1,000 elements allowed) and within one bf16 ulp
     everywhere; the params close (float32; the tolerance of test_cpu_kernels_store_the_references_bits)."""
     dev = backend_device("triton")
-    ref, ref_params = _run(name, "reference", groups=2, device=dev)
-    tri, tri_params = _run(name, "triton", groups=2)
+    params = _params(n=40_000)  # 3 chunks of 16K (the interpreter is slow)
+    ref, ref_params = _run(name, "reference", params=params, groups=2, device=dev)
+    tri, tri_params = _run(name, "triton", params=params, groups=2)
     assert tri.step_stats.kernel == len(tri_params) and tri.step_stats.reference == 0
     for i, (a, b) in enumerate(zip(_states(tri, tri_params), _states(ref, ref_params))):
         assert a.keys() == b.keys()
@@ -201,17 +202,19 @@ def test_reference_rounds_each_slot_with_its_own_stream():
 def test_small_increments_are_kept(backend):
     """What stochastic rounding is for: Adagrad's sum at 1.0 grows by g^2 = 1e-4 a step, 1/78 of a
     bf16 ulp at 1.0 (2^-7): stored to nearest it would stay 1.0 for ever; stored stochastically
-    its mean over 20,000 elements after 100 steps is 1.01 (each element's rounding is unbiased; an
-    element's value is 1 + 2^-7 x (its round-ups, ~Binomial(100, 1/78)), so the mean's standard
-    deviation is 2^-7 x sqrt(100 / 78 / 20,000) ~ 6e-5, allowed 2e-4 > 3 sigma)."""
-    p = torch.zeros(20_000, device=backend_device(backend), requires_grad=True)
+    its mean over n = 20,000 elements after 100 steps is 1.01 (each element's rounding is unbiased;
+    an element's value is 1 + 2^-7 x (its round-ups, ~Binomial(100, 1/78)), so the mean's standard
+    deviation is sigma = 2^-7 x sqrt(100 / 78 / n) ~ 6e-5, allowed 3.5 sigma). In Triton's
+    interpreter (a step of 20,000 elements takes a second) n = 4,096."""
+    n = 4_096 if backend == "triton" and backend_device(backend) == "cpu" else 20_000
+    p = torch.zeros(n, device=backend_device(backend), requires_grad=True)
     opt = fastopt.Adagrad([p], lr=1e-3, initial_accumulator_value=1.0, backend=backend, state_dtype=BF16)
     for _ in range(100):
         p.grad = torch.full_like(p, 1e-2)
         opt.step()
     assert (opt.step_stats.kernel, opt.step_stats.reference) == ((0, 1) if backend == "reference" else (1, 0))
     s = opt.state[p]["sum"].float()
-    assert abs(float(s.mean()) - 1.01) < 2e-4, float(s.mean())
+    assert abs(float(s.mean()) - 1.01) < 3.5 * 2**-7 * (100 / 78 / n) ** 0.5, float(s.mean())
     assert float(s.min()) >= 1.0  # never rounded down below where it started
 
 
@@ -219,7 +222,7 @@ def test_small_increments_are_kept(backend):
 @pytest.mark.parametrize("name", NAMES)
 def test_a_resume_is_bit_for_bit(name, backend):
     """Six steps against three, a state dict (through torch.save), three more in a fresh optimizer."""
-    params = _params()
+    params = _params(n=40_000 if backend == "triton" else 70_000)  # 3 Triton chunks: the interpreter is slow
     grads = _grads(params, 6)
     whole, whole_params = _run(name, backend, params=params, grads=grads)
     first, first_params = _run(name, backend, params=params, grads=grads[:3])

@@ -18,6 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastopt.triton_kernels import adagrad, adam, batch_norm_relu, norm, rmsprop, sgd  # noqa: E402
+from fastopt.triton_kernels.launch import STORES  # noqa: E402
 from fastopt.triton_kernels.multi_tensor import BLOCK, CHUNK  # noqa: E402
 
 # Pointer arguments and their element types; every other non-constexpr argument is a float,
@@ -41,7 +42,7 @@ KERNELS = {
 INEXACT = (".approx", "div.full")
 
 
-BASES = {"p_base": "P_DTYPE", "g_base": "G_DTYPE", "out_base": "OUT_DTYPE"}
+BASES = {"p_base": "P_DTYPE", "g_base": "G_DTYPE", "out_base": "OUT_DTYPE", "s_base": "S_DTYPE"}
 WIDE = ("ld.global.v4.b32", "ld.global.v2.b64")  # 16-byte loads: 4 fp32 or 8 bf16/fp16; 2 fp64
 PTR_NAMES = {tl.float32: "*fp32", tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float64: "*fp64"}
 
@@ -77,6 +78,15 @@ def inexact_instructions(ptx: str) -> list[str]:
     return [line.strip() for line in ptx.splitlines() if any(word in line for word in INEXACT)]
 
 
+def _check(kernel, fn, what) -> None:
+    """An update kernel's PTX: exact math only, and 16-byte loads (Note [aligned bodies])."""
+    bad = inexact_instructions(kernel.asm["ptx"])
+    if bad:
+        raise SystemExit(f"{fn.__name__} ({what}) has inexact instructions: {bad[:5]}")
+    if not any(w in kernel.asm["ptx"] for w in WIDE):
+        raise SystemExit(f"{fn.__name__} ({what}): no 16-byte loads (Note [aligned bodies])")
+
+
 def main(arch: int) -> None:
     target = GPUTarget("cuda", arch, 32)
     count = 0
@@ -89,12 +99,25 @@ def main(arch: int) -> None:
             values["MASTER"] = on and g_dtype != p_dtype
             compute = tl.float64 if p_dtype == tl.float64 else tl.float32
             kernel = compile_one(fn, {"COMPUTE": compute, "P_DTYPE": p_dtype, "G_DTYPE": g_dtype, "OUT_DTYPE": g_dtype,
+                                      "S_DTYPE": p_dtype, "STOCHASTIC": False, "STORE": STORES[None],
                                       "CHUNK": CHUNK, "BLOCK": BLOCK, **values}, target)
-            bad = inexact_instructions(kernel.asm["ptx"])
-            if bad:
-                raise SystemExit(f"{fn.__name__} ({values}) has inexact instructions: {bad[:5]}")
-            if not any(w in kernel.asm["ptx"] for w in WIDE):
-                raise SystemExit(f"{fn.__name__} ({p_dtype}, {g_dtype}, {values}): no 16-byte loads (Note [aligned bodies])")
+            _check(kernel, fn, (p_dtype, g_dtype, values))
+            count += 1
+        # the low-precision stores (Note [stochastic stores in Triton], common.py): bf16 state
+        # with float32 params and with masters; bf16/fp16 params with a Kahan buffer (params_out)
+        # and bf16 state or not; bf16 params rounded stochastically
+        for on, (p_dtype, g_dtype, stochastic, store) in itertools.product(
+            (True, False), ((tl.float32, tl.float32, True, None), (tl.float32, tl.bfloat16, True, None),
+                            (tl.bfloat16, tl.bfloat16, True, "kahan"), (tl.float16, tl.float16, False, "kahan"),
+                            (tl.bfloat16, tl.bfloat16, True, "stochastic"))
+        ):
+            values = {f: on for f in COMMON_FLAGS + flags}
+            values["MASTER"] = g_dtype != p_dtype
+            kernel = compile_one(fn, {"COMPUTE": tl.float32, "P_DTYPE": p_dtype, "G_DTYPE": g_dtype,
+                                      "OUT_DTYPE": g_dtype, "S_DTYPE": tl.bfloat16 if stochastic else p_dtype,
+                                      "STOCHASTIC": stochastic, "STORE": STORES[store], "CHUNK": CHUNK,
+                                      "BLOCK": BLOCK, **values}, target)
+            _check(kernel, fn, (p_dtype, g_dtype, stochastic, store, values))
             count += 1
     for l2, on, (g_dtype, acc, acc_ptr) in itertools.product(
         (True, False), (True, False), ((tl.bfloat16, tl.float32, "*fp32"), (tl.float64, tl.float64, "*fp64"))
