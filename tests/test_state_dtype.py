@@ -204,7 +204,7 @@ def test_small_increments_are_kept(backend):
     bf16 ulp at 1.0 (2^-7): stored to nearest it would stay 1.0 for ever; stored stochastically
     its mean over n = 20,000 elements after 100 steps is 1.01 (each element's rounding is unbiased;
     an element's value is 1 + 2^-7 x (its round-ups, ~Binomial(100, 1/78)), so the mean's standard
-    deviation is sigma = 2^-7 x sqrt(100 / 78 / n) ~ 6e-5, allowed 3.5 sigma). In Triton's
+    deviation is sigma = 2^-7 x sqrt(100 / 78 / n) ~ 6.3e-5, allowed 3.15 sigma, 2e-4). In Triton's
     interpreter (a step of 20,000 elements takes a second) n = 4,096."""
     n = 4_096 if backend == "triton" and backend_device(backend) == "cpu" else 20_000
     p = torch.zeros(n, device=backend_device(backend), requires_grad=True)
@@ -214,7 +214,7 @@ def test_small_increments_are_kept(backend):
         opt.step()
     assert (opt.step_stats.kernel, opt.step_stats.reference) == ((0, 1) if backend == "reference" else (1, 0))
     s = opt.state[p]["sum"].float()
-    assert abs(float(s.mean()) - 1.01) < 3.5 * 2**-7 * (100 / 78 / n) ** 0.5, float(s.mean())
+    assert abs(float(s.mean()) - 1.01) < 3.15 * 2**-7 * (100 / 78 / n) ** 0.5, float(s.mean())
     assert float(s.min()) >= 1.0  # never rounded down below where it started
 
 
