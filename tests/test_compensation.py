@@ -159,7 +159,9 @@ def test_kernels_store_like_the_reference(name, compensation, state_dtype, backe
         # own ulp (seen in Triton's interpreter under torch 2.11: SGD, 0.00275 vs 0.00272)
         buf = sb.get("momentum_buffer")
         drift = 0 if buf is None or not buf.numel() else 1e-2 * 2 * BF16_ULP * float(buf.float().abs().max())
-        torch.testing.assert_close(a.float(), b.float(), rtol=BF16_ULP, atol=1e-6 + drift, msg=f"param {i}")
+        # (the cpu kernels keep the bound they had before: within one bf16 ulp)
+        torch.testing.assert_close(a.float(), b.float(), rtol=BF16_ULP, atol=1e-6 + (0 if backend == "cpu" else drift),
+                                   msg=f"param {i}")
         if compensation == "kahan":
             assert sa["compensation"].dtype == BF16
             atol = 1e-5 + drift
