@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import faulthandler
 import gc
 import os
 import socket
@@ -26,6 +27,8 @@ import fastopt
 from conftest import backend_params
 
 WORLD = 2
+# A rank's time limit: above gloo's own (5 minutes), below make test's per-test limit (600 s).
+_RANK_TIMEOUT_S = 450
 # Norms: one fp32 reduction of the same grads in another order (a few ulps).
 RTOL, ATOL = 1e-5, 1e-6
 # Note [open-loop parity]: each step both optimizers update from the same grad values: fastopt's
@@ -82,7 +85,12 @@ def _rank_main(rank: int, fn, port: int, *args) -> None:
     the GIL, which a finalizing interpreter answers with pthread_exit, whose unwinding through a
     noexcept frame is std::terminate (torch's own issue, pytorch PR 179291). So the cycles are
     collected here, while the interpreter is whole, and the process then ends without finalizing
-    (its output flushed; a failing ``fn`` raises before this and is reported by mp.spawn as usual)."""
+    (its output flushed; a failing ``fn`` raises before this and is reported by mp.spawn as usual).
+
+    A rank that hangs (a deadlock: Note [DDP models die before their process group]) prints every
+    thread's Python stack and exits after _RANK_TIMEOUT_S, so that mp.spawn fails the test with the
+    hanging rank named, before pytest-timeout would end the whole test process."""
+    faulthandler.dump_traceback_later(_RANK_TIMEOUT_S, exit=True)
     fn(rank, port, *args)
     gc.collect()
     sys.stdout.flush()
@@ -295,36 +303,48 @@ def test_the_compiled_entry_points_refuse_dtensors():
 
 
 def _ddp_parity(rank: int, port: int, backend: str) -> None:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
+    """Note [DDP models die before their process group]: a DDP module's Reducer holds a reference to
+    the process group, and pybind frees a Reducer with the GIL held. Were it the group's last
+    reference (a model still alive after ``destroy_process_group``), ~ProcessGroupGloo would join its
+    worker thread while that thread, finishing the closing barrier's work, waits for the GIL to drop
+    a Python object of the work's thread-local state: a deadlock (seen here under torch 2.13: the
+    rank hung until pytest-timeout ended the test process). So each case's models live in
+    ``_ddp_case``'s frame and are collected while the group is whole; the group is then destroyed
+    from Python, whose holder releases the GIL."""
     with _process_group(rank, port):
         for name in sorted(_OPTIMIZERS):
             for options in (dict(gradient_as_bucket_view=True), dict(gradient_as_bucket_view=True, static_graph=True),
                             dict()):
-                base = _model()
-                ours_m, theirs_m = DDP(copy.deepcopy(base), **options), DDP(copy.deepcopy(base), **options)
-                ours = getattr(fastopt, name)(ours_m.parameters(), backend=backend, max_grad_norm=0.5,
-                                              **_OPTIMIZERS[name])
-                theirs = getattr(torch.optim, name)(theirs_m.parameters(), foreach=False, **_OPTIMIZERS[name])
-                torch.manual_seed(100 + rank)
-                steps = 4
-                for step in range(steps):
-                    x = torch.randn(6, 8)
-                    for m in (ours_m, theirs_m):
-                        m(x).square().mean().backward()
-                    _same_grads(ours_m, theirs_m)
-                    norm = torch.nn.utils.clip_grad_norm_(theirs_m.parameters(), 0.5)
-                    theirs.step()
-                    ours.step()
-                    stats = ours.step_stats
-                    expected = (0, 4) if backend == "reference" else (4, 0)
-                    assert (stats.kernel, stats.reference) == expected, (name, options, stats)
-                    torch.testing.assert_close(ours.last_grad_norm, norm, rtol=RTOL, atol=ATOL)
-                    # set_to_none alternately: DDP then makes the grads bucket views again
-                    for opt in (ours, theirs):
-                        opt.zero_grad(set_to_none=step % 2 == 0)
-                for p, q in zip(ours_m.parameters(), theirs_m.parameters()):
-                    _assert_scaled(p, q, steps, f"{name} {options}")
+                _ddp_case(rank, name, options, backend)
+        gc.collect()
+
+
+def _ddp_case(rank: int, name: str, options: dict, backend: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    base = _model()
+    ours_m, theirs_m = DDP(copy.deepcopy(base), **options), DDP(copy.deepcopy(base), **options)
+    ours = getattr(fastopt, name)(ours_m.parameters(), backend=backend, max_grad_norm=0.5, **_OPTIMIZERS[name])
+    theirs = getattr(torch.optim, name)(theirs_m.parameters(), foreach=False, **_OPTIMIZERS[name])
+    torch.manual_seed(100 + rank)
+    steps = 4
+    for step in range(steps):
+        x = torch.randn(6, 8)
+        for m in (ours_m, theirs_m):
+            m(x).square().mean().backward()
+        _same_grads(ours_m, theirs_m)
+        norm = torch.nn.utils.clip_grad_norm_(theirs_m.parameters(), 0.5)
+        theirs.step()
+        ours.step()
+        stats = ours.step_stats
+        expected = (0, 4) if backend == "reference" else (4, 0)
+        assert (stats.kernel, stats.reference) == expected, (name, options, stats)
+        torch.testing.assert_close(ours.last_grad_norm, norm, rtol=RTOL, atol=ATOL)
+        # set_to_none alternately: DDP then makes the grads bucket views again
+        for opt in (ours, theirs):
+            opt.zero_grad(set_to_none=step % 2 == 0)
+    for p, q in zip(ours_m.parameters(), theirs_m.parameters()):
+        _assert_scaled(p, q, steps, f"{name} {options}")
 
 
 @pytest.mark.parametrize("backend", backend_params("cpu"))
