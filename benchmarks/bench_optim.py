@@ -11,6 +11,8 @@ report and, when matplotlib is importable, PNG plots.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ class Case:
     # (label, fastopt extras) of today's mode, timed beside the case's in the same alternation
     # ("fastopt <backend> <label>"), with the state bytes per param of both; None: none
     beside: Optional[tuple[str, dict]] = None
+    # params, and grads, are views of one buffer each (a flat model; DDP's gradient_as_bucket_view)
+    views: bool = False
 
     @property
     def label(self) -> str:
@@ -87,6 +91,11 @@ CASES = [
     # zero_grad), where every provider also pays the same backward
     Case("AdamW", "host", 28, tag="host cost"),
     Case("AdamW", "host", 28, recipe="loop", tag="host cost, backward+step+zero_grad"),
+    # issue 29's measures: the host cost of one one-element param (the x5 goal's unit), of 4,000
+    # whose params and grads are views of one buffer each, and 2,000 x 1,000 laid out so
+    Case("AdamW", "host1", 28, tag="host cost, one param"),
+    Case("AdamW", "host", 28, views=True, tag="host cost, views of one buffer"),
+    Case("AdamW", "small", 28, views=True, tag="views of one buffer"),
     *[Case(n, "gpt", b, full_only=True) for n, b in (("Adam", 28), ("AdamW", 28))],
     Case("AdamW", "gpt", 32, recipe="clip", extras={"max_grad_norm": 1.0}, tag="clip", full_only=True),
 ]
@@ -107,16 +116,27 @@ def shapes_for(sizes: str, device: str, full: bool) -> list[tuple[int, ...]]:
         return [((256 << 20) if full else (64 << 20),)] if gpu else [(10_000_000,)]
     if sizes == "host":
         return [(1,)] * 4000
+    if sizes == "host1":
+        return [(1,)]
     if sizes == "small":
         return [(4096,)] * 4000 if gpu else [(1000,)] * 2000
     # ~300 tensors: 24 layers; 351M params on a GPU, 20M on the CPU
     return gpt_shapes(1024, 24, 50304) if gpu else gpt_shapes(256, 24, 8192)
 
 
-def _params(shapes, device, dtype=torch.float32) -> list[torch.nn.Parameter]:
-    params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype)) for s in shapes]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-2
+def _params(shapes, device, dtype=torch.float32, views: bool = False) -> list[torch.nn.Parameter]:
+    if not views:
+        params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-2
+        return params
+    numels = [math.prod(s) for s in shapes]
+    data, grads = torch.randn(sum(numels), device=device, dtype=dtype), torch.randn(sum(numels), device=device,
+                                                                                   dtype=dtype) * 1e-2
+    params = []
+    for s, a, b in zip(shapes, itertools.accumulate([0] + numels), numels):
+        params.append(torch.nn.Parameter(data[a:a + b].view(s)))
+        params[-1].grad = grads[a:a + b].view(s)
     return params
 
 
@@ -154,7 +174,7 @@ def torch_step(case: Case, variant: str, shapes, device) -> Callable[[], None]:
             opt.step()
             torch._foreach_copy_([p.data for p in low], [m.data for m in master])
         return step
-    params = _params(shapes, device)
+    params = _params(shapes, device, views=case.views)
     opt = cls(params, lr=1e-3, **case.options, **flags)
     if case.recipe == "plain":
         return opt.step
@@ -179,7 +199,7 @@ def torch_step(case: Case, variant: str, shapes, device) -> Callable[[], None]:
 def fastopt_step(case: Case, backend: str, shapes, device, extras=None) -> Callable[[], None]:
     cls = getattr(fastopt, case.name)
     dtype = torch.bfloat16 if case.recipe == "master" else torch.float32
-    params = _params(shapes, device, dtype)
+    params = _params(shapes, device, dtype, views=case.views)
     opt = cls(params, lr=1e-3, backend=backend, **case.options, **(case.extras if extras is None else extras))
     if case.recipe == "loop":
         return training_loop(params, opt)

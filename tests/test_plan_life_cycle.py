@@ -14,7 +14,7 @@ import torch
 
 import fastopt
 from conftest import isolated
-from harness import Side, assert_matches, assert_ran_on, lockstep
+from harness import Side, assert_matches, assert_ran_on, lockstep, set_grads
 from specs import NAMES, SPEC_BY_NAME, clone_params
 
 PLANNED = ("cpu", "triton", "cuda")
@@ -277,6 +277,61 @@ def test_no_grad_outlives_its_step(config, backend, device):
         opt.zero_grad()
         gc.collect()
         assert [g() for g in grads] == [None] * len(grads), f"step {step}: a grad outlived its step"
+
+
+def _views_of_one_buffer(grads, device):
+    """The grads as views of one flat buffer, each laid out like the given one, one element apart
+    (a flat model's grads, DDP's gradient_as_bucket_view); None stays None."""
+    flat = torch.zeros(sum(g.numel() + 1 for g in grads if g is not None), device=device)
+    views, offset = [], 0
+    for g in grads:
+        if g is None:
+            views.append(None)
+            continue
+        views.append(flat.as_strided(g.shape, g.stride(), offset).copy_(g))
+        offset += g.numel() + 1
+    return flat, views
+
+
+def test_grads_as_views_of_one_buffer(backend, device):
+    """Note [one hold per grad storage] (csrc/include/fastopt/grad_binding.h): grads that are views
+    of one buffer are held through the step by one reference. Among them a view laid out unlike
+    its permuted param (relaid, steps 1 and 3), a param without a grad (step 2), a grad with storage
+    of its own between the views (step 3), and an empty param's: the kernels update every param
+    like torch.optim, the plan is built once, and neither a grad nor its buffer outlives the step
+    once zero_grad() has dropped them."""
+    import gc
+    import weakref
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    pair = Pair("Adam", backend, device, weight_decay=0.1)
+    plans = []
+    for step in range(4):
+        grads = pair.grads(contiguous={1} if step % 2 else (), absent={4} if step == 2 else ())
+        flat, views = _views_of_one_buffer(grads, device)
+        if step == 3:
+            views[2] = grads[2].clone()
+        set_grads(pair.theirs, grads)
+        for p, v in zip(pair.ours, views):
+            p.grad = v
+        del v
+        pair.opt_f.step()
+        pair.opt_t.step()
+        stats = pair.opt_f.step_stats
+        _on_kernels(backend, stats, sum(g is not None for g in grads))
+        if backend in PLANNED:
+            assert (stats.relaid, stats.skipped) == (step % 2, int(step == 2)), stats
+        plans.append(pair.opt_f._run.plan)
+        refs = [weakref.ref(v) for v in views if v is not None]
+        storage = StorageWeakRef(flat.untyped_storage())
+        pair.opt_f.zero_grad()
+        pair.opt_t.zero_grad()
+        del flat, views, grads
+        gc.collect()
+        assert [r() for r in refs] == [None] * len(refs) and storage.expired(), f"step {step}: a grad outlived its step"
+    assert all(p is plans[0] for p in plans), "the plan was rebuilt"
+    pair.check()
 
 
 def test_step_stats_of_a_fresh_optimizer_are_zero():

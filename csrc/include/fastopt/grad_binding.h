@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/SmallVector.h>
 
 #include <cstdint>
 #include <string>
@@ -27,11 +28,20 @@ inline bool same_dims(c10::IntArrayRef a, c10::IntArrayRef b) {
 // What a plan knows of one of its owners (a user's parameter) when it was built. A param given new
 // storage, dtype, shape or strides (`p.data = ...`, `model.half()`) no longer matches: the plan is
 // stale. Holding the storage keeps its address from being reused by a new allocation.
+//
+// Note [one owner, one record]: the binding compares every owner with its record on every step,
+// and, in the common case, the owner's grad with the same record (Note [binding grads in C++]); so
+// a record holds all of it inline (sizes and strides of up to kInlineDims dims without a heap
+// block of their own), the records lie back to back in one vector, and a step reads no tensor but
+// the owner and its grad.
 class OwnerRecord {
  public:
+  static constexpr unsigned kInlineDims = 5;
+
   explicit OwnerRecord(const at::Tensor& p)
       : storage_((check_plain(p, "fastopt", "owners", 0), p.storage())), offset_(p.storage_offset()), dtype_(p.scalar_type()),
-        sizes_(p.sizes().vec()), strides_(p.strides().vec()) {}
+        device_(p.device()), dense_(p.is_non_overlapping_and_dense()), sizes_(p.sizes().begin(), p.sizes().end()),
+        strides_(p.strides().begin(), p.strides().end()) {}
 
   // Called for every owner on every step (Note [binding grads in C++]): no refcounted copies.
   // `p` has storage (is_plain, checked first).
@@ -42,11 +52,30 @@ class OwnerRecord {
            same_dims(impl->strides(), strides_);
   }
 
+  // Whether the kernels read `g` as it is, as the param's grad: a plain strided tensor of the
+  // owner's dtype, device, sizes and strides, so dense like the owner (what classify_grad calls
+  // Bound::kGrad, for a plan whose grads slot is laid out like its owners: `like_owner`). Only
+  // looks; false sends the grad to classify_grad, which says what else it is (or raises).
+  bool takes_grad(const at::Tensor& g) const {
+    const c10::TensorImpl* impl = g.unsafeGetTensorImpl();
+    return impl->layout() == at::kStrided && g.scalar_type() == dtype_ && same_dims(impl->sizes(), sizes_) &&
+           same_dims(impl->strides(), strides_) && g.device() == device_ && is_plain(g);
+  }
+
+  // The grads slot's template is laid out like this owner, which is dense (not a real view of a
+  // complex param): a grad that takes_grad() is then bound as it is.
+  bool like(const at::Tensor& tmpl) const {
+    return dense_ && !at::isComplexType(dtype_) && tmpl.scalar_type() == dtype_ && tmpl.device() == device_ &&
+           same_dims(tmpl.sizes(), sizes_) && same_dims(tmpl.strides(), strides_);
+  }
+
  private:
   c10::Storage storage_;
   int64_t offset_;
   at::ScalarType dtype_;
-  std::vector<int64_t> sizes_, strides_;
+  c10::Device device_;
+  bool dense_;  // non-overlapping and dense
+  c10::SmallVector<int64_t, kInlineDims> sizes_, strides_;
 };
 
 // Non-overlapping and dense with the same sizes and strides as `ref`: one block of memory walked
@@ -133,19 +162,25 @@ struct GivenGrads {
 // is then dropped or rebuilt (FusedOptimizer.step), so what was bound before it does not matter.
 // Nothing the user can see is written before every grad has been validated: the kernels run after.
 inline BindResult bind_grads(const std::vector<at::Tensor>& owners, const std::vector<OwnerRecord>& records,
-                             const std::vector<at::Tensor>& templates, std::vector<at::Tensor>& bound,
-                             void** addresses, const char* backend, const GivenGrads* given = nullptr) {
+                             const std::vector<at::Tensor>& templates, const std::vector<uint8_t>& like_owner,
+                             std::vector<at::Tensor>& bound, void** addresses, const char* backend,
+                             const GivenGrads* given = nullptr) {
   const std::vector<at::Tensor>& now = given != nullptr ? given->owners : owners;
   const size_t n = records.size();
-  TORCH_CHECK(now.size() == n && bound.size() == n && templates.size() == n &&
+  TORCH_CHECK(now.size() == n && bound.size() == n && templates.size() == n && like_owner.size() == n &&
                   (given == nullptr || given->grads.size() == n),
               "fastopt (", backend, "): expected ", n, " owners and grads to bind");
   BindResult r;
+  const c10::StorageImpl* held = nullptr;  // the storage of the last grad held in `bound`
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = now[i];
-    if (!is_plain(p) || !records[i].matches(p)) return BindResult{true};
+    // the record's storage is never null, so a match also says that `p` has storage
+    if (p.unsafeGetTensorImpl()->is_python_dispatch() || !records[i].matches(p)) return BindResult{true};
     const at::Tensor& g = given != nullptr ? given->grads[i] : p.unsafeGetTensorImpl()->grad();
-    switch (classify_grad(g, templates[i], i, backend)) {
+    // the common case in one look at the grad and the record (Note [one owner, one record])
+    const Bound kind = g.defined() && like_owner[i] && records[i].takes_grad(g) ? Bound::kGrad
+                                                                               : classify_grad(g, templates[i], i, backend);
+    switch (kind) {
       case Bound::kStale:
         return BindResult{true};
       case Bound::kNoGrad:
@@ -153,10 +188,24 @@ inline BindResult bind_grads(const std::vector<at::Tensor>& owners, const std::v
         bound[i].reset();
         addresses[i] = no_grad_address();
         continue;
-      case Bound::kGrad:
+      case Bound::kGrad: {
         ++r.bound;
+        // Note [one hold per grad storage]: a grad that shares its storage with the grad held
+        // before it (views of one buffer: DDP's bucket views, a flat grad buffer) is kept alive
+        // through the step by that hold (the kernels read addresses, and a storage's memory lives
+        // as long as one tensor of it does); the atomic increment and decrement of its own
+        // refcount were most of the binding's time (4,000 one-element params, Note [binding
+        // grads in C++]).
+        const c10::StorageImpl* storage = g.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+        if (storage == held) {
+          bound[i].reset();
+          addresses[i] = g.unsafeGetTensorImpl()->mutable_data();
+          continue;
+        }
         bound[i] = g.is_complex() ? at::view_as_real(g) : g;
+        held = storage;
         break;
+      }
       case Bound::kRelaid:
         ++r.relaid;
         bound[i] = at::empty_like(templates[i]).copy_(g.is_complex() ? at::view_as_real(g) : g);
@@ -177,19 +226,24 @@ class GradBinder {
       : owners_(std::move(owners)), templates_(std::move(templates)) {
     TORCH_CHECK(owners_.size() == templates_.size(), "fastopt: one owner per param");
     records_.reserve(owners_.size());
-    for (const auto& p : owners_) records_.emplace_back(p);
+    like_owner_.reserve(owners_.size());
+    for (size_t i = 0; i < owners_.size(); ++i) {
+      records_.emplace_back(owners_[i]);
+      like_owner_.push_back(records_.back().like(templates_[i]));
+    }
   }
 
   bool has_owners() const { return !owners_.empty(); }
 
   BindResult bind(std::vector<at::Tensor>& bound, void** addresses, const char* backend,
                   const GivenGrads* given = nullptr) const {
-    return bind_grads(owners_, records_, templates_, bound, addresses, backend, given);
+    return bind_grads(owners_, records_, templates_, like_owner_, bound, addresses, backend, given);
   }
 
  private:
   std::vector<at::Tensor> owners_, templates_;
   std::vector<OwnerRecord> records_;
+  std::vector<uint8_t> like_owner_;  // OwnerRecord::like(the owner's template)
 };
 
 // Note [grads held only for the step]: a plan holds its bound grads (and relaid copies) from
