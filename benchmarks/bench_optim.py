@@ -96,6 +96,7 @@ CASES = [
     Case("AdamW", "host1", 28, tag="host cost, one param"),
     Case("AdamW", "host", 28, views=True, tag="host cost, views of one buffer"),
     Case("AdamW", "small", 28, views=True, tag="views of one buffer"),
+    Case("AdamW", "small1", 28, tag="one tensor, the small sets' size"),
     *[Case(n, "gpt", b, full_only=True) for n, b in (("Adam", 28), ("AdamW", 28))],
     Case("AdamW", "gpt", 32, recipe="clip", extras={"max_grad_norm": 1.0}, tag="clip", full_only=True),
 ]
@@ -118,6 +119,8 @@ def shapes_for(sizes: str, device: str, full: bool) -> list[tuple[int, ...]]:
         return [(1,)] * 4000
     if sizes == "host1":
         return [(1,)]
+    if sizes == "small1":  # as many elements as "small", in one tensor (issue 29's unit)
+        return [(4096 * 4000,)] if gpu else [(2_000_000,)]
     if sizes == "small":
         return [(4096,)] * 4000 if gpu else [(1000,)] * 2000
     # ~300 tensors: 24 layers; 351M params on a GPU, 20M on the CPU
