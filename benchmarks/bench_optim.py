@@ -11,7 +11,6 @@ report and, when matplotlib is importable, PNG plots.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import sys
@@ -134,12 +133,10 @@ def _params(shapes, device, dtype=torch.float32, views: bool = False) -> list[to
             p.grad = torch.randn_like(p) * 1e-2
         return params
     numels = [math.prod(s) for s in shapes]
-    data, grads = torch.randn(sum(numels), device=device, dtype=dtype), torch.randn(sum(numels), device=device,
-                                                                                   dtype=dtype) * 1e-2
-    params = []
-    for s, a, b in zip(shapes, itertools.accumulate([0] + numels), numels):
-        params.append(torch.nn.Parameter(data[a:a + b].view(s)))
-        params[-1].grad = grads[a:a + b].view(s)
+    data, grads = (torch.randn(sum(numels), device=device, dtype=dtype) for _ in range(2))
+    params = [torch.nn.Parameter(d.view(s)) for d, s in zip(data.split(numels), shapes)]
+    for p, g, s in zip(params, (grads * 1e-2).split(numels), shapes):
+        p.grad = g.view(s)
     return params
 
 

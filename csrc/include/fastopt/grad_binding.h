@@ -57,19 +57,21 @@ class OwnerRecord {
   // Bound::kGrad, for a plan whose grads slot is laid out like its owners: `like_owner`). Only
   // looks; false sends the grad to classify_grad, which says what else it is (or raises).
   bool takes_grad(const at::Tensor& g) const {
-    const c10::TensorImpl* impl = g.unsafeGetTensorImpl();
-    return impl->layout() == at::kStrided && g.scalar_type() == dtype_ && same_dims(impl->sizes(), sizes_) &&
-           same_dims(impl->strides(), strides_) && g.device() == device_ && is_plain(g);
+    return g.unsafeGetTensorImpl()->layout() == at::kStrided && laid_out_alike(g) && is_plain(g);
   }
 
   // The grads slot's template is laid out like this owner, which is dense (not a real view of a
   // complex param): a grad that takes_grad() is then bound as it is.
-  bool like(const at::Tensor& tmpl) const {
-    return dense_ && !at::isComplexType(dtype_) && tmpl.scalar_type() == dtype_ && tmpl.device() == device_ &&
-           same_dims(tmpl.sizes(), sizes_) && same_dims(tmpl.strides(), strides_);
-  }
+  bool like(const at::Tensor& tmpl) const { return dense_ && !at::isComplexType(dtype_) && laid_out_alike(tmpl); }
 
  private:
+  // The owner's dtype, sizes, strides and device, as built.
+  bool laid_out_alike(const at::Tensor& t) const {
+    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    return t.scalar_type() == dtype_ && same_dims(impl->sizes(), sizes_) && same_dims(impl->strides(), strides_) &&
+           t.device() == device_;
+  }
+
   c10::Storage storage_;
   int64_t offset_;
   at::ScalarType dtype_;
