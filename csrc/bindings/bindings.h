@@ -1,6 +1,6 @@
 // The Python module fastopt._C, bound in parts (one file each, csrc/bindings/): the plans of the
-// update rules, the Triton plan's grad binder, BatchNorm+ReLU with its autograd node in C++, and the
-// CPU capability. The ops themselves are torch.ops.fastopt.* (csrc/ops.cpp).
+// update rules, the Triton plan's grad binder, BatchNorm+ReLU with its autograd node in C++, the
+// state buffer's carving and the CPU capability. The ops themselves are torch.ops.fastopt.* (csrc/ops.cpp).
 #pragma once
 
 #include <torch/extension.h>
@@ -36,6 +36,7 @@ inline c10::optional<GivenGrads> given_grads(c10::optional<std::vector<at::Tenso
 void bind_plans(py::module& m);        // plans.cpp
 void bind_grad_binder(py::module& m);  // grad_binder.cpp
 void bind_bn_relu(py::module& m);      // bn_relu.cpp
+void bind_state_buffer(py::module& m);  // state_buffer.cpp
 
 }  // namespace bindings
 }  // namespace fastopt

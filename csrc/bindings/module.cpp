@@ -41,4 +41,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fastopt::bindings::bind_plans(m);
   fastopt::bindings::bind_grad_binder(m);
   fastopt::bindings::bind_bn_relu(m);
+  fastopt::bindings::bind_state_buffer(m);
 }

@@ -10,6 +10,7 @@ from .. import reference as ref
 from .. import rules
 from ._docs import EXTRAS_DOC
 from ._options import parse_extras
+from ._state_buffer import StateLayout
 from .optimizer import FusedOptimizer
 
 
@@ -57,12 +58,16 @@ class Adagrad(FusedOptimizer):
             "fused": flags["fused"],
         }
         super().__init__(params, defaults, options)
-        # torch.optim.Adagrad creates its state eagerly; so do we, so that state dicts match.
+        # torch.optim.Adagrad creates its state eagerly; so do we, so that state dicts match
+        # (in one buffer per key: Note [state in one buffer], optim/_state_buffer.py)
+        layout = StateLayout.for_this_step()
         ordinal = 0
         for group in self.param_groups:
             for p in group["params"]:
-                self._ensure_state(p, group, ordinal)
+                self._ensure_state(p, group, ordinal, layout)
                 ordinal += 1
+        if layout is not None:
+            layout.place()
 
     def _state_keys(self, group: dict) -> tuple[str, ...]:
         return ("sum",)

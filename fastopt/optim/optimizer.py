@@ -26,6 +26,7 @@ from ..rules import Rule
 from . import _state_dict
 from ._options import FusedOptions
 from ._rollback import undo_created
+from ._state_buffer import StateLayout, replace_in_one_buffer
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -208,11 +209,12 @@ class FusedOptimizer(Optimizer):
             return self._options.state_dtype
         return torch.float32 if self._uses_master(p) else p.dtype
 
-    def _ensure_state(self, p: Tensor, group: dict, ordinal: int = 0) -> dict:
+    def _ensure_state(self, p: Tensor, group: dict, ordinal: int = 0, layout: Optional[StateLayout] = None) -> dict:
         """Create whatever state ``p`` lacks (lazily, as torch does); returns ``self.state[p]``
         (an empty dict, not entered into ``self.state``, for a param that keeps no state: SGD
         without momentum, as in torch). ``ordinal``: p's position over all param groups, which
-        seeds its stochastic rounding (``state["seed"]``, with ``state_dtype``)."""
+        seeds its stochastic rounding (``state["seed"]``, with ``state_dtype``). With ``layout``,
+        the tensors it places are there after ``layout.place()`` (Note [state in one buffer])."""
         keys = self._state_keys(group)
         master = self._uses_master(p)
         stochastic = self._needs_seed(p)
@@ -228,33 +230,34 @@ class FusedOptimizer(Optimizer):
             return {}
         state = self.state[p]
         created = self._run.created
+
+        def create(key: str, dtype: torch.dtype, init: Union[complex, float, Tensor], like: Optional[Tensor]) -> None:
+            created.append((p, key))
+            if layout is not None and layout.add(state, key, dtype, init, like=like, device=p.device):
+                return  # Note [state in one buffer]: placed by layout.place()
+            if like is None:
+                state[key] = torch.full((), init, dtype=dtype, device=p.device)
+            elif isinstance(init, Tensor):
+                state[key] = init.detach().to(dtype, memory_format=torch.preserve_format, copy=True)
+            else:
+                state[key] = torch.full_like(like, init, dtype=dtype, memory_format=torch.preserve_format)
+
         if keeps_step and "step" not in state:
-            created.append((p, "step"))
             # Note [SGD's first step]: a momentum buffer there already (a torch.optim.SGD state
             # dict, or one stepped before state_dtype was set) holds a step
             held = not self._rule.keeps_step and any(state.get(k) is not None for k in keys)
-            state["step"] = torch.full((), 1.0 if held else 0.0, dtype=torch.float32, device=p.device)
+            create("step", torch.float32, 1.0 if held else 0.0, None)
         for key in keys:
             if state.get(key) is None:  # None: an old torch.optim.SGD state dict's absent buffer
-                created.append((p, key))
                 value = self._initial_value(key, group)
-                state[key] = torch.full_like(
-                    p,
-                    complex(value, value) if p.is_complex() else value,
-                    dtype=self._state_dtype(p),
-                    memory_format=torch.preserve_format,
-                )
+                create(key, self._state_dtype(p), complex(value, value) if p.is_complex() else value, p)
         if stochastic and "seed" not in state:
             created.append((p, "seed"))
             state["seed"] = torch.tensor(param_seed(ordinal), dtype=torch.int64)
         if compensation == "kahan" and "compensation" not in state:
-            created.append((p, "compensation"))
-            state["compensation"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            create("compensation", p.dtype, 0.0, p)
         if master and "master_param" not in state:
-            created.append((p, "master_param"))
-            state["master_param"] = p.detach().to(
-                torch.float32, memory_format=torch.preserve_format, copy=True
-            )
+            create("master_param", torch.float32, p, p)
         return state
 
     # -- the plan ------------------------------------------------------------------------------
@@ -281,6 +284,10 @@ class FusedOptimizer(Optimizer):
         sparse: list[tuple[Tensor, dict]] = []
         absent: list[Tensor] = []
         masters: list[tuple[Tensor, Tensor]] = []
+        # (param, group, state keys, state, keeps a step, state fresh): state is created first,
+        # for all params, so that it lies in one buffer per key (Note [state in one buffer])
+        planned: list[tuple[Tensor, dict, tuple, dict, bool, bool]] = []
+        layout = StateLayout.for_this_step()
         ordinal = -1
         for group in self.param_groups:
             keys = self._state_keys(group)
@@ -295,60 +302,64 @@ class FusedOptimizer(Optimizer):
                                                   "combined with state_dtype or compensation")
                     self._check_sparse(p, group)  # raises before any state exists
                 keeps_step = self._keeps_step(p)
-                if not keeps_step:  # Note [SGD's first step]: is p's state made for this step?
-                    fresh = all(self.state.get(p, {}).get(k) is None for k in keys)
-                state = self._ensure_state(p, group, ordinal)
+                # Note [SGD's first step]: is p's state made for this step?
+                fresh = not keeps_step and all(self.state.get(p, {}).get(k) is None for k in keys)
                 if p.grad.is_sparse:
+                    self._ensure_state(p, group, ordinal)
                     sparse.append((p, group))
                     continue
-                view = real_view(p)
-                backend = backends.resolve(self._options.backend, p.device, view.dtype)
-                spec = None
-                steps = state["step"] if keeps_step else _own_step_count(p, fresh)
-                if not plain_tensors(p, p.grad, *state.values()):
-                    spec = self._shards_for_kernels(p, state, keys, backend, steps)
-                    if spec is None:
-                        backend = self._subclass_fallback(p, backend)
-                compensation = self._compensation(p)
-                # a seed in the state of a param that no longer needs one (a bf16 param turned
-                # float32 under compensation="stochastic", whose state had no bf16 moments to
-                # refuse the change: SGD without momentum) is kept for its return, not passed on
-                needs_seed = self._needs_seed(p)
-                if (needs_seed or compensation is not None) and backend.name == "cuda":
-                    backend = self._stochastic_fallback(backend, p.device)
-                key = (p.device, view.dtype, backend.name, None if spec is None else (id(spec[0]), spec[1]))
-                bucket = buckets.get(key)
-                if bucket is None:
-                    bucket = buckets[key] = Bucket(p.device, view.dtype, backend, self._rule, spec=spec)
-                if not bucket.segments or bucket.segments[-1].group is not group:
-                    bucket.segments.append(
-                        Segment(
-                            group,
-                            masters=[] if self._uses_master(p) else None,
-                            states={k: [] for k in keys},
-                            sharded=spec is not None,
-                            seeds=[] if needs_seed else None,
-                            stochastic_state=self._options.state_dtype is not None,
-                            compensation=compensation,
-                            compensations=[] if compensation == "kahan" else None,
-                        )
+                planned.append((p, group, keys, self._ensure_state(p, group, ordinal, layout), keeps_step, fresh))
+        if layout is not None:
+            layout.place()
+        for p, group, keys, state, keeps_step, fresh in planned:
+            view = real_view(p)
+            backend = backends.resolve(self._options.backend, p.device, view.dtype)
+            spec = None
+            steps = state["step"] if keeps_step else _own_step_count(p, fresh)
+            if not plain_tensors(p, p.grad, *state.values()):
+                spec = self._shards_for_kernels(p, state, keys, backend, steps)
+                if spec is None:
+                    backend = self._subclass_fallback(p, backend)
+            compensation = self._compensation(p)
+            # a seed in the state of a param that no longer needs one (a bf16 param turned
+            # float32 under compensation="stochastic", whose state had no bf16 moments to
+            # refuse the change: SGD without momentum) is kept for its return, not passed on
+            needs_seed = self._needs_seed(p)
+            if (needs_seed or compensation is not None) and backend.name == "cuda":
+                backend = self._stochastic_fallback(backend, p.device)
+            key = (p.device, view.dtype, backend.name, None if spec is None else (id(spec[0]), spec[1]))
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = Bucket(p.device, view.dtype, backend, self._rule, spec=spec)
+            if not bucket.segments or bucket.segments[-1].group is not group:
+                bucket.segments.append(
+                    Segment(
+                        group,
+                        masters=[] if self._uses_master(p) else None,
+                        states={k: [] for k in keys},
+                        sharded=spec is not None,
+                        seeds=[] if needs_seed else None,
+                        stochastic_state=self._options.state_dtype is not None,
+                        compensation=compensation,
+                        compensations=[] if compensation == "kahan" else None,
                     )
-                seg = bucket.segments[-1]
-                seg.check_no_stale_compensation(backend.name, p, state)
-                shard = local if spec is not None else (lambda t: t)
-                seg.is_complex = seg.is_complex or p.is_complex()
-                seg.owners.append(p)
-                seg.params.append(real_view(shard(p)))
-                seg.steps.append(steps)
-                for k in keys:
-                    seg.states[k].append(real_view(shard(state[k])))
-                if seg.seeds is not None:
-                    seg.seeds.append(int(state["seed"]))
-                if seg.compensations is not None:
-                    seg.compensations.append(shard(state["compensation"]))
-                if seg.masters is not None:
-                    seg.masters.append(shard(state["master_param"]))
-                    masters.append((p, state["master_param"]))
+                )
+            seg = bucket.segments[-1]
+            seg.check_no_stale_compensation(backend.name, p, state)
+            shard = local if spec is not None else (lambda t: t)
+            seg.is_complex = seg.is_complex or p.is_complex()
+            seg.owners.append(p)
+            seg.params.append(real_view(shard(p)))
+            seg.steps.append(steps)
+            for k in keys:
+                seg.states[k].append(real_view(shard(state[k])))
+            if seg.seeds is not None:
+                seg.seeds.append(int(state["seed"]))
+            if seg.compensations is not None:
+                seg.compensations.append(shard(state["compensation"]))
+            if seg.masters is not None:
+                seg.masters.append(shard(state["master_param"]))
+                masters.append((p, state["master_param"]))
         return Plan(list(buckets.values()), sparse, absent, self._state_key(), masters)
 
     def _shards_for_kernels(self, p: Tensor, state: dict, keys: tuple, backend: Any, steps: Tensor) -> Optional[tuple]:
@@ -486,5 +497,6 @@ class FusedOptimizer(Optimizer):
         id_map = _state_dict.validate(self, state_dict)
         super().load_state_dict(state_dict)  # torch's own checks of group and parameter counts
         _state_dict.settle(self, state_dict, id_map)
+        replace_in_one_buffer(self)  # Note [state in one buffer]
         self._run.plan = None
         self._run.master_marks = {}  # the loaded masters are the truth, whatever was written before
