@@ -114,7 +114,9 @@ void bind_cpu(py::module& m) {
       .def("grad_norm", [](const CpuPlan& p, double norm_type, OptTensor inv_scale, c10::optional<double> clip) {
         py::gil_scoped_release no_gil;
         return cpu::grad_norm(*p.plan, kGradSlot, norm_type, inv_scale, clip);
-      });
+      })
+      // the chunks of the last update (Note [adjacent tensors, one range], csrc/cpu/multi_tensor.h)
+      .def_property_readonly("update_chunks", [](const CpuPlan& p) { return p.plan->update_chunks(); });
   // cpu_plan(rule, lists, steps, owners, seeds=[], stochastic_state=False, compensation=None)
   // (plan_of; how it stores: Rounding, fastopt/update_op.h)
   m.def(

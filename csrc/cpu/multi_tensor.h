@@ -120,6 +120,18 @@ class Slots {
       step_ptrs_.push_back(st.data_ptr<float>());
     }
     chunks_ = make_chunks(numels_);
+    // Note [adjacent tensors, one range]: tensor i may continue tensor i - 1's range when every
+    // slot but the grads (bound each step) begins where i - 1's ends
+    joins_.assign(n, 0);
+    for (int64_t i = 1; i < n && rounding_.seeds.empty() && copy_back_.empty(); ++i) {
+      bool next = numels_[i - 1] > 0 && numels_[i] > 0;
+      for (size_t s = 0; s < work_.size() && next; ++s) {
+        if (s == kGradSlot || work_[s].empty()) continue;
+        next = follows(s, i);
+      }
+      joins_[i] = next;
+      any_join_ = any_join_ || next;
+    }
   }
 
   // The owners (the user's parameters, whose .grad() each step reads), for bind_grads(). The
@@ -157,7 +169,8 @@ class Slots {
   // What the update kernels read (kernels.h): `steps` from increment_steps(), `prep` from
   // GradArgs::prep() (fastopt/update_op.h).
   UpdateArgs update_args(const std::vector<double>& steps, const LrValue& lr, const GradPrep<double>& prep) const {
-    return UpdateArgs{slot_table_.data(), chunks_.data(), static_cast<int64_t>(chunks_.size()), steps.data(),
+    const std::vector<Chunk>& chunks = ranges(steps);
+    return UpdateArgs{slot_table_.data(), chunks.data(), static_cast<int64_t>(chunks.size()), steps.data(),
                       dtypes_[kGradSlot], master(), lr, prep,
                       rounding_.seeds.empty() ? nullptr : rounding_.seeds.data(), rounding_.stochastic_state,
                       rounding_.param};
@@ -179,7 +192,48 @@ class Slots {
     for (auto& [dst, src] : copy_back_) dst.copy_(src);
   }
 
+  // How many chunks the last update walked (the tests see a merge through it).
+  int64_t update_chunks() const { return static_cast<int64_t>((any_join_ ? merged_ : chunks_).size()); }
+
  private:
+  // Slot s of tensor i begins where tensor i - 1's ends.
+  bool follows(size_t s, int64_t i) const {
+    const auto* prev = static_cast<const char*>(ptrs_[s][i - 1]);
+    return prev + numels_[i - 1] * static_cast<int64_t>(c10::elementSize(dtypes_[s])) == ptrs_[s][i];
+  }
+
+  // Note [adjacent tensors, one range]: the update's chunks. Params, grads and state that lie back
+  // to back in every slot (views of one buffer: a flat model, DDP's gradient_as_bucket_view, the
+  // state buffer of fastopt/optim/_state_buffer.py) with equal step counts are one range, cut into
+  // chunks as one tensor is: thousands of small tensors cost what one tensor of their size does,
+  // not a chunk (its pointers, its step's scalars) each. Tensor i continues i - 1's range when its
+  // fixed slots do (joins_, from the plan) and this step's grads and step counts do; the chunks are
+  // rebuilt when that changes. The update is elementwise, so its results do not depend on the
+  // ranges (bit for bit); tensors with seeds (Note [stochastic state]: an element's bits are keyed
+  // by its index in its own tensor) are never joined, and the norms keep the per-tensor chunks
+  // (their partial sums would round otherwise).
+  const std::vector<Chunk>& ranges(const std::vector<double>& steps) const {
+    if (!any_join_) return chunks_;
+    const int64_t n = size();
+    step_joins_.assign(n, 0);
+    const void* absent = no_grad_address();
+    for (int64_t i = 1; i < n; ++i) {
+      step_joins_[i] = joins_[i] && ptrs_[kGradSlot][i - 1] != absent && ptrs_[kGradSlot][i] != absent &&
+                       steps[i] == steps[i - 1] && follows(kGradSlot, i);
+    }
+    if (step_joins_ != merged_joins_ || merged_.empty()) {
+      merged_joins_.swap(step_joins_);
+      merged_.clear();
+      for (int64_t t = 0; t < n;) {
+        int64_t total = numels_[t], u = t + 1;
+        for (; u < n && merged_joins_[u]; ++u) total += numels_[u];
+        for (int64_t b = 0; b < total; b += kChunkElems) merged_.push_back({t, b, std::min(total, b + kChunkElems)});
+        t = u;
+      }
+    }
+    return merged_;
+  }
+
   GradBinder binder_;
   std::vector<std::vector<at::Tensor>> work_;
   std::vector<std::vector<void*>> ptrs_;
@@ -189,6 +243,10 @@ class Slots {
   Rounding rounding_;
   std::vector<int64_t> numels_;
   std::vector<Chunk> chunks_;
+  std::vector<uint8_t> joins_;  // Note [adjacent tensors, one range]: the plan's part
+  bool any_join_ = false;
+  mutable std::vector<uint8_t> step_joins_, merged_joins_;  // this step's, and the merged_ chunks'
+  mutable std::vector<Chunk> merged_;
   std::vector<at::Tensor> steps_;
   std::vector<float*> step_ptrs_;
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back_;
