@@ -364,6 +364,10 @@ def main() -> None:
                 steps[f"fastopt {backend} {case.beside[0]}"] = fastopt_step(case, backend, shapes, args.device,
                                                                             case.beside[1])
                 notes.add(state_bytes_note(case, backend, args.device))
+            if len(shapes) > 1 and case.recipe == "plain" and not case.extras:
+                # the same elements in one tensor, in the same alternation: issue 29's unit (many
+                # tensors at the speed of one; and the host cost of one param for the host rows)
+                steps[f"fastopt {backend} one tensor"] = fastopt_step(case, backend, [(numel,)], args.device)
         steps.update(torch_alternatives(case, shapes, args.device, notes))
         steps.update(peer_steps(case, shapes, args.device, notes))
         steps = runnable(steps, notes)
