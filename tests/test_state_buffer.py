@@ -111,6 +111,21 @@ def test_master_weights_and_low_precision_state_lie_in_one_buffer(name, extras, 
         assert torch.equal(made.bfloat16(), p.detach())
 
 
+def test_complex_and_float_params_have_a_buffer_each():
+    """A complex param among float32 ones: its moments lie in a complex64 buffer of their own
+    (one buffer per dtype), the float32 ones' back to back around it; the steps are torch.optim's."""
+    base = [torch.nn.Parameter(torch.randn(n)) for n in (8, 12)]
+    base.insert(1, torch.nn.Parameter(torch.randn(6, dtype=torch.complex64)))
+    ours, theirs = clone_params(base), clone_params(base)
+    opt_f = fastopt.AdamW(ours, backend="cpu", weight_decay=0.1)
+    opt_t = torch.optim.AdamW(theirs, foreach=False, weight_decay=0.1)
+    lockstep([Side(opt_f, ours, backend="cpu"), Side(opt_t, theirs)], ours, steps=3)
+    _assert_in_one_buffer(opt_f, [ours[0], ours[2]], {"exp_avg", "exp_avg_sq"})
+    assert opt_f.state[ours[1]]["exp_avg"].dtype == torch.complex64
+    _assert_in_one_buffer(opt_f, ours, {"step"})
+    assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
+
+
 def test_saving_one_state_tensor_writes_that_tensor_alone():
     """torch.save of one state tensor writes its own bytes, not its buffer's; the whole state dict
     saved and loaded steps on in torch.optim.AdamW as in fastopt (both ways), and deep-copies."""
