@@ -334,6 +334,35 @@ def test_grads_as_views_of_one_buffer(backend, device):
     pair.check()
 
 
+@pytest.mark.parametrize("how", ["share_memory_", "storage resized"])
+@isolated
+def test_a_param_given_new_memory_is_replanned(how, backend, device):
+    """A param whose storage gets new memory after the plan was built (``model.share_memory()``
+    for Hogwild after a first step; a storage resized away and back, as FSDP1 frees params): the
+    same storage at another address. The plan once kept writing to the freed memory (the step
+    lost, the heap corrupted); now it is stale and rebuilt, and the steps are torch.optim's."""
+    if how == "share_memory_" and device != "cpu":
+        pytest.skip("share_memory_ moves CPU tensors only")
+    pair = Pair("Adam", backend, device, weight_decay=0.1)
+    plan0, _ = pair.step(pair.grads())
+    for p in pair.ours[:3]:
+        if how == "share_memory_":
+            p.share_memory_()
+        else:
+            kept = p.detach().clone()
+            storage = p.untyped_storage()
+            nbytes = storage.nbytes()
+            storage.resize_(0)
+            storage.resize_(nbytes)
+            p.detach().copy_(kept)
+    plan, stats = pair.step(pair.grads())
+    _on_kernels(backend, stats, 5)
+    if backend in PLANNED:
+        assert plan is not plan0, "the plan was not rebuilt"
+    pair.step(pair.grads())
+    pair.check()
+
+
 def test_step_stats_of_a_fresh_optimizer_are_zero():
     opt = fastopt.Adam([torch.nn.Parameter(torch.randn(3))], backend="reference")
     assert (opt.step_stats.kernel, opt.step_stats.reference, opt.step_stats.skipped) == (0, 0, 0)

@@ -26,8 +26,10 @@ inline bool same_dims(c10::IntArrayRef a, c10::IntArrayRef b) {
 }
 
 // What a plan knows of one of its owners (a user's parameter) when it was built. A param given new
-// storage, dtype, shape or strides (`p.data = ...`, `model.half()`) no longer matches: the plan is
-// stale. Holding the storage keeps its address from being reused by a new allocation.
+// storage, dtype, shape or strides (`p.data = ...`, `model.half()`), or whose storage was given new
+// memory (`model.share_memory()`, `untyped_storage().resize_()`: the same storage, another
+// address; the plan once kept writing to the freed one), no longer matches: the plan is stale.
+// Holding the storage keeps its address from being reused by a new allocation.
 //
 // Note [one owner, one record]: the binding compares every owner with its record on every step,
 // and, in the common case, the owner's grad with the same record (Note [binding grads in C++]); so
@@ -39,7 +41,8 @@ class OwnerRecord {
   static constexpr unsigned kInlineDims = 5;
 
   explicit OwnerRecord(const at::Tensor& p)
-      : storage_((check_plain(p, "fastopt", "owners", 0), p.storage())), offset_(p.storage_offset()), dtype_(p.scalar_type()),
+      : storage_((check_plain(p, "fastopt", "owners", 0), p.storage())),
+        memory_(storage_.unsafeGetStorageImpl()->data_ptr().get()), offset_(p.storage_offset()), dtype_(p.scalar_type()),
         device_(p.device()), dense_(p.is_non_overlapping_and_dense()), sizes_(p.sizes().begin(), p.sizes().end()),
         strides_(p.strides().begin(), p.strides().end()) {}
 
@@ -47,7 +50,8 @@ class OwnerRecord {
   // `p` has storage (is_plain, checked first).
   bool matches(const at::Tensor& p) const {
     const c10::TensorImpl* impl = p.unsafeGetTensorImpl();
-    return impl->unsafe_storage().unsafeGetStorageImpl() == storage_.unsafeGetStorageImpl() &&
+    const c10::StorageImpl* storage = storage_.unsafeGetStorageImpl();
+    return impl->unsafe_storage().unsafeGetStorageImpl() == storage && storage->data_ptr().get() == memory_ &&
            impl->storage_offset() == offset_ && p.scalar_type() == dtype_ && same_dims(impl->sizes(), sizes_) &&
            same_dims(impl->strides(), strides_);
   }
@@ -73,6 +77,7 @@ class OwnerRecord {
   }
 
   c10::Storage storage_;
+  const void* memory_;  // storage_'s memory as built
   int64_t offset_;
   at::ScalarType dtype_;
   c10::Device device_;
