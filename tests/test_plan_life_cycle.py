@@ -363,6 +363,36 @@ def test_a_param_given_new_memory_is_replanned(how, backend, device):
     pair.check()
 
 
+@pytest.mark.parametrize("placed", [True, False], ids=["in the state buffer", "alone"])
+@pytest.mark.parametrize("how", ["share_memory_", ".data ="])
+@isolated
+def test_a_state_tensor_given_new_memory_is_replanned(how, placed, backend, device, monkeypatch):
+    """Note [state moved in place] (csrc/include/fastopt/state_buffer.h): state tensors given new
+    memory after the plan was built (``share_memory_()`` for Hogwild, ``.data = ``), whether they
+    lie in the state buffer or were allocated alone (over its size limit: here every tensor). The
+    plan kept writing to the old memory, the steps were lost; now it is rebuilt, and the steps are
+    torch.optim's."""
+    if how == "share_memory_" and device != "cpu":
+        pytest.skip("share_memory_ moves CPU tensors only")
+    if not placed:
+        monkeypatch.setattr(fastopt.optim._state_buffer, "MAX_PIECE_BYTES", -1)
+    pair = Pair("Adam", backend, device, weight_decay=0.1)
+    plan0, _ = pair.step(pair.grads())
+    for p in pair.ours[:2]:
+        for key in ("exp_avg", "step"):
+            t = pair.opt_f.state[p][key]
+            if how == "share_memory_":
+                t.share_memory_()
+            else:
+                t.data = t.clone()
+    plan, stats = pair.step(pair.grads())
+    _on_kernels(backend, stats, 5)
+    if backend in PLANNED:
+        assert plan is not plan0, "the plan was not rebuilt"
+    pair.step(pair.grads())
+    pair.check()
+
+
 def test_step_stats_of_a_fresh_optimizer_are_zero():
     opt = fastopt.Adam([torch.nn.Parameter(torch.randn(3))], backend="reference")
     assert (opt.step_stats.kernel, opt.step_stats.reference, opt.step_stats.skipped) == (0, 0, 0)

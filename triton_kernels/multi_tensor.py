@@ -102,6 +102,10 @@ class MultiTensorPlan:
         self.records = [OwnerRecord(p) for p in self.owners]
         # Note [the Triton plan binds in C++] (csrc/bindings/grad_binder.cpp); the Python loop below without the extension
         self._binder = _ext._C.GradBinder(self.owners, self.templates) if _ext.has_cpu_ops() else None
+        if self._binder is not None:  # Note [state moved in place] (csrc/include/fastopt/state_buffer.h)
+            written = [(t, i) for name, tensors in slots.items() if name != grad_slot for i, t in enumerate(tensors)]
+            written += [(t, i) for i, t in enumerate(steps)]
+            self._binder.watch([t for t, _ in written], [i for _, i in written])
         # the norm kernel's scratch: one partial per chunk, a counter, the norm and the coefficient
         acc = torch.float64 if self.dtypes[grad_slot] == torch.float64 else torch.float32
         self.partials = torch.empty(max(self.n_chunks, 1), dtype=acc, device=dev)

@@ -44,6 +44,12 @@ class TableBinder {
 
   void release_grads() { fastopt::release_grads(bound_); }
 
+  // Note [state moved in place] (fastopt/state_buffer.h): `tensors[k]` belongs to owner `owners[k]`.
+  void watch(const Tensors& tensors, const std::vector<int64_t>& owners) {
+    TORCH_CHECK(tensors.size() == owners.size(), "watch: one owner index per tensor");
+    for (size_t k = 0; k < tensors.size(); ++k) binder_.watch(tensors[k], static_cast<size_t>(owners[k]));
+  }
+
  private:
   fastopt::GradBinder binder_;
   Tensors bound_;
@@ -74,7 +80,8 @@ void bind_grad_binder(py::module& m) {
       .def(py::init<Tensors, Tensors>(), py::arg("owners"), py::arg("templates"))
       .def("bind", &TableBinder::bind, py::arg("owners") = py::none(), py::arg("grads") = py::none(),
            py::arg("pinned") = false)
-      .def("release_grads", &TableBinder::release_grads);
+      .def("release_grads", &TableBinder::release_grads)
+      .def("watch", &TableBinder::watch, py::arg("tensors"), py::arg("owners"));
 }
 
 }  // namespace bindings

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "fastopt/state_buffer.h"
 
 namespace fastopt {
 namespace bindings {
@@ -39,6 +40,7 @@ std::vector<at::Tensor> carve(const at::Tensor& buffer, const std::vector<int64_
   out.reserve(offsets.size());
   const int64_t item = static_cast<int64_t>(buffer.element_size());
   char* const base = static_cast<char*>(buffer.data_ptr());
+  auto hold = std::make_shared<StateBuffer>(buffer.storage());
   int64_t end = 0;  // one past the previous piece
   for (size_t i = 0; i < offsets.size(); ++i) {
     TORCH_CHECK(sizes[i].size() == strides[i].size(), "carve: piece ", i, " has ", sizes[i].size(), " sizes and ",
@@ -51,10 +53,9 @@ std::vector<at::Tensor> carve(const at::Tensor& buffer, const std::vector<int64_
                 offsets[i], " to ", offsets[i] + span, ") overlaps the piece before it or leaves the buffer of ",
                 buffer.numel());
     end = offsets[i] + span;
-    auto* hold = new c10::Storage(buffer.storage());
     out.push_back(at::for_blob(base + offsets[i] * item, sizes[i])
                       .strides(strides[i])
-                      .context(hold, [](void* ctx) { delete static_cast<c10::Storage*>(ctx); })
+                      .context(new StatePiece{hold}, &release_state_piece)
                       .options(buffer.options())
                       .target_device(buffer.device())
                       .make_tensor());

@@ -141,6 +141,10 @@ class Slots {
     TORCH_CHECK(owners.size() == numels_.size(), "fastopt: one owner per param");
     TORCH_CHECK(copy_back_.empty(), "fastopt (cpu): a planned param is laid out unlike its state");
     binder_ = GradBinder(std::move(owners), work_[kGradSlot]);
+    for (size_t s = 0; s < work_.size(); ++s) {  // Note [state moved in place]
+      for (size_t i = 0; i < work_[s].size() && s != kGradSlot; ++i) binder_.watch(work_[s][i], i);
+    }
+    for (size_t i = 0; i < steps_.size(); ++i) binder_.watch(steps_[i], i);
   }
 
   // An eager step reads every owner's .grad() here instead of building a Python list (Note

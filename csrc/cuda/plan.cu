@@ -79,7 +79,13 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
     chunks_of_tensor.push_back(static_cast<int32_t>(count));
   }
   n_chunks_ = static_cast<int64_t>(chunk_tensor.size());
-  if (!owners.empty()) binder_ = GradBinder(std::move(owners), slots_[kGradSlot]);
+  if (!owners.empty()) {
+    binder_ = GradBinder(std::move(owners), slots_[kGradSlot]);
+    for (size_t s = 0; s < slots_.size(); ++s) {  // Note [state moved in place]
+      for (size_t i = 0; i < slots_[s].size() && s != kGradSlot; ++i) binder_.watch(slots_[s][i], i);
+    }
+    for (size_t i = 0; i < n; ++i) binder_.watch(steps_[i], i);
+  }
   ptr_host_.assign(slots_.size() * n, 0);
   bound_addresses_.assign(n, nullptr);
   aligned_host_.assign(n, 1);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "fastopt/no_grad.h"
+#include "fastopt/state_buffer.h"
 #include "fastopt/tensor_checks.h"
 
 namespace fastopt {
@@ -242,12 +243,26 @@ class GradBinder {
 
   bool has_owners() const { return !owners_.empty(); }
 
+  // A tensor of owner i's that the plan writes and keeps the address of (its state, step count,
+  // master): Note [state moved in place]. One that shares the owner's storage is the owner's
+  // record's to check.
+  void watch(const at::Tensor& t, size_t owner) {
+    TORCH_CHECK(owner < owners_.size(), "fastopt: watch: no owner ", owner);
+    if (t.defined() && t.has_storage() &&
+        t.storage().unsafeGetStorageImpl() == owners_[owner].storage().unsafeGetStorageImpl()) {
+      return;
+    }
+    watch_.add(t);
+  }
+
   BindResult bind(std::vector<at::Tensor>& bound, void** addresses, const char* backend,
                   const GivenGrads* given = nullptr) const {
+    if (watch_.moved()) return BindResult{true};
     return bind_grads(owners_, records_, templates_, like_owner_, bound, addresses, backend, given);
   }
 
  private:
+  MemoryWatch watch_;
   std::vector<at::Tensor> owners_, templates_;
   std::vector<OwnerRecord> records_;
   std::vector<uint8_t> like_owner_;  // OwnerRecord::like(the owner's template)
