@@ -334,6 +334,17 @@ def test_grads_as_views_of_one_buffer(backend, device):
     pair.check()
 
 
+def _steps_after_new_memory(pair, plan0, backend):
+    """Two more steps: the first rebuilds the plan and runs every param on the kernels; the
+    results are torch.optim's."""
+    plan, stats = pair.step(pair.grads())
+    _on_kernels(backend, stats, 5)
+    if backend in PLANNED:
+        assert plan is not plan0, "the plan was not rebuilt"
+    pair.step(pair.grads())
+    pair.check()
+
+
 @pytest.mark.parametrize("how", ["share_memory_", "storage resized"])
 @isolated
 def test_a_param_given_new_memory_is_replanned(how, backend, device):
@@ -355,12 +366,7 @@ def test_a_param_given_new_memory_is_replanned(how, backend, device):
             storage.resize_(0)
             storage.resize_(nbytes)
             p.detach().copy_(kept)
-    plan, stats = pair.step(pair.grads())
-    _on_kernels(backend, stats, 5)
-    if backend in PLANNED:
-        assert plan is not plan0, "the plan was not rebuilt"
-    pair.step(pair.grads())
-    pair.check()
+    _steps_after_new_memory(pair, plan0, backend)
 
 
 @pytest.mark.parametrize("placed", [True, False], ids=["in the state buffer", "alone"])
@@ -385,12 +391,7 @@ def test_a_state_tensor_given_new_memory_is_replanned(how, placed, backend, devi
                 t.share_memory_()
             else:
                 t.data = t.clone()
-    plan, stats = pair.step(pair.grads())
-    _on_kernels(backend, stats, 5)
-    if backend in PLANNED:
-        assert plan is not plan0, "the plan was not rebuilt"
-    pair.step(pair.grads())
-    pair.check()
+    _steps_after_new_memory(pair, plan0, backend)
 
 
 def test_step_stats_of_a_fresh_optimizer_are_zero():
