@@ -26,7 +26,8 @@ int64_t span_of(const std::vector<int64_t>& sizes, const std::vector<int64_t>& s
 // is `buffer`'s element `offsets[i]`. Each piece has a storage of its own (its own bytes, not the
 // buffer's): torch.save of one state tensor writes that tensor alone, DCP saves it without a copy,
 // and the optimizer's state dict is one tensor per param and key as torch.optim's. The pieces keep
-// the buffer's memory alive (each holds a reference to its storage), and neither overlap each
+// the buffer's memory alive (each holds its StateBuffer, fastopt/state_buffer.h, which also counts
+// the pieces that let go of their memory: Note [state moved in place]), and neither overlap each
 // other nor leave the buffer (checked). Their storages are not resizable.
 std::vector<at::Tensor> carve(const at::Tensor& buffer, const std::vector<int64_t>& offsets,
                               const std::vector<std::vector<int64_t>>& sizes,

@@ -20,6 +20,7 @@ Anything else is allocated by itself, as before.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -30,13 +31,6 @@ from .._plan import plain_tensors
 
 ALIGN_BYTES = 16
 MAX_PIECE_BYTES = 1 << 20
-
-
-def _numel(sizes: tuple) -> int:
-    numel = 1
-    for s in sizes:
-        numel *= s
-    return numel
 
 
 def _dense(sizes: tuple, strides: tuple) -> bool:
@@ -78,7 +72,7 @@ class StateLayout:
             sizes, strides, device = tuple(like.shape), like.stride(), like.device
         else:
             return False
-        if device.type not in ("cpu", "cuda") or _numel(sizes) * dtype.itemsize > MAX_PIECE_BYTES:
+        if device.type not in ("cpu", "cuda") or math.prod(sizes) * dtype.itemsize > MAX_PIECE_BYTES:
             return False
         self._lists.setdefault((device, dtype, key), []).append((state, sizes, strides, init))
         return True
@@ -91,7 +85,7 @@ class StateLayout:
             align = max(1, ALIGN_BYTES // dtype.itemsize)
             offsets, end = [], 0
             for _, sizes, _, _ in pieces:
-                numel = _numel(sizes)
+                numel = math.prod(sizes)
                 begin = -(-end // align) * align if numel * dtype.itemsize >= ALIGN_BYTES else end
                 offsets.append(begin)
                 end = begin + numel
