@@ -31,8 +31,11 @@ needs_cpu = pytest.mark.skipif("cpu" not in fastopt.available_backends("cpu"), r
 # default here without a GPU); tests/test_state_dtype.py also runs it on the GPU
 needs_triton = pytest.mark.skipif("triton" not in fastopt.available_backends("cpu"),
                                   reason="triton does not run on CPU tensors here (TRITON_INTERPRET unset or no Triton)")
-# the backends whose kernels store with compensation (not the cuda kernels yet: test_gpu_backends_fall_back_visibly)
+needs_cuda = pytest.mark.skipif("cuda" not in fastopt.available_backends("cuda"),
+                                reason="the cuda backend does not run here (no GPU, or built without CUDA)")
+# the backends whose kernels store with compensation, on CPU tensors; and the cuda kernels, on the GPU
 KERNELS = [pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)]
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])
 BACKENDS = ["reference", *KERNELS]
 BF16_ULP = 2.0**-7  # relative spacing of bf16 values (8 significant bits): the step at 1.0
 FP16_ULP = 2.0**-10
@@ -65,9 +68,9 @@ def _make(name, params, backend, compensation, groups=1, **extras):
                                   **CONFIGS[name], **extras)
 
 
-def _run(name, backend, compensation, *, params=None, grads=None, groups=1, steps=4, **extras):
-    params = [p.clone().requires_grad_() for p in (params if params is not None else _params())]
-    grads = grads if grads is not None else _grads(params, steps)
+def _run(name, backend, compensation, *, params=None, grads=None, groups=1, steps=4, device="cpu", **extras):
+    params = [p.to(device).clone().requires_grad_() for p in (params if params is not None else _params())]
+    grads = [[g.to(device) for g in gs] for gs in (grads if grads is not None else _grads(params, steps))]
     opt = _make(name, params, backend, compensation, groups, **extras)
     for step_grads in grads:
         for p, g in zip(params, step_grads):
@@ -128,12 +131,13 @@ def test_small_updates_are_kept(compensation, dtype, backend):
         assert len(p.unique()) > 1  # rounded up and down: not a deterministic rounding
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", [*KERNELS, CUDA])
 @pytest.mark.parametrize("state_dtype", [None, BF16], ids=["state-as-params", "bf16-state"])
 @pytest.mark.parametrize("compensation", ["kahan", "stochastic"])
 @pytest.mark.parametrize("name", NAMES)
 def test_kernels_store_like_the_reference(name, compensation, state_dtype, backend):
-    """Four steps, two param groups, odd layouts, a float32 param among bf16 ones: the kernels ran
+    """Four steps, two param groups, odd layouts, a float32 param among bf16 ones (on the GPU for
+    the cuda kernels, the reference beside them there; no fallback, no warning): the kernels ran
     every param; the kernels' float32 results differ from the reference's ops by an ulp where a
     sqrt or a multiply-add rounds otherwise (tests/test_state_dtype.py), so:
     * kahan: param + compensation agrees to float32 rounding of the values the steps reach (a few
@@ -143,8 +147,11 @@ def test_kernels_store_like_the_reference(name, compensation, state_dtype, backe
       elements allowed, for the ulps a sqrt passes on to the moments too)."""
     extras = {} if state_dtype is None else {"state_dtype": state_dtype}
     params = _params(n=40_000 if backend == "triton" else 70_000)
-    ref, ref_params = _run(name, "reference", compensation, params=params, groups=2, **extras)
-    cpu, cpu_params = _run(name, backend, compensation, params=params, groups=2, **extras)
+    dev = "cuda" if backend == "cuda" else "cpu"
+    ref, ref_params = _run(name, "reference", compensation, params=params, groups=2, device=dev, **extras)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        cpu, cpu_params = _run(name, backend, compensation, params=params, groups=2, device=dev, **extras)
     assert cpu.step_stats.kernel == len(cpu_params) and cpu.step_stats.reference == 0
     assert ref.step_stats.reference == len(ref_params)
     for i, (a, b) in enumerate(zip(cpu_params, ref_params)):
@@ -326,24 +333,25 @@ def test_the_list_op_checks_what_it_stores():
     torch.testing.assert_close(comp[0].float(), torch.full((4,), -1e-3), rtol=BF16_ULP, atol=0)
 
 
-@needs_cpu
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu), CUDA])
 @pytest.mark.parametrize("state_dtype", [None, BF16], ids=["state-as-params", "bf16-state"])
 @pytest.mark.parametrize("compensation", [None, "kahan", "stochastic"])
-def test_torch_compile_steps_like_eager(compensation, state_dtype):
+def test_torch_compile_steps_like_eager(compensation, state_dtype, backend):
     """Under torch.compile the step runs the list ops (Note [the plan life cycle]): the same bits as
     the eager step's plan (the same kernels), the seeds made in the compiled first step too."""
     if compensation is None and state_dtype is None:
         pytest.skip("neither: tests/test_compile_and_cuda.py")
     extras = {} if state_dtype is None else {"state_dtype": state_dtype}
+    dev = "cuda" if backend == "cuda" else "cpu"
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        params = [p.clone().requires_grad_() for p in _params()[:3]]
-        opt = _make("AdamW", params, "cpu", compensation, **extras)
+        params = [p.to(dev).clone().requires_grad_() for p in _params()[:3]]
+        opt = _make("AdamW", params, backend, compensation, **extras)
         step = torch.compile(opt.step) if compiled else opt.step
         for step_grads in _grads(params, 3):
             for p, g in zip(params, step_grads):
-                p.grad = g.clone()
+                p.grad = g.to(dev)
             step()
         assert opt.step_stats.kernel == len(params) and opt.step_stats.reference == 0
         results.append((params, opt))
@@ -384,25 +392,6 @@ def test_state_dicts_move_to_and_from_torch():
     for opt in (back, plain, fresh):
         opt.step()
     assert all(fresh.state[p]["compensation"].dtype == BF16 for p in model.parameters())
-
-
-@pytest.mark.cuda
-def test_gpu_backends_fall_back_visibly():
-    """The cuda kernels do not store with compensation yet: such params take the triton kernels
-    (or the reference rules without Triton), with a warning and counted in step_stats."""
-    if "cuda" not in fastopt.available_backends("cuda"):
-        pytest.skip("the cuda backend does not run here (no GPU, or built without CUDA)")
-    p = torch.randn(10, dtype=BF16, device="cuda", requires_grad=True)
-    opt = fastopt.Adam([p], backend="cuda", compensation="kahan")
-    p.grad = torch.ones(10, dtype=BF16, device="cuda")
-    triton = "triton" in fastopt.available_backends("cuda")  # then the triton kernels step them
-    runs_on = "the triton kernels" if triton else "the reference rules"
-    with pytest.warns(UserWarning, match=f"compensation='kahan' runs on {runs_on}"):
-        opt.step()
-    assert (opt.step_stats.kernel, opt.step_stats.reference) == ((1, 0) if triton else (0, 1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        opt.step()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -38,8 +38,11 @@ GRAD_ONLY = {"Adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), "AdamW": ("exp
 needs_cpu = pytest.mark.skipif("cpu" not in fastopt.available_backends("cpu"), reason="the cpu backend is not built")
 needs_triton = pytest.mark.skipif("triton" not in fastopt.available_backends(backend_device("triton")),
                                   reason="triton does not run here (no GPU, TRITON_INTERPRET unset or no Triton)")
-# the backends whose kernels store stochastically (the cuda kernels do not yet: test_gpu_backends_fall_back_visibly)
-KERNELS = [pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)]
+needs_cuda = pytest.mark.skipif("cuda" not in fastopt.available_backends("cuda"),
+                                reason="the cuda backend does not run here (no GPU, or built without CUDA)")
+# the backends whose kernels store stochastically
+GPU_KERNELS = [pytest.param("triton", marks=needs_triton), pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])]
+KERNELS = [pytest.param("cpu", marks=needs_cpu), *GPU_KERNELS]
 BACKENDS = ["reference", *KERNELS]
 
 
@@ -137,11 +140,11 @@ def test_cpu_kernels_store_the_references_bits(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", GPU_KERNELS)
 @pytest.mark.parametrize("name", NAMES)
-def test_triton_kernels_store_the_references_bits(name):
-    """The Triton kernels (Note [stochastic stores in Triton], triton_kernels/common.py) against the
-    reference on the same device, four steps, two param groups, odd layouts: the kernels ran; every
+def test_gpu_kernels_store_the_references_bits(name, backend):
+    """The Triton kernels (Note [stochastic stores in Triton], triton_kernels/common.py) and the
+    CUDA kernels (csrc/cuda/update.cu) against the reference on the same device, four steps, two param groups, odd layouts: the kernels ran; every
     state slot is the reference's bit for bit almost everywhere (the same random bits: other bits
     would move about half the roundings of values not exactly on a bf16 number; where the float32
     values differ by an ulp, from a sqrt or a multiply-add rounded otherwise than the reference's
@@ -151,10 +154,10 @@ def test_triton_kernels_store_the_references_bits(name):
     grads, and two roundings put them at most d + 1 apart: seen 2 ulps apart after 4 steps in the
     interpreter under torch 2.11); the params close (float32; the tolerance of
     test_cpu_kernels_store_the_references_bits)."""
-    dev = backend_device("triton")
+    dev = backend_device(backend)
     params = _params(n=40_000)  # 3 chunks of 16K (the interpreter is slow)
     ref, ref_params = _run(name, "reference", params=params, groups=2, device=dev)
-    tri, tri_params = _run(name, "triton", params=params, groups=2)
+    tri, tri_params = _run(name, backend, params=params, groups=2)
     assert tri.step_stats.kernel == len(tri_params) and tri.step_stats.reference == 0
     for i, (a, b) in enumerate(zip(_states(tri, tri_params), _states(ref, ref_params))):
         assert a.keys() == b.keys()
@@ -361,27 +364,24 @@ def test_state_dicts_move_to_and_from_torch(name):
 
 
 @pytest.mark.cuda
-def test_gpu_backends_fall_back_visibly():
-    """The cuda kernels do not take seeds yet: such params take the triton kernels (or the reference
-    rules without Triton), with a warning, counted in step_stats; backend="auto" takes the triton
-    kernels without one."""
-    if "cuda" not in fastopt.available_backends("cuda"):
-        pytest.skip("the cuda backend does not run here (no GPU, or built without CUDA)")
-    p = torch.randn(10, device="cuda", requires_grad=True)
-    opt = fastopt.Adam([p], backend="cuda", state_dtype=BF16)
-    p.grad = torch.ones(10, device="cuda")
-    triton = "triton" in fastopt.available_backends("cuda")  # then the triton kernels step them
-    runs_on = "the triton kernels" if triton else "the reference rules"
-    with pytest.warns(UserWarning, match=f"state_dtype=torch.bfloat16 runs on {runs_on}"):
-        opt.step()
-    assert (opt.step_stats.kernel, opt.step_stats.reference) == ((1, 0) if triton else (0, 1))
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "auto"])
+def test_cuda_kernels_store_stochastically(backend):
+    """backend="cuda" (and "auto", which picks it on a GPU) runs bf16 state on the cuda kernels
+    themselves: no fallback, no warning, the kernels counted; grads from backward, two groups."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(33, 17).cuda()
+    opt = fastopt.AdamW([{"params": [model.weight]}, {"params": [model.bias], "lr": 1e-3}], backend=backend,
+                        state_dtype=BF16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt.step()  # once per optimizer
-        if triton:
-            auto = fastopt.Adam([p], state_dtype=BF16)  # backend="auto": the triton kernels, no warning
-            auto.step()
-            assert (auto.step_stats.kernel, auto.step_stats.reference) == (1, 0)
+        for _ in range(2):
+            model(torch.randn(8, 33, device="cuda")).square().sum().backward()
+            opt.step()
+    assert (opt.step_stats.kernel, opt.step_stats.reference) == (2, 0)
+    assert {b.backend.name for b in opt._run.plan.buckets} == {"cuda"}
+    for p in model.parameters():
+        assert opt.state[p]["exp_avg"].dtype == BF16 and int(opt.state[p]["step"]) == 2
 
 
 @needs_cpu

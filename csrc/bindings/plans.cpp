@@ -156,13 +156,19 @@ void bind_cuda(py::module& m) {
                            c10::optional<double> max_norm) {
         return cuda::grad_norm(*p.plan, norm_type, grad_scale, clip, max_norm);
       });
-  // cuda_plan(rule, lists, steps, owners) (plan_of)
-  m.def("cuda_plan", [](const std::string& rule, const std::vector<Tensors>& lists, const Tensors& steps,
-                        Tensors owners) {
-    return plan_of<cuda::CudaPlan>(rule, lists, [&](auto, const SlotLists& slots) {
-      return std::make_shared<cuda::CudaPlan>(slots, steps, std::move(owners));
-    });
-  });
+  // cuda_plan(rule, lists, steps, owners, seeds=[], stochastic_state=False, compensation=None)
+  // (plan_of; how it stores: Rounding, fastopt/update_op.h), as cpu_plan
+  m.def(
+      "cuda_plan",
+      [](const std::string& rule, const std::vector<Tensors>& lists, const Tensors& steps, Tensors owners,
+         const std::vector<int64_t>& seeds, bool stochastic_state, const c10::optional<std::string>& compensation) {
+        const Rounding rounding{seeds, stochastic_state, param_store(compensation)};
+        return plan_of<cuda::CudaPlan>(rule, lists, [&](auto, const SlotLists& slots) {
+          return std::make_shared<cuda::CudaPlan>(slots, steps, std::move(owners), rounding);
+        });
+      },
+      py::arg("rule"), py::arg("lists"), py::arg("steps"), py::arg("owners"), py::arg("seeds") = std::vector<int64_t>{},
+      py::arg("stochastic_state") = false, py::arg("compensation") = py::none());
   // cuda_step(plan, lr, lr_value, lr_fp32, hyper, grad_scale, clip_value, clip_coef, found_inf): lr a
   // tensor on the params' device (read by the kernel), else `lr_value` (lr_fp32: it came from a
   // float32 tensor and follows torch's float32 arithmetic).

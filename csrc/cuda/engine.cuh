@@ -38,6 +38,7 @@ struct Tables {
   float* const* steps;
   const int32_t* chunks_of_tensor;
   int32_t* done;
+  const int64_t* seeds;  // one per tensor: the random streams of the stochastic stores (or unused)
 
   template <typename X>
   __device__ X* slot(int s, int32_t t) const {
@@ -51,7 +52,7 @@ struct Tables {
 inline Tables tables(const CudaPlan& plan) {
   return Tables{plan.chunk_tensor(), plan.chunk_start(),    plan.numels(),        plan.ptrs(),
                 plan.size(),         plan.n_chunks(),       plan.aligned(),       plan.steps(),
-                plan.chunks_of_tensor(), plan.done()};
+                plan.chunks_of_tensor(), plan.done(),         plan.seeds()};
 }
 
 // Blocks of a persistent grid: enough to fill the GPU, never more than there are chunks.
@@ -60,6 +61,15 @@ inline int grid_size(int64_t n_chunks) {
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_chunks, static_cast<int64_t>(sms) * 8)));
+}
+
+// N values of X to `ptr` at index i as they are (one aligned vector access for N = kVec).
+template <int N, typename X>
+__device__ __forceinline__ void store_values(X* ptr, int64_t i, const X (&in)[N]) {
+  Vec<X, N> v;
+#pragma unroll
+  for (int k = 0; k < N; ++k) v.v[k] = in[k];
+  *reinterpret_cast<Vec<X, N>*>(ptr + i) = v;
 }
 
 // N elements of `ptr` from index i into T registers (N = kVec: one aligned vector access).
@@ -210,7 +220,7 @@ __device__ __forceinline__ void finish_step(const Tables& tb, int32_t t, float s
 }
 
 // The update kernel: a persistent grid over the chunk table. `Chunk` is constructed per chunk
-// from (tables, tensor, step) and provides apply<N>(i).
+// from (tables, tensor, step, the chunk's first index) and provides apply<N>(i).
 template <typename Chunk, typename Params>
 __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, Params prm) {
   if (prm.ga.found_inf != nullptr && *prm.ga.found_inf != 0.0f) return;  // GradScaler: skip the step
@@ -220,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, Params prm)
     const int64_t start = tb.chunk_start[c];
     const int64_t end = min(tb.numels[t], start + kChunk);
     const float step = *tb.steps[t] + 1.0f;
-    Chunk op(tb, t, step, prm);
+    Chunk op(tb, t, step, start, prm);
     for_each_element(op, start, end, tb.aligned[t] != 0);
     finish_step(tb, t, step);
   }

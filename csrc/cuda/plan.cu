@@ -31,13 +31,16 @@ bool aligned4(const at::Tensor& t) {
 }  // namespace
 
 CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tensor>>>& lists,
-                   std::vector<at::Tensor> steps, std::vector<at::Tensor> owners)
+                   std::vector<at::Tensor> steps, std::vector<at::Tensor> owners, Rounding rounding)
     : device_(lists.front().second.empty() ? at::Device(at::kCUDA) : lists.front().second.front().device()),
-      steps_(std::move(steps)) {
+      steps_(std::move(steps)),
+      rounding_(std::move(rounding)) {
   const auto& first = lists.front().second;
   const size_t n = first.size();
   TORCH_CHECK(steps_.size() == n, "fastopt (cuda): one step count per param, got ", steps_.size(), " for ", n);
   TORCH_CHECK(owners.empty() || owners.size() == n, "fastopt (cuda): one owner per param");
+  TORCH_CHECK(rounding_.seeds.empty() || rounding_.seeds.size() == n, "fastopt (cuda): ", rounding_.seeds.size(),
+              " seeds for ", n, " params (one per param, or none)");
   for (const auto& [name, tensors] : lists) {
     TORCH_CHECK(tensors.empty() || tensors.size() == n, "fastopt (cuda): `", name, "` has ", tensors.size(),
                 " tensors, expected ", n);
@@ -58,7 +61,7 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
   {
     std::vector<std::string> names;
     for (const auto& entry : lists) names.emplace_back(entry.first);
-    check_slot_dtypes(names, dtypes_, present_, "cuda");
+    check_slot_dtypes(names, dtypes_, present_, "cuda", rounding_.stochastic_state);
   }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& s = steps_[i];
@@ -104,6 +107,7 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
   aligned_dev_ = upload(aligned_host_, at::kByte, device_);
   step_ptrs_dev_ = upload(step_ptrs, at::kLong, device_);
   chunks_of_tensor_ = upload(chunks_of_tensor, at::kInt, device_);
+  seeds_dev_ = upload(rounding_.seeds, at::kLong, device_);
   const auto on_device = at::TensorOptions().device(device_);
   done_ = at::zeros({static_cast<int64_t>(std::max<size_t>(n, 1))}, on_device.dtype(at::kInt));
   partials_ = at::empty({std::max<int64_t>(n_chunks_, 1)}, on_device.dtype(at::kDouble));

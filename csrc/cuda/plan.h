@@ -29,8 +29,9 @@ class CudaPlan {
   // `lists`: slot name and tensors, aligned by index; an empty list is an absent slot. Slot 0 is
   // the params the math runs on, slot kGradSlot the grads (re-bound every step). `owners`:
   // the user's params, whose .grad() bind_grads() reads (may be empty for a one-off plan).
+  // `rounding`: how the results are stored (fastopt/update_op.h; its seeds one per param, or none).
   CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tensor>>>& lists, std::vector<at::Tensor> steps,
-           std::vector<at::Tensor> owners);
+           std::vector<at::Tensor> owners, Rounding rounding = {});
 
   // Reads every owner's .grad() (fastopt/grad_binding.h: a grad of another layout is relaid, a
   // missing one skipped, Note [absent grads]); stale, binding nothing, when an owner changed.
@@ -44,6 +45,9 @@ class CudaPlan {
   at::ScalarType dtype(size_t slot) const { return dtypes_[slot]; }
   bool present(size_t slot) const { return present_[slot]; }
   const at::Device& device() const { return device_; }
+  const Rounding& rounding() const { return rounding_; }
+  // params_out holds the rounded params of float32 masters (not compensation buffers)
+  bool master() const { return present_.back() && rounding_.param == ParamStore::kNearest; }
 
   // Device addresses for the kernels.
   const int32_t* chunk_tensor() const { return chunk_tensor_.data_ptr<int32_t>(); }
@@ -54,6 +58,7 @@ class CudaPlan {
   float* const* steps() const { return static_cast<float* const*>(step_ptrs_dev_.data_ptr()); }
   const int32_t* chunks_of_tensor() const { return chunks_of_tensor_.data_ptr<int32_t>(); }
   int32_t* done() const { return done_.data_ptr<int32_t>(); }
+  const int64_t* seeds() const { return seeds_dev_.data_ptr<int64_t>(); }
   double* partials() const { return partials_.data_ptr<double>(); }
   int32_t* norm_counter() const { return norm_counter_.data_ptr<int32_t>(); }
 
@@ -65,6 +70,7 @@ class CudaPlan {
   std::vector<at::ScalarType> dtypes_;
   std::vector<bool> present_;
   std::vector<at::Tensor> steps_;
+  Rounding rounding_;
   GradBinder binder_;  // the owners as the plan was built, and the layout a bound grad has
   std::vector<int64_t> numels_;
   std::vector<int64_t> ptr_host_;  // [slot][tensor] addresses, as uploaded
@@ -72,7 +78,7 @@ class CudaPlan {
   std::vector<uint8_t> aligned_host_;
   int64_t n_chunks_ = 0;
   at::Tensor chunk_tensor_, chunk_start_, numels_dev_, ptrs_dev_, aligned_dev_, step_ptrs_dev_,
-      chunks_of_tensor_, done_, partials_, norm_counter_;
+      chunks_of_tensor_, done_, partials_, norm_counter_, seeds_dev_;
 };
 
 // The learning rate: a device tensor (read by the kernel: CUDA-graph safe) or a value.

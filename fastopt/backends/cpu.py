@@ -71,9 +71,7 @@ def compiled_plan(build: Callable, rule: Rule, seg: Segment):
     from the owners' grads (a real view for complex params)."""
     owners = [local(p) for p in seg.owners] if seg.sharded else list(seg.owners)  # Note [DTensor shards]
     lists = [seg.targets, seg.params, *rule.state_lists(seg.states), _params_out(seg)]
-    if seg.seeds is not None or seg.compensation is not None:  # only the cpu plans store so
-        return build(rule.name, lists, seg.steps, owners, seg.seeds or [], **rounding_args(seg))
-    return build(rule.name, lists, seg.steps, owners)
+    return build(rule.name, lists, seg.steps, owners, seg.seeds or [], **rounding_args(seg))
 
 
 class CpuBackend(PlannedBackend):

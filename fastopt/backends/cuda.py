@@ -21,7 +21,7 @@ from torch import Tensor
 from .. import _ext
 from .._plan import Bucket, Segment
 from ..rules import Rule
-from .cpu import compiled_plan, grad_args, op_args, segment_lists
+from .cpu import compiled_plan, grad_args, op_args, rounding_args, segment_lists
 from .planned import PlannedBackend
 from .base import GradTransform
 
@@ -70,6 +70,7 @@ class CudaBackend(PlannedBackend):
 
     def _fallback_step(self, rule: Rule, bucket: Bucket, seg: Segment, hp: dict, xform: GradTransform) -> None:
         if bucket.run.compiling and not seg.is_complex:
-            rule.list_op()(*segment_lists(rule, seg, seg.grads), *op_args(rule, hp), *grad_args(xform))
+            rule.list_op()(*segment_lists(rule, seg, seg.grads), *op_args(rule, hp), *grad_args(xform),
+                           seeds=seg.seed_tensor, **rounding_args(seg))
         else:
             super()._fallback_step(rule, bucket, seg, hp, xform)

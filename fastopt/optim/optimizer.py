@@ -69,7 +69,6 @@ class _StepState:
         self.last_grad_norm: Optional[Tensor] = None
         self.stats = StepStats()
         self.warned_subclass = False
-        self.warned_stochastic = False
         # (param, state key) pairs the current step created: a step that raises removes them
         self.created: list[tuple[Tensor, str]] = []
         # Note [stale master weights]: per param with a master copy, (address, version) as the
@@ -325,8 +324,6 @@ class FusedOptimizer(Optimizer):
             # float32 under compensation="stochastic", whose state had no bf16 moments to
             # refuse the change: SGD without momentum) is kept for its return, not passed on
             needs_seed = self._needs_seed(p)
-            if (needs_seed or compensation is not None) and backend.name == "cuda":
-                backend = self._stochastic_fallback(backend, p.device)
             key = (p.device, view.dtype, backend.name, None if spec is None else (id(spec[0]), spec[1]))
             bucket = buckets.get(key)
             if bucket is None:
@@ -394,23 +391,6 @@ class FusedOptimizer(Optimizer):
                 f"not the {backend.name} kernels (they take plain tensors only); results are the same, "
                 "the step is slower", stacklevel=5)
         return backends.resolve("reference", p.device)
-
-    def _stochastic_fallback(self, backend: Any, device: torch.device) -> Any:
-        """The backend for params with ``state_dtype`` or ``compensation`` where ``backend`` is cuda,
-        whose kernels do not store so yet: the triton kernels where they run (what
-        ``backend="auto"`` picks then, silently), else the reference rules (the same bits up to
-        float32 rounding, tests/test_state_dtype.py), with a warning once per optimizer for a
-        backend chosen by name or the reference rules (counted in ``step_stats`` too)."""
-        instead = "triton" if backends.why_unavailable("triton", device) is None else "reference"
-        if not self._run.warned_stochastic and (self._options.backend != "auto" or instead == "reference"):
-            self._run.warned_stochastic = True
-            what = "state_dtype=torch.bfloat16" if self._options.state_dtype is not None else (
-                f"compensation={self._options.compensation!r}")
-            runs_on = "the triton kernels" if instead == "triton" else "the reference rules"
-            warnings.warn(f"fastopt.{type(self).__name__}: {what} runs on {runs_on}, "
-                          f"not the {backend.name} kernels (not written for them yet); results are the same, "
-                          "the step may be slower", stacklevel=5)
-        return backends.resolve(instead, device)
 
     # -- the step ------------------------------------------------------------------------------
 

@@ -28,23 +28,6 @@ X* slot(const UpdateArgs& u, size_t s, const Chunk& c) {
   return u.ptrs[s] == nullptr ? nullptr : static_cast<X*>(u.ptrs[s][c.tensor]) + c.begin;
 }
 
-using NearestStore = std::integral_constant<ParamStore, ParamStore::kNearest>;
-
-// fn(kStore) for float16/bfloat16 params without masters (Note [param store]); check_rounding
-// (fastopt/update_op.h) refuses kStochastic for float16 before any kernel runs.
-template <typename S, typename Fn>
-void with_param_store(ParamStore store, Fn&& fn) {
-  switch (store) {
-    case ParamStore::kNearest:
-      return fn(NearestStore{});
-    case ParamStore::kKahan:
-      return fn(std::integral_constant<ParamStore, ParamStore::kKahan>{});
-    case ParamStore::kStochastic:
-      if constexpr (std::is_same_v<S, at::BFloat16>) fn(std::integral_constant<ParamStore, ParamStore::kStochastic>{});
-      return;
-  }
-}
-
 // fn(S{}, master, stochastic, store) for the grads' storage S: with master weights (float16/bfloat16
 // grads and params_out) params and state are float32, else S; with stochastic state (float32
 // compute only: the caller checks) the state is bfloat16 (Note [stochastic state]); `store`: how

@@ -8,6 +8,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "fastopt/update_math.h"
+
 namespace fastopt {
 
 // fn(std::integral_constant<bool, b>) so that `decltype(flag)::value` is a compile-time constant.
@@ -45,6 +47,23 @@ void with_flags(unsigned f, Fn&& fn) {
 template <typename S>
 constexpr bool is_low_precision() {
   return std::is_same_v<S, at::BFloat16> || std::is_same_v<S, at::Half>;
+}
+
+using NearestStore = std::integral_constant<ParamStore, ParamStore::kNearest>;
+
+// fn(kStore) for float16/bfloat16 params without masters (Note [param store], update_math.h);
+// check_rounding (fastopt/update_op.h) refuses kStochastic for float16 before any kernel runs.
+template <typename S, typename Fn>
+void with_param_store(ParamStore store, Fn&& fn) {
+  switch (store) {
+    case ParamStore::kNearest:
+      return fn(NearestStore{});
+    case ParamStore::kKahan:
+      return fn(std::integral_constant<ParamStore, ParamStore::kKahan>{});
+    case ParamStore::kStochastic:
+      if constexpr (std::is_same_v<S, at::BFloat16>) fn(std::integral_constant<ParamStore, ParamStore::kStochastic>{});
+      return;
+  }
 }
 
 // The storage dtypes an update op accepts: without master weights, params and state are the
