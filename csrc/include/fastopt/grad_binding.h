@@ -70,8 +70,8 @@ class OwnerRecord {
   bool like(const at::Tensor& tmpl) const { return dense_ && !at::isComplexType(dtype_) && laid_out_alike(tmpl); }
 
  private:
-  // The owner's dtype, sizes, strides and device, as built.
-  bool laid_out_alike(const at::Tensor& t) const {
+  // The owner's dtype, sizes, strides and device, as built. (Inlined: a call per grad per step.)
+  C10_ALWAYS_INLINE bool laid_out_alike(const at::Tensor& t) const {
     const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
     return t.scalar_type() == dtype_ && same_dims(impl->sizes(), sizes_) && same_dims(impl->strides(), strides_) &&
            t.device() == device_;

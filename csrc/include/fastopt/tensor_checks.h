@@ -12,8 +12,11 @@ namespace fastopt {
 // A tensor whose memory a kernel may walk: it has storage and no Python dispatch of its own. Not
 // so: a sparse tensor, or a wrapper subclass such as FSDP2's DTensor, whose data_ptr is not its
 // elements (the first fastopt step under FSDP2 read through such a pointer and segfaulted).
+// (The storage read inline: TensorImpl::has_storage() is a call into libc10 that returns just
+// that, and the grad binding asks it of every grad on every step.)
 inline bool is_plain(const at::Tensor& t) {
-  return t.has_storage() && !t.unsafeGetTensorImpl()->is_python_dispatch();
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return static_cast<bool>(impl->unsafe_storage()) && !impl->is_python_dispatch();
 }
 
 inline void check_plain(const at::Tensor& t, const char* where, const char* what, size_t index) {
