@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fastopt
-from harness import Side, assert_matches, lockstep, set_grads
+from conftest import isolated
+from harness import Side, assert_matches, assert_ran_on, lockstep, set_grads
 from specs import NAMES, SPEC_BY_NAME, clone_params, make_params, random_grads
 
 
@@ -56,6 +57,37 @@ def test_grads_laid_out_unlike_their_params(name, backend, device):
             grads = [g.t().contiguous().t() if g.dim() == 2 else g for g in grads]
             assert not grads[0].is_contiguous()
         _step_both(params, ours, theirs, opt_f, opt_t, grads)
+    assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["Adam", "RMSprop"])
+@isolated  # a misaligned vector access on a GPU ends the process's CUDA context
+def test_grads_as_views_of_one_buffer_at_unaligned_offsets(name, backend, device):
+    """Params of their own allocations (aligned), grads views of one flat buffer, as DDP's
+    gradient_as_bucket_view lays them out: sizes 3, 5, ... put most views at offsets that are not
+    a multiple of 4 elements, so a kernel that reads 4 elements at a time must see that from the
+    grad's address (the views after the first are bound by address alone: Note [one hold per grad
+    storage], grad_binding.h). The grads are new views every step and the same views; the kernels
+    take every param (no fallback)."""
+    spec = SPEC_BY_NAME[name]
+    sizes = [3, 5, 37, 1, 16, 7, 64, 9]
+    params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in sizes]
+    ours, theirs = clone_params(params), clone_params(params)
+    opt_f = spec.fastopt_cls(ours, backend=backend, **spec.stateful)
+    opt_t = spec.torch_cls(theirs, foreach=False, **spec.stateful)
+    flat = torch.empty(sum(sizes), device=device)
+    for step in range(5):
+        flat.copy_(torch.randn(sum(sizes), device=device))
+        if step != 3:  # step 3 keeps the views of step 2 (new values)
+            for p, view in zip(ours, flat.split(sizes)):
+                p.grad = view
+        for p, view in zip(theirs, flat.split(sizes)):
+            p.grad = view.clone()
+        opt_f.step()
+        opt_t.step()
+        assert_ran_on(opt_f, backend)
+        assert opt_f.step_stats.kernel + opt_f.step_stats.reference == len(sizes), opt_f.step_stats
+    assert [p.grad.storage_offset() for p in ours][1:3] == [3, 8]
     assert_matches(opt_f, opt_t, ours, theirs, torch.float32)
 
 

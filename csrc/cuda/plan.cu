@@ -22,13 +22,27 @@ at::Tensor upload(const std::vector<V>& values, at::ScalarType dtype, const at::
   return host.to(device, /*non_blocking=*/true);
 }
 
-// Vector loads of 4 elements need every slot's address aligned to 4 elements of its dtype (an
-// absent grad is never read).
-bool aligned4(const at::Tensor& t) {
-  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % (4 * t.element_size()) == 0;
-}
-
 }  // namespace
+
+// Note [aligned from the addresses]: vector loads of 4 elements need every slot's address aligned
+// to 4 elements of its dtype, so tensor i's flag is read from the address table as uploaded, not
+// from the tensors: a grad that shares its storage with the grad held before it is bound by its
+// address alone (Note [one hold per grad storage], grad_binding.h), and a view of a flat grad
+// buffer (DDP's bucket views) may begin anywhere. An absent grad is never read.
+std::vector<uint8_t> CudaPlan::alignment() const {
+  const size_t n = numels_.size();
+  std::vector<uint8_t> aligned(n, 1);
+  for (size_t s = 0; s < slots_.size(); ++s) {
+    if (!present_[s]) continue;
+    const uintptr_t unit = 4 * c10::elementSize(dtypes_[s]);
+    for (size_t i = 0; i < n; ++i) {
+      const auto address = static_cast<uintptr_t>(ptr_host_[s * n + i]);
+      if (s == kGradSlot && address == reinterpret_cast<uintptr_t>(no_grad_address())) continue;
+      aligned[i] = aligned[i] && address % unit == 0;
+    }
+  }
+  return aligned;
+}
 
 CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tensor>>>& lists,
                    std::vector<at::Tensor> steps, std::vector<at::Tensor> owners, Rounding rounding)
@@ -91,13 +105,10 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
   }
   ptr_host_.assign(slots_.size() * n, 0);
   bound_addresses_.assign(n, nullptr);
-  aligned_host_.assign(n, 1);
   for (size_t s = 0; s < slots_.size(); ++s) {
-    for (size_t i = 0; i < slots_[s].size(); ++i) {
-      ptr_host_[s * n + i] = reinterpret_cast<int64_t>(slots_[s][i].data_ptr());
-      aligned_host_[i] = aligned_host_[i] && aligned4(slots_[s][i]);
-    }
+    for (size_t i = 0; i < slots_[s].size(); ++i) ptr_host_[s * n + i] = reinterpret_cast<int64_t>(slots_[s][i].data_ptr());
   }
+  aligned_host_ = alignment();
   std::vector<int64_t> step_ptrs;
   for (const auto& s : steps_) step_ptrs.push_back(reinterpret_cast<int64_t>(s.data_ptr()));
   chunk_tensor_ = upload(chunk_tensor, at::kInt, device_);
@@ -128,10 +139,7 @@ void CudaPlan::upload_grads() {
   }
   if (!changed) return;
   // Only the grads row of the address table, and the alignment flags, change.
-  std::vector<uint8_t> aligned(n, 1);
-  for (size_t s = 0; s < slots_.size(); ++s) {
-    for (size_t i = 0; i < slots_[s].size(); ++i) aligned[i] = aligned[i] && aligned4(slots_[s][i]);
-  }
+  const std::vector<uint8_t> aligned = alignment();
   ptrs_dev_.narrow(0, static_cast<int64_t>(kGradSlot * n), static_cast<int64_t>(n))
       .copy_(upload(std::vector<int64_t>(row, row + n), at::kLong, device_), /*non_blocking=*/true);
   if (aligned != aligned_host_) {

@@ -64,6 +64,7 @@ class CudaPlan {
 
  private:
   void upload_grads();
+  std::vector<uint8_t> alignment() const;  // Note [aligned from the addresses] (plan.cu)
 
   at::Device device_;
   std::vector<std::vector<at::Tensor>> slots_;  // keeps every tensor alive while the tables hold its address
