@@ -77,29 +77,9 @@ struct UpdateChunk {
 
   static __device__ __forceinline__ Q stochastic(T v, uint32_t r) {
     if constexpr (kStochastic) {
-      return at::BFloat16(bf16_bits_stochastic(v, r), at::BFloat16::from_bits());
+      return bf16_stochastic(v, r);
     } else {
       return static_cast<Q>(v);
-    }
-  }
-
-  // The param w stored as p = round(w) and its residual c = round(w - p), 0 where p is not finite
-  // (Note [param store]); bfloat16 rounds on the bits as the CPU kernels do (bf16_bits_nearest).
-  static __device__ __forceinline__ void kahan(T w, S& rounded, S& residual) {
-    T back;
-    if constexpr (std::is_same_v<S, at::BFloat16>) {
-      const uint16_t bits = bf16_bits_nearest(w);
-      rounded = at::BFloat16(bits, at::BFloat16::from_bits());
-      back = bf16_bits_to_float(bits);
-    } else {
-      rounded = static_cast<S>(w);
-      back = static_cast<T>(rounded);
-    }
-    const T rest = fabsf(back) <= 3.402823466e+38f ? w - back : T(0);  // FLT_MAX: inf and NaN give 0
-    if constexpr (std::is_same_v<S, at::BFloat16>) {
-      residual = at::BFloat16(bf16_bits_nearest(rest), at::BFloat16::from_bits());
-    } else {
-      residual = static_cast<S>(rest);
     }
   }
 
@@ -140,9 +120,9 @@ struct UpdateChunk {
         [[maybe_unused]] const uint32_t r01 = kStream0 ? streams[0].bits(j) : 0u;
         [[maybe_unused]] const uint32_t r23 = kStream1 ? streams[1].bits(j) : 0u;
         if constexpr (kKahan) {
-          kahan(rp[e], ps[e], cs[e]);
+          kahan_store(rp[e], ps[e], cs[e]);  // stochastic_round.h
         } else if constexpr (kRandomParam) {
-          ps[e] = at::BFloat16(bf16_bits_stochastic(rp[e], r23 >> 16), at::BFloat16::from_bits());
+          ps[e] = bf16_stochastic(rp[e], r23 >> 16);
         } else {
           ps[e] = static_cast<P>(rp[e]);
         }

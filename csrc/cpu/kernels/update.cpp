@@ -52,11 +52,6 @@ void with_storage(const UpdateArgs& u, Fn&& fn) {
   });
 }
 
-// State value `v` (float32) stored stochastically with the random bits r (its low 16 count).
-inline at::BFloat16 store_stochastic(float v, uint32_t r) {
-  return at::BFloat16(bf16_bits_stochastic(v, r), at::BFloat16::from_bits());
-}
-
 // fn(chunk, scalars) for every chunk of a tensor with a grad (Note [absent grads]), in parallel;
 // scalars = make(step) of the chunk's tensor, made once per distinct step count in a thread's range
 // (the whole group usually has one).
@@ -135,35 +130,16 @@ void update_chunk(const UpdateArgs& u, const Chunk& c, const typename R::templat
     if constexpr (kStream0) r01 = streams[0].bits(j);
     if constexpr (kStream1) r23 = streams[1].bits(j);
     if constexpr (kKahan) {
-      // p = round(w), c = round(w - p), 0 where p is not finite (|p| <= max is false for inf and
-      // NaN). bfloat16 rounds in integer arithmetic (bf16_bits_nearest, c10's bits): with
-      // c10::BFloat16's conversions the loop stayed scalar, 10x the master-weights step
-      S rounded;
-      T back;
-      if constexpr (std::is_same_v<S, at::BFloat16>) {
-        const uint16_t bits = bf16_bits_nearest(pi);
-        rounded = S(bits, S::from_bits());
-        back = bf16_bits_to_float(bits);
-      } else {
-        rounded = static_cast<S>(pi);
-        back = static_cast<T>(rounded);
-      }
-      p[i] = rounded;
-      const T rest = std::fabs(back) <= std::numeric_limits<T>::max() ? pi - back : T(0);
-      if constexpr (std::is_same_v<S, at::BFloat16>) {
-        comp[i] = S(bf16_bits_nearest(rest), S::from_bits());
-      } else {
-        comp[i] = static_cast<S>(rest);
-      }
+      kahan_store(pi, p[i], comp[i]);  // stochastic_round.h
     } else if constexpr (kRandomParam) {
-      p[i] = store_stochastic(pi, r23 >> 16);
+      p[i] = bf16_stochastic(pi, r23 >> 16);
     } else {
       p[i] = static_cast<P>(pi);
     }
     if constexpr (kStochastic) {
-      if constexpr (k0) s0[i] = store_stochastic(st[0], r01);
-      if constexpr (k1) s1[i] = store_stochastic(st[1], r01 >> 16);
-      if constexpr (k2) s2[i] = store_stochastic(st[2], r23);
+      if constexpr (k0) s0[i] = bf16_stochastic(st[0], r01);
+      if constexpr (k1) s1[i] = bf16_stochastic(st[1], r01 >> 16);
+      if constexpr (k2) s2[i] = bf16_stochastic(st[2], r23);
     } else {
       if constexpr (k0) s0[i] = static_cast<Q>(st[0]);
       if constexpr (k1) s1[i] = static_cast<Q>(st[1]);

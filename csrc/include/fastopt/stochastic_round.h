@@ -15,8 +15,12 @@
 // round up to infinity (as round-to-nearest may).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "fastopt/macros.h"
 
@@ -92,6 +96,37 @@ FASTOPT_HD float bf16_bits_to_float(uint16_t b) {
   std::memcpy(&x, &u, sizeof(x));
   return x;
 #endif
+}
+
+// The stores of the CPU and CUDA kernels (csrc/cpu/kernels/update.cpp, csrc/cuda/update.cuh), one
+// definition for both so that they store the same bits.
+
+// `v` stored as bfloat16 with the random bits r, their low 16 counting (Note [stochastic state]).
+FASTOPT_HD c10::BFloat16 bf16_stochastic(float v, uint32_t r) {
+  return c10::BFloat16(bf16_bits_stochastic(v, r), c10::BFloat16::from_bits());
+}
+
+// Note [param store], compensation="kahan": the param w (param + compensation, in float32) stored
+// as p = round(w) and its residual c = round(w - p), c = 0 where p is not finite. bfloat16 rounds in integer arithmetic (bf16_bits_nearest: with c10::BFloat16's
+// conversion the CPU loop stayed scalar, 10x the master-weights step).
+template <typename S>
+FASTOPT_HD void kahan_store(float w, S& rounded, S& residual) {
+  static_assert(std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>, "kahan stores float16/bfloat16");
+  float back;
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const uint16_t bits = bf16_bits_nearest(w);
+    rounded = S(bits, S::from_bits());
+    back = bf16_bits_to_float(bits);
+  } else {
+    rounded = static_cast<S>(w);
+    back = static_cast<float>(rounded);
+  }
+  const float rest = (float_bits(back) & 0x7FFFFFFFu) < 0x7F800000u ? w - back : 0.0f;  // finite
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    residual = S(bf16_bits_nearest(rest), S::from_bits());
+  } else {
+    residual = static_cast<S>(rest);
+  }
 }
 
 }  // namespace fastopt
