@@ -107,8 +107,9 @@ FASTOPT_HD c10::BFloat16 bf16_stochastic(float v, uint32_t r) {
 }
 
 // Note [param store], compensation="kahan": the param w (param + compensation, in float32) stored
-// as p = round(w) and its residual c = round(w - p), c = 0 where p is not finite. bfloat16 rounds in integer arithmetic (bf16_bits_nearest: with c10::BFloat16's
-// conversion the CPU loop stayed scalar, 10x the master-weights step).
+// as p = round(w) and its residual c = round(w - p), c = 0 where p is not finite. bfloat16 rounds
+// in integer arithmetic (bf16_bits_nearest: with c10::BFloat16's conversion the CPU loop stayed
+// scalar, 10x the master-weights step).
 template <typename S>
 FASTOPT_HD void kahan_store(float w, S& rounded, S& residual) {
   static_assert(std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>, "kahan stores float16/bfloat16");
