@@ -67,14 +67,16 @@ def test_grads_as_views_of_one_buffer_at_unaligned_offsets(name, backend, device
     gradient_as_bucket_view lays them out: sizes 3, 5, ... put most views at offsets that are not
     a multiple of 4 elements, so a kernel that reads 4 elements at a time must see that from the
     grad's address (the views after the first are bound by address alone: Note [one hold per grad
-    storage], grad_binding.h). The grads are new views every step and the same views; the kernels
-    take every param (no fallback)."""
+    storage], grad_binding.h). Two param groups (two plans: the second begins at offset 62); the
+    grads are new views every step and the same views; the kernels take every param (no
+    fallback)."""
     spec = SPEC_BY_NAME[name]
     sizes = [3, 5, 37, 1, 16, 7, 64, 9]
     params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in sizes]
     ours, theirs = clone_params(params), clone_params(params)
-    opt_f = spec.fastopt_cls(ours, backend=backend, **spec.stateful)
-    opt_t = spec.torch_cls(theirs, foreach=False, **spec.stateful)
+    groups = lambda ps: [{"params": ps[:5]}, {"params": ps[5:], "lr": spec.lr / 2}]  # noqa: E731
+    opt_f = spec.fastopt_cls(groups(ours), backend=backend, lr=spec.lr, **spec.stateful)
+    opt_t = spec.torch_cls(groups(theirs), foreach=False, lr=spec.lr, **spec.stateful)
     flat = torch.empty(sum(sizes), device=device)
     for step in range(5):
         flat.copy_(torch.randn(sum(sizes), device=device))
