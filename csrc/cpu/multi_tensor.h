@@ -219,14 +219,19 @@ class Slots {
   const std::vector<Chunk>& ranges(const std::vector<double>& steps) const {
     if (!any_join_) return chunks_;
     const int64_t n = size();
-    step_joins_.assign(n, 0);
+    // one pass, per step, over what the joins read (this step's grads and step counts)
     const void* absent = no_grad_address();
+    void* const* grads = ptrs_[kGradSlot].data();
+    const int64_t grad_bytes = static_cast<int64_t>(c10::elementSize(dtypes_[kGradSlot]));
+    bool changed = merged_.empty();
+    merged_joins_.resize(n, 0);
     for (int64_t i = 1; i < n; ++i) {
-      step_joins_[i] = joins_[i] && ptrs_[kGradSlot][i - 1] != absent && ptrs_[kGradSlot][i] != absent &&
-                       steps[i] == steps[i - 1] && follows(kGradSlot, i);
+      const uint8_t join = joins_[i] && grads[i - 1] != absent && grads[i] != absent && steps[i] == steps[i - 1] &&
+                           static_cast<const char*>(grads[i - 1]) + numels_[i - 1] * grad_bytes == grads[i];
+      changed = changed || join != merged_joins_[i];
+      merged_joins_[i] = join;
     }
-    if (step_joins_ != merged_joins_ || merged_.empty()) {
-      merged_joins_.swap(step_joins_);
+    if (changed) {
       merged_.clear();
       for (int64_t t = 0; t < n;) {
         int64_t total = numels_[t], u = t + 1;
@@ -249,7 +254,7 @@ class Slots {
   std::vector<Chunk> chunks_;
   std::vector<uint8_t> joins_;  // Note [adjacent tensors, one range]: the plan's part
   bool any_join_ = false;
-  mutable std::vector<uint8_t> step_joins_, merged_joins_;  // this step's, and the merged_ chunks'
+  mutable std::vector<uint8_t> merged_joins_;  // the merged_ chunks' (this step's)
   mutable std::vector<Chunk> merged_;
   std::vector<at::Tensor> steps_;
   std::vector<float*> step_ptrs_;

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/SmallVector.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <cstdint>
 #include <string>
@@ -61,8 +62,14 @@ class OwnerRecord {
   // owner's dtype, device, sizes and strides, so dense like the owner (what classify_grad calls
   // Bound::kGrad, for a plan whose grads slot is laid out like its owners: `like_owner`). Only
   // looks; false sends the grad to classify_grad, which says what else it is (or raises).
-  bool takes_grad(const at::Tensor& g) const {
-    return g.unsafeGetTensorImpl()->layout() == at::kStrided && laid_out_alike(g) && is_plain(g);
+  // `held`: the storage of a grad this step already took (so on the owners' device), or null; a
+  // grad in it is on that device (a tensor's device is its storage's) and is not asked again.
+  bool takes_grad(const at::Tensor& g, const c10::StorageImpl* held = nullptr) const {
+    const c10::TensorImpl* impl = g.unsafeGetTensorImpl();
+    const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
+    return impl->layout() == at::kStrided && storage != nullptr && !impl->is_python_dispatch() &&
+           g.scalar_type() == dtype_ && same_dims(impl->sizes(), sizes_) && same_dims(impl->strides(), strides_) &&
+           (storage == held || g.device() == device_);
   }
 
   // The grads slot's template is laid out like this owner, which is dense (not a real view of a
@@ -159,6 +166,15 @@ struct GivenGrads {
   std::vector<at::Tensor> owners, grads;
 };
 
+// A param's .grad(), read as torch's own autograd code reads it (torch::autograd::impl::
+// get_autograd_meta: every TensorImpl's autograd metadata is an AutogradMeta), without the two
+// out-of-line calls of TensorImpl::grad() (a virtual one among them) per param per step.
+inline const at::Tensor& grad_of(const c10::TensorImpl* impl) {
+  static const at::Tensor undefined;
+  const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(impl->autograd_meta());
+  return meta != nullptr ? meta->grad_ : undefined;
+}
+
 // Note [binding grads in C++]: every step reads every owner's grad, the host's work per param
 // per step; so one pass over the owners, no refcounted copies where it only looks (grads are read
 // through the TensorImpl), no allocation but for relaid grads, and the address each kernel reads
@@ -180,13 +196,14 @@ inline BindResult bind_grads(const std::vector<at::Tensor>& owners, const std::v
               "fastopt (", backend, "): expected ", n, " owners and grads to bind");
   BindResult r;
   const c10::StorageImpl* held = nullptr;  // the storage of the last grad held in `bound`
+  char* held_data = nullptr;  // its memory
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = now[i];
     // the record's storage is never null, so a match also says that `p` has storage
     if (p.unsafeGetTensorImpl()->is_python_dispatch() || !records[i].matches(p)) return BindResult{true};
-    const at::Tensor& g = given != nullptr ? given->grads[i] : p.unsafeGetTensorImpl()->grad();
+    const at::Tensor& g = given != nullptr ? given->grads[i] : grad_of(p.unsafeGetTensorImpl());
     // the common case in one look at the grad and the record (Note [one owner, one record])
-    const Bound kind = g.defined() && like_owner[i] && records[i].takes_grad(g) ? Bound::kGrad
+    const Bound kind = g.defined() && like_owner[i] && records[i].takes_grad(g, held) ? Bound::kGrad
                                                                                : classify_grad(g, templates[i], i, backend);
     switch (kind) {
       case Bound::kStale:
@@ -204,15 +221,21 @@ inline BindResult bind_grads(const std::vector<at::Tensor>& owners, const std::v
         // as long as one tensor of it does); the atomic increment and decrement of its own
         // refcount were most of the binding's time (4,000 one-element params, Note [binding
         // grads in C++]).
-        const c10::StorageImpl* storage = g.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+        // Its address is computed as TensorImpl::mutable_data() does from the held grad's storage
+        // (whose data the held grad's data_ptr() below made mutable, a copy-on-write storage
+        // materialized).
+        const c10::TensorImpl* gi = g.unsafeGetTensorImpl();
+        const c10::StorageImpl* storage = gi->unsafe_storage().unsafeGetStorageImpl();
         if (storage == held) {
           bound[i].reset();
-          addresses[i] = g.unsafeGetTensorImpl()->mutable_data();
+          addresses[i] = gi->numel() == 0 ? nullptr : held_data + gi->dtype().itemsize() * gi->storage_offset();
           continue;
         }
         bound[i] = g.is_complex() ? at::view_as_real(g) : g;
+        addresses[i] = bound[i].data_ptr();
         held = storage;
-        break;
+        held_data = static_cast<char*>(storage->data_ptr().get());
+        continue;
       }
       case Bound::kRelaid:
         ++r.relaid;
