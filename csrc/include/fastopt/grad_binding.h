@@ -203,8 +203,9 @@ inline BindResult bind_grads(const std::vector<at::Tensor>& owners, const std::v
     if (p.unsafeGetTensorImpl()->is_python_dispatch() || !records[i].matches(p)) return BindResult{true};
     const at::Tensor& g = given != nullptr ? given->grads[i] : grad_of(p.unsafeGetTensorImpl());
     // the common case in one look at the grad and the record (Note [one owner, one record])
-    const Bound kind = g.defined() && like_owner[i] && records[i].takes_grad(g, held) ? Bound::kGrad
-                                                                               : classify_grad(g, templates[i], i, backend);
+    const Bound kind = g.defined() && like_owner[i] && records[i].takes_grad(g, held)
+                           ? Bound::kGrad
+                           : classify_grad(g, templates[i], i, backend);
     switch (kind) {
       case Bound::kStale:
         return BindResult{true};
