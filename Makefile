@@ -14,8 +14,9 @@ PYTEST_ARGS ?=
 # a 2-core machine; PYTEST_JOBS=0 runs it in this process (e.g. under a debugger).
 PYTEST_JOBS ?= 2
 # Without a GPU, the triton backend's tests run in Triton's interpreter, three quarters of the
-# suite's time: `sample` runs one triton case per test function (tests/conftest.py), `half` about
-# half of them (CI's second environment, with the GPU machine's Triton), `full` all; a GPU runs all.
+# suite's time: `sample` runs one triton case per test function (tests/conftest.py; CI's second
+# environment too, with the GPU machine's Triton), `half` about half of them, `full` all; a GPU
+# runs all.
 TRITON_MATRIX ?= sample
 # A test that hangs fails on its own after TEST_TIMEOUT seconds (pytest-timeout, thread method:
 # every thread's stack is printed and the test process ends; pytest-xdist names the test), rather
