@@ -68,8 +68,7 @@ class OwnerRecord {
     const c10::TensorImpl* impl = g.unsafeGetTensorImpl();
     const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
     return impl->layout() == at::kStrided && storage != nullptr && !impl->is_python_dispatch() &&
-           g.scalar_type() == dtype_ && same_dims(impl->sizes(), sizes_) && same_dims(impl->strides(), strides_) &&
-           (storage == held || g.device() == device_);
+           laid_out_alike(g, /*device_known=*/storage == held);
   }
 
   // The grads slot's template is laid out like this owner, which is dense (not a real view of a
@@ -77,11 +76,12 @@ class OwnerRecord {
   bool like(const at::Tensor& tmpl) const { return dense_ && !at::isComplexType(dtype_) && laid_out_alike(tmpl); }
 
  private:
-  // The owner's dtype, sizes, strides and device, as built. (Inlined: a call per grad per step.)
-  C10_ALWAYS_INLINE bool laid_out_alike(const at::Tensor& t) const {
+  // The owner's dtype, sizes, strides and device (unless `device_known`), as built. (Inlined: a
+  // call per grad per step.)
+  C10_ALWAYS_INLINE bool laid_out_alike(const at::Tensor& t, bool device_known = false) const {
     const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
     return t.scalar_type() == dtype_ && same_dims(impl->sizes(), sizes_) && same_dims(impl->strides(), strides_) &&
-           t.device() == device_;
+           (device_known || t.device() == device_);
   }
 
   c10::Storage storage_;
