@@ -24,7 +24,7 @@ from fastopt.triton_kernels.multi_tensor import BLOCK, CHUNK  # noqa: E402
 # Pointer arguments and their element types; every other non-constexpr argument is a float,
 # except n_chunks.
 POINTERS = {
-    "tensor_of_chunk": "*i32", "start_of_chunk": "*i64", "numels": "*i64", "chunks_of_tensor": "*i32",
+    "tensor_of_chunk": "*i32", "start_of_chunk": "*i64", "numels": "*i64", "chunks": "*i64", "per_tensor": "*i64",
     "done": "*i32", "step_ptrs": "*i64", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "clip_coef_ptr": "*fp32",
     "found_inf_ptr": "*fp32", "partials": "*fp32", "counter": "*i32", "out": "*fp32",
 }
@@ -100,7 +100,7 @@ def main(arch: int) -> None:
             compute = tl.float64 if p_dtype == tl.float64 else tl.float32
             kernel = compile_one(fn, {"COMPUTE": compute, "P_DTYPE": p_dtype, "G_DTYPE": g_dtype, "OUT_DTYPE": g_dtype,
                                       "S_DTYPE": p_dtype, "STOCHASTIC": False, "STORE": STORES[None],
-                                      "CHUNK": CHUNK, "BLOCK": BLOCK, **values}, target)
+                                      "BLOCK": BLOCK, **values}, target)
             _check(kernel, fn, (p_dtype, g_dtype, values))
             count += 1
         # the low-precision stores (Note [stochastic stores in Triton], common.py): bf16 state
@@ -115,8 +115,8 @@ def main(arch: int) -> None:
             values["MASTER"] = g_dtype != p_dtype
             kernel = compile_one(fn, {"COMPUTE": tl.float32, "P_DTYPE": p_dtype, "G_DTYPE": g_dtype,
                                       "OUT_DTYPE": g_dtype, "S_DTYPE": tl.bfloat16 if stochastic else p_dtype,
-                                      "STOCHASTIC": stochastic, "STORE": STORES[store], "CHUNK": CHUNK,
-                                      "BLOCK": BLOCK, **values}, target)
+                                      "STOCHASTIC": stochastic, "STORE": STORES[store], "BLOCK": BLOCK,
+                                      **values}, target)
             _check(kernel, fn, (p_dtype, g_dtype, stochastic, store, values))
             count += 1
     for l2, on, (g_dtype, acc, acc_ptr) in itertools.product(

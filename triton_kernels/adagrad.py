@@ -11,8 +11,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    block_grad, block_param, block_store_param, chunk_bounds, div, finish_step, load_as, lr_over, read_step,
-    scalar, skipped, sqrt, store_state, walk_chunk,
+    block_grad, block_param, block_store_param, div, load_as, lr_over, scalar, sqrt, store_state, update_chunk,
 )
 from .launch import launch_args
 
@@ -34,28 +33,33 @@ def _adagrad_block(p_ptr, g_ptr, s_ptr, _s1, _s2, out_ptr, idx, mask, sc, gs, rs
 
 
 @triton.jit
+def _adagrad_scalars(step, H, G: tl.constexpr, F: tl.constexpr):
+    """The block update's scalars at step count ``step``: lr / (1 + (t - 1) * lr_decay) in float64,
+    rounded once (Note [scalars in float64])."""
+    lr_ptr, lr, lr_decay, eps, weight_decay = H
+    COMPUTE: tl.constexpr = G[0]
+    neg_clr = (-lr_over(lr_ptr, lr, 1.0 + (step.to(tl.float64) - 1.0) * lr_decay, G[11])).to(COMPUTE)
+    return (neg_clr, scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE))
+
+
+@triton.jit
 def _adagrad_kernel(
-    tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
+    chunks, per_tensor, numels, done, step_ptrs,
     p_ptrs, g_ptrs, sum_ptrs, out_ptrs, p_base, g_base, out_base, s_base, seed_ptrs,
     lr_ptr, lr: tl.float64, lr_decay: tl.float64, weight_decay: tl.float64, eps: tl.float64,
     grad_scale_ptr, clip_value: tl.float64, clip_coef_ptr, found_inf_ptr,
     COMPUTE: tl.constexpr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
     LR_IS_PTR: tl.constexpr, L2: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    S_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, STORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    S_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, STORE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
-        t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
-        step_ptr, step = read_step(step_ptrs, t)
-        # lr / (1 + (t - 1) * lr_decay) in float64, rounded once (Note [scalars in float64])
-        neg_clr = (-lr_over(lr_ptr, lr, 1.0 + (step.to(tl.float64) - 1.0) * lr_decay, LR_IS_PTR)).to(COMPUTE)
-        walk_chunk(_adagrad_block, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs, sum_ptrs, p_ptrs, p_ptrs,
-                   out_ptrs, seed_ptrs, t, step, start, end, (neg_clr, scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE)),
-                   grad_scale_ptr, clip_value, clip_coef_ptr,
-                   (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF, S_DTYPE, STOCHASTIC,
-                    STORE), (L2,),
-                   (True, False, False), BLOCK)
-        finish_step(step_ptr, step, chunks_of_tensor, done, t)
+    update_chunk(_adagrad_scalars, _adagrad_block, (lr_ptr, lr, lr_decay, eps, weight_decay),
+                 chunks, per_tensor, numels, done, step_ptrs, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs,
+                 sum_ptrs, p_ptrs, p_ptrs, out_ptrs, seed_ptrs, grad_scale_ptr, clip_value, clip_coef_ptr,
+                 found_inf_ptr,
+                 (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF, S_DTYPE, STOCHASTIC,
+                  STORE, LR_IS_PTR),
+                 (L2,), (True, False, False), HAS_FOUND_INF, BLOCK)
 
 
 def adagrad_step(plan, *, lr, lr_decay: float, weight_decay: float, eps: float, maximize: bool,
@@ -64,7 +68,7 @@ def adagrad_step(plan, *, lr, lr_decay: float, weight_decay: float, eps: float, 
     if len(plan) == 0:
         return
     args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize, "state_sums")
-    _adagrad_kernel[(plan.n_chunks,)](
+    _adagrad_kernel[(plan.update_chunks,)](
         *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["state_sums"],
         plan.ptrs["params_out"], *args["bases"], *args["lr"], lr_decay, weight_decay, eps, *args["grad"],
         L2=weight_decay != 0, **meta,

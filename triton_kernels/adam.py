@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    addcmul_sq, block_grad, block_param, block_store_param, chunk_bounds, decoupled_decay, div, finish_step, lerp,
-    load_as, lr_over, one_minus_pow, read_step, scalar, skipped, sqrt, store_state, walk_chunk,
+    addcmul_sq, block_grad, block_param, block_store_param, decoupled_decay, div, lerp, load_as, lr_over,
+    one_minus_pow, scalar, sqrt, store_state, update_chunk,
 )
 from .launch import launch_args
 
@@ -52,8 +52,23 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, out_ptr, idx, mask, sc, gs
 
 
 @triton.jit
+def _adam_scalars(step, H, G: tl.constexpr, F: tl.constexpr):
+    """The block update's scalars at step count ``step`` (Note [one program per chunk of a range])."""
+    lr_ptr, lr, lerp_weight, beta2, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay, decay = H
+    COMPUTE: tl.constexpr = G[0]
+    LR_IS_PTR: tl.constexpr = G[11]
+    neg_step_size = (-lr_over(lr_ptr, lr, one_minus_pow(log_beta1, step), LR_IS_PTR)).to(COMPUTE)
+    bc2_sqrt = sqrt(one_minus_pow(log_beta2, step)).to(COMPUTE)
+    decay_ = scalar(1.0, COMPUTE)
+    if F[1]:  # DECOUPLED
+        decay_ = decoupled_decay(lr_ptr, decay, weight_decay, LR_IS_PTR, COMPUTE)
+    return (neg_step_size, bc2_sqrt, scalar(lerp_weight, COMPUTE), scalar(beta2, COMPUTE),
+            scalar(one_minus_beta2, COMPUTE), scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), decay_)
+
+
+@triton.jit
 def _adam_kernel(
-    tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
+    chunks, per_tensor, numels, done, step_ptrs,
     p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, out_ptrs, p_base, g_base, out_base, s_base, seed_ptrs,
     lr_ptr, lr: tl.float64, lerp_weight: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
     log_beta1: tl.float64, log_beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64, decay: tl.float64,
@@ -62,24 +77,16 @@ def _adam_kernel(
     LR_IS_PTR: tl.constexpr, L2: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr, S_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
-    STORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    STORE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
-        t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
-        step_ptr, step = read_step(step_ptrs, t)
-        neg_step_size = (-lr_over(lr_ptr, lr, one_minus_pow(log_beta1, step), LR_IS_PTR)).to(COMPUTE)
-        bc2_sqrt = sqrt(one_minus_pow(log_beta2, step)).to(COMPUTE)
-        decay_ = scalar(1.0, COMPUTE)
-        if DECOUPLED:
-            decay_ = decoupled_decay(lr_ptr, decay, weight_decay, LR_IS_PTR, COMPUTE)
-        sc = (neg_step_size, bc2_sqrt, scalar(lerp_weight, COMPUTE), scalar(beta2, COMPUTE),
-              scalar(one_minus_beta2, COMPUTE), scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE), decay_)
-        walk_chunk(_adam_block, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs,
-                   out_ptrs, seed_ptrs, t, step, start, end, sc, grad_scale_ptr, clip_value, clip_coef_ptr,
-                   (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF, S_DTYPE, STOCHASTIC,
-                    STORE),
-                   (L2, DECOUPLED, AMSGRAD), (True, True, AMSGRAD), BLOCK)
-        finish_step(step_ptr, step, chunks_of_tensor, done, t)
+    update_chunk(_adam_scalars, _adam_block,
+                 (lr_ptr, lr, lerp_weight, beta2, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay, decay),
+                 chunks, per_tensor, numels, done, step_ptrs, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs,
+                 m_ptrs, v_ptrs, vmax_ptrs, out_ptrs, seed_ptrs, grad_scale_ptr, clip_value, clip_coef_ptr,
+                 found_inf_ptr,
+                 (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF, S_DTYPE, STOCHASTIC,
+                  STORE, LR_IS_PTR),
+                 (L2, DECOUPLED, AMSGRAD), (True, True, AMSGRAD), HAS_FOUND_INF, BLOCK)
 
 
 def adam_step(plan, *, lr, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
@@ -90,7 +97,7 @@ def adam_step(plan, *, lr, beta1: float, beta2: float, eps: float, weight_decay:
     if len(plan) == 0:
         return
     args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize, "exp_avgs")
-    _adam_kernel[(plan.n_chunks,)](
+    _adam_kernel[(plan.update_chunks,)](
         *args["tables"],
         plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["exp_avgs"], plan.ptrs["exp_avg_sqs"],
         plan.ptrs["max_exp_avg_sqs"], plan.ptrs["params_out"], *args["bases"],

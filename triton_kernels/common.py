@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .._plan import NO_GRAD as _NO_GRAD
+from .multi_tensor import RANGE_ROW as _RANGE_ROW
 from ..reference.rounding import (
     INDEX_HI as _INDEX_HI, INDEX_LO as _INDEX_LO, MIX1 as _MIX1, MIX2 as _MIX2, PARAM_SLOT as _PARAM_SLOT,
     SEED_HI as _SEED_HI, SEED_LO as _SEED_LO, STEP as _STEP,
@@ -54,16 +55,6 @@ def has_grad(g_ptrs, t):
     """Whether tensor ``t`` has a grad this step (Note [absent grads], fastopt/_plan.py: NO_GRAD
     in the grad table)."""
     return tl.load(g_ptrs + t) != NO_GRAD
-
-
-@triton.jit
-def skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF: tl.constexpr):
-    """This program changes nothing: GradScaler found inf/NaN, or its tensor has no grad this
-    step (then it is not updated and keeps its step count, as torch.optim skips it)."""
-    absent = not has_grad(g_ptrs, tl.load(tensor_of_chunk + tl.program_id(0)))
-    if HAS_FOUND_INF:
-        return absent | (tl.load(found_inf_ptr) != 0)
-    return absent
 
 
 @triton.jit
@@ -172,25 +163,6 @@ def one_minus_pow(log_beta, step):
 
 
 @triton.jit
-def read_step(step_ptrs, t):
-    """Tensor ``t``'s step tensor and the count this step uses (the stored count + 1)."""
-    step_ptr = tl.load(step_ptrs + t).to(tl.pointer_type(tl.float32))
-    return step_ptr, tl.load(step_ptr) + 1.0
-
-
-@triton.jit
-def finish_step(step_ptr, step, chunks_of_tensor, done, t):
-    """The last program of tensor ``t`` stores its new step count (Note [one-launch step counts])."""
-    count = tl.load(chunks_of_tensor + t)
-    if count == 1:
-        tl.store(step_ptr, step)
-    else:
-        if tl.atomic_add(done + t, 1) == count - 1:
-            tl.store(step_ptr, step)
-            tl.store(done + t, 0)
-
-
-@triton.jit
 def to_storage(x, DTYPE: tl.constexpr):
     """Round fp32 ``x`` to the storage dtype, to nearest even (torch's rounding).
 
@@ -294,8 +266,9 @@ def _slot_offset(base, table, t, absent_offset, PRESENT: tl.constexpr):
 def walk_chunk(BLOCK_FN: tl.constexpr, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs, s0_ptrs, s1_ptrs, s2_ptrs,
                out_ptrs, seed_ptrs, t, step, start, end, sc, grad_scale_ptr, clip_value, clip_coef_ptr,
                G: tl.constexpr, F: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
-    """Tensor ``t``'s elements [start, end) through ``BLOCK_FN`` (Note [one walk per chunk]);
-    ``step``: the tensor's count after this step (the random streams are keyed by it)."""
+    """The elements [start, end) from tensor ``t``'s addresses (a range's first tensor: Note [one
+    program per chunk of a range]) through ``BLOCK_FN`` (Note [one walk per chunk]); ``step``: the
+    count after this step (the random streams, of a tensor never joined, are keyed by it)."""
     inv_scale, coef = grad_scalars(grad_scale_ptr, clip_coef_ptr, G[5], G[7], G[0])
     gs = (scalar(clip_value, G[0]), inv_scale, coef)
     rs = random_streams(seed_ptrs, t, step, start, G[9] or G[10] == STORE_STOCHASTIC)
@@ -309,11 +282,11 @@ def walk_chunk(BLOCK_FN: tl.constexpr, p_base, g_base, out_base, s_base, p_ptrs,
     s1_off, s1_ok = _slot_offset(s_base, s1_ptrs, t, p_off, S1)
     s2_off, s2_ok = _slot_offset(s_base, s2_ptrs, t, p_off, S2)
     out_off, out_ok = _slot_offset(out_base, out_ptrs, t, g_off, WITH_OUT)
-    ok = ok & g_ok & s0_ok & s1_ok & s2_ok & out_ok
+    ok = ok & g_ok & s0_ok & s1_ok & s2_ok & out_ok & (start % BLOCK == 0)
     tail = start
     if ok:
         tail = start + (end - start) // BLOCK * BLOCK
-        for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of CHUNK
+        for off in tl.range(start // BLOCK * BLOCK, tail, BLOCK):  # start: a multiple of BLOCK
             BLOCK_FN(aligned_ptr(p_base, p_off), aligned_ptr(g_base, g_off), aligned_ptr(s_base, s0_off),
                      aligned_ptr(s_base, s1_off), aligned_ptr(s_base, s2_off), aligned_ptr(out_base, out_off),
                      off + tl.arange(0, BLOCK), None, sc, gs, rs, G, F)
@@ -321,6 +294,80 @@ def walk_chunk(BLOCK_FN: tl.constexpr, p_base, g_base, out_base, s_base, p_ptrs,
         idx = off + tl.arange(0, BLOCK)
         BLOCK_FN(p_base + p_off, g_base + g_off, s_base + s0_off, s_base + s1_off, s_base + s2_off,
                  out_base + out_off, idx, idx < end, sc, gs, rs, G, F)
+
+
+# Note [one program per chunk of a range]: the update kernels' programs, one per row of the plan's
+# range table (Note [ranges on the GPU], csrc/include/fastopt/range_table.h: RANGE_ROW values a
+# chunk, then two a tensor). A program walks its chunk [lo, hi) of the range from the range's
+# first tensor t0 (whose addresses are the range's) as one tensor when the tensors it covers, a
+# to b, all have the same step count, with that count's scalars; else tensor by tensor, each
+# its part of the chunk with its own count's (a step count written by hand, or a tensor skipped
+# in an earlier step: slower, the same results). Then it finishes the step count of each
+# (Note [one-launch step counts], multi_tensor.py): every read of a count comes before its own
+# bump of that tensor's counter. A rule gives its per-count scalars as
+#     SCALARS(step, H, G, F)
+# (``H``: its runtime hyperparameters; G[11] is LR_IS_PTR) and its block update (Note [one walk
+# per chunk]).
+RANGE_ROW: tl.constexpr = tl.constexpr(_RANGE_ROW)
+
+
+@triton.jit
+def _step_count(step_ptrs, u):
+    """Tensor ``u``'s step count as stored (before this step)."""
+    return tl.load(tl.load(step_ptrs + u).to(tl.pointer_type(tl.float32)))
+
+
+@triton.jit
+def _finish_step(step_ptrs, per_tensor, done, u):
+    """Stores tensor ``u``'s new count if this program is the last of those covering it."""
+    step_ptr = tl.load(step_ptrs + u).to(tl.pointer_type(tl.float32))
+    step = tl.load(step_ptr) + 1.0
+    count = tl.load(per_tensor + 2 * u + 1)
+    if count == 1:
+        tl.store(step_ptr, step)
+    else:
+        if tl.atomic_add(done + u, 1) == count - 1:
+            tl.store(step_ptr, step)
+            tl.store(done + u, 0)
+
+
+@triton.jit
+def update_chunk(SCALARS: tl.constexpr, BLOCK_FN: tl.constexpr, H, chunks, per_tensor, numels, done, step_ptrs,
+                 p_base, g_base, out_base, s_base, p_ptrs, g_ptrs, s0_ptrs, s1_ptrs, s2_ptrs, out_ptrs, seed_ptrs,
+                 grad_scale_ptr, clip_value, clip_coef_ptr, found_inf_ptr, G: tl.constexpr, F: tl.constexpr,
+                 S: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's chunk (Note [one program per chunk of a range]). Nothing changes when
+    GradScaler found inf/NaN or the chunk's tensor has no grad this step (then it keeps its step
+    count, as torch.optim skips it; a tensor without a grad is never joined)."""
+    row = chunks + tl.program_id(0) * RANGE_ROW
+    t0 = tl.load(row)
+    skip = tl.load(g_ptrs + t0) == NO_GRAD
+    if HAS_FOUND_INF:
+        skip = skip | (tl.load(found_inf_ptr) != 0)
+    if not skip:
+        a = tl.load(row + 1)
+        b = tl.load(row + 2)
+        lo = tl.load(row + 3)
+        hi = tl.load(row + 4)
+        count = _step_count(step_ptrs, a)
+        differ = tl.zeros([], tl.int32)
+        for u in tl.range(a + 1, b + 1):
+            differ += (_step_count(step_ptrs, u) != count).to(tl.int32)
+        if differ == 0:
+            step = count + 1.0
+            walk_chunk(BLOCK_FN, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs, s0_ptrs, s1_ptrs, s2_ptrs,
+                       out_ptrs, seed_ptrs, t0, step, lo, hi, SCALARS(step, H, G, F), grad_scale_ptr, clip_value,
+                       clip_coef_ptr, G, F, S, BLOCK)
+        else:
+            for u in tl.range(a, b + 1):
+                step = _step_count(step_ptrs, u) + 1.0
+                offset = tl.load(per_tensor + 2 * u)
+                walk_chunk(BLOCK_FN, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs, s0_ptrs, s1_ptrs, s2_ptrs,
+                           out_ptrs, seed_ptrs, t0, step, tl.maximum(lo, offset),
+                           tl.minimum(hi, offset + tl.load(numels + u)), SCALARS(step, H, G, F), grad_scale_ptr,
+                           clip_value, clip_coef_ptr, G, F, S, BLOCK)
+        for u in tl.range(a, b + 1):
+            _finish_step(step_ptrs, per_tensor, done, u)
 
 
 @triton.jit

@@ -9,7 +9,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import BLOCK, CHUNK
+from .multi_tensor import BLOCK
 
 # a plan's compensation (Note [param store], update_math.h) as the kernels' STORE constexpr
 STORES = {None: 0, "kahan": 1, "stochastic": 2}
@@ -46,8 +46,8 @@ def launch_args(plan, lr: Union[float, Tensor], grad_scale: Optional[Tensor], cl
     clip_coef = _device_scalar(clip_coef, dev)
     found_inf = _device_scalar(found_inf, dev)
     args = {
-        "tables": (plan.tensor_of_chunk, plan.start_of_chunk, plan.numels, plan.chunks_of_tensor, plan.done,
-                   plan.step_ptrs),
+        # Note [one program per chunk of a range] (common.py)
+        "tables": (plan.range_chunks, plan.range_per_tensor, plan.numels, plan.done, plan.step_ptrs),
         "lr": lr_args,
         # p_base, g_base, out_base, s_base (Note [aligned bodies]) and the seed table
         "bases": (*plan.bases("params", "grads", "params_out", state_slot),
@@ -73,7 +73,6 @@ def launch_args(plan, lr: Union[float, Tensor], grad_scale: Optional[Tensor], cl
         "HAS_CLIP": clip_value is not None,
         "HAS_COEF": clip_coef is not None,
         "HAS_FOUND_INF": found_inf is not None,
-        "CHUNK": CHUNK,
         "BLOCK": BLOCK,
         # Note [no FMA contraction]: Triton's default changes in 3.10; fixing it keeps the bits the
         # same across Triton 3.6-3.9+ and each multiply and add rounded as the reference does.

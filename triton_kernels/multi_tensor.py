@@ -26,6 +26,7 @@ from .._plan import NO_GRAD, STALE, OwnerRecord, bind_grad, check_grads, plain_t
 
 CHUNK = 16384  # elements per program, as the CUDA engine's (Note [chunk size], csrc/cpu/kernels.h)
 BLOCK = 1024  # elements per iteration of a program's loop
+RANGE_ROW = 5  # int64 values per chunk in the range table (fastopt/range_table.h, RangeTable::kRow)
 
 
 def _upload(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -106,6 +107,25 @@ class MultiTensorPlan:
             written = [(t, i) for name, tensors in slots.items() if name != grad_slot for i, t in enumerate(tensors)]
             written += [(t, i) for i, t in enumerate(steps)]
             self._binder.watch([t for t, _ in written], [i for _, i in written])
+        # Note [ranges on the GPU] (csrc/include/fastopt/range_table.h): the update's chunks, the
+        # per-tensor ones above until a bind finds grads back to back where the fixed slots are
+        # (the norm keeps those); with the extension only
+        self._ranges = None
+        if self._binder is not None and n:
+            fixed = [(self.ptr_values[name], tensors[0].element_size()) for name, tensors in slots.items()
+                     if name != grad_slot and tensors]
+            self._ranges = _ext._C.RangeTable(self.numel_list, fixed, self.templates[0].element_size(),
+                                              seeds is None, CHUNK)
+            table = self._ranges.table(pinned=dev.type == "cuda").to(dev, non_blocking=True)
+        else:
+            rows = [[t, t, t, start, min(self.numel_list[t], start + CHUNK)]
+                    for t, start in zip(tensor_of_chunk, start_of_chunk)]
+            table = _upload([v for row in rows for v in row] + [v for c in chunks_of_tensor for v in (0, c)],
+                            torch.int64, dev)
+        self.range_table = table
+        self.update_chunks = self.n_chunks  # how many programs the update launches (its grid)
+        self.range_chunks = table[:RANGE_ROW * self.n_chunks]  # the capacity: one row per chunk apart
+        self.range_per_tensor = table[RANGE_ROW * self.n_chunks:]
         # the norm kernel's scratch: one partial per chunk, a counter, the norm and the coefficient
         acc = torch.float64 if self.dtypes[grad_slot] == torch.float64 else torch.float32
         self.partials = torch.empty(max(self.n_chunks, 1), dtype=acc, device=dev)
@@ -138,6 +158,9 @@ class MultiTensorPlan:
             bound, relaid, absent, table = result
             if table is not None:  # an address changed: upload the grads row, no host sync
                 self.ptrs[self.grad_slot].copy_(table, non_blocking=True)
+                if self._ranges is not None and self._ranges.update(table):  # other grads join
+                    self.range_table.copy_(self._ranges.table(pinned=self.device.type == "cuda"), non_blocking=True)
+                    self.update_chunks = self._ranges.n_chunks
             return bound, relaid, absent
         now = self.owners if owners is None else owners
         if len(now) != len(self.records) or (grads is not None and len(grads) != len(self.records)):

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    addcmul_sq, block_grad, block_param, block_store_param, chunk_bounds, div, finish_step, lerp, load_as,
-    neg_lr, read_step, scalar, skipped, sqrt, store_state, walk_chunk,
+    addcmul_sq, block_grad, block_param, block_store_param, div, lerp, load_as, neg_lr, scalar, sqrt, store_state,
+    update_chunk,
 )
 from .launch import launch_args
 
@@ -52,8 +52,17 @@ def _rmsprop_block(p_ptr, g_ptr, v_ptr, ga_ptr, buf_ptr, out_ptr, idx, mask, sc,
 
 
 @triton.jit
+def _rmsprop_scalars(step, H, G: tl.constexpr, F: tl.constexpr):
+    """The block update's scalars: RMSprop keeps the step count (as torch) but does not use it."""
+    lr_ptr, lr, alpha, one_minus_alpha, momentum, eps, weight_decay = H
+    COMPUTE: tl.constexpr = G[0]
+    return (neg_lr(lr_ptr, lr, G[11], COMPUTE), scalar(alpha, COMPUTE), scalar(one_minus_alpha, COMPUTE),
+            scalar(momentum, COMPUTE), scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE))
+
+
+@triton.jit
 def _rmsprop_kernel(
-    tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
+    chunks, per_tensor, numels, done, step_ptrs,
     p_ptrs, g_ptrs, v_ptrs, ga_ptrs, buf_ptrs, out_ptrs, p_base, g_base, out_base, s_base, seed_ptrs,
     lr_ptr, lr: tl.float64, alpha: tl.float64, one_minus_alpha: tl.float64, eps: tl.float64,
     weight_decay: tl.float64, momentum: tl.float64,
@@ -62,19 +71,15 @@ def _rmsprop_kernel(
     LR_IS_PTR: tl.constexpr, L2: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
     MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr, S_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
-    STORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    STORE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
-        t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
-        step_ptr, step = read_step(step_ptrs, t)  # RMSprop keeps the count (as torch) but does not use it
-        sc = (neg_lr(lr_ptr, lr, LR_IS_PTR, COMPUTE), scalar(alpha, COMPUTE), scalar(one_minus_alpha, COMPUTE),
-              scalar(momentum, COMPUTE), scalar(eps, COMPUTE), scalar(weight_decay, COMPUTE))
-        walk_chunk(_rmsprop_block, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs, v_ptrs, ga_ptrs, buf_ptrs,
-                   out_ptrs, seed_ptrs, t, step, start, end, sc, grad_scale_ptr, clip_value, clip_coef_ptr,
-                   (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF, S_DTYPE, STOCHASTIC,
-                    STORE),
-                   (L2, CENTERED, MOMENTUM), (True, CENTERED, MOMENTUM), BLOCK)
-        finish_step(step_ptr, step, chunks_of_tensor, done, t)
+    update_chunk(_rmsprop_scalars, _rmsprop_block, (lr_ptr, lr, alpha, one_minus_alpha, momentum, eps, weight_decay),
+                 chunks, per_tensor, numels, done, step_ptrs, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs,
+                 v_ptrs, ga_ptrs, buf_ptrs, out_ptrs, seed_ptrs, grad_scale_ptr, clip_value, clip_coef_ptr,
+                 found_inf_ptr,
+                 (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF, S_DTYPE, STOCHASTIC,
+                  STORE, LR_IS_PTR),
+                 (L2, CENTERED, MOMENTUM), (True, CENTERED, MOMENTUM), HAS_FOUND_INF, BLOCK)
 
 
 def rmsprop_step(plan, *, lr, alpha: float, eps: float, weight_decay: float, momentum: float, centered: bool,
@@ -84,7 +89,7 @@ def rmsprop_step(plan, *, lr, alpha: float, eps: float, weight_decay: float, mom
     if len(plan) == 0:
         return
     args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize, "square_avgs")
-    _rmsprop_kernel[(plan.n_chunks,)](
+    _rmsprop_kernel[(plan.update_chunks,)](
         *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["square_avgs"],
         plan.ptrs["grad_avgs"], plan.ptrs["momentum_buffers"], plan.ptrs["params_out"],
         *args["bases"], *args["lr"], alpha, 1.0 - alpha, eps, weight_decay, momentum, *args["grad"],

@@ -11,10 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (
-    block_grad, block_param, block_store_param, chunk_bounds, finish_step, load_as, neg_lr, read_step, scalar,
-    skipped, store_state, walk_chunk,
-)
+from .common import block_grad, block_param, block_store_param, load_as, neg_lr, scalar, store_state, update_chunk
 from .launch import launch_args
 
 
@@ -42,8 +39,18 @@ def _sgd_block(p_ptr, g_ptr, buf_ptr, _s1, _s2, out_ptr, idx, mask, sc, gs, rs, 
 
 
 @triton.jit
+def _sgd_scalars(step, H, G: tl.constexpr, F: tl.constexpr):
+    """The block update's scalars at step count ``step``: the plan's own count (Note [SGD's first
+    step]), 1 on the buffer's first step."""
+    lr_ptr, lr, momentum, one_minus_dampening, weight_decay = H
+    COMPUTE: tl.constexpr = G[0]
+    return (neg_lr(lr_ptr, lr, G[11], COMPUTE), scalar(momentum, COMPUTE), scalar(one_minus_dampening, COMPUTE),
+            step == 1.0, scalar(weight_decay, COMPUTE))
+
+
+@triton.jit
 def _sgd_kernel(
-    tensor_of_chunk, start_of_chunk, numels, chunks_of_tensor, done, step_ptrs,
+    chunks, per_tensor, numels, done, step_ptrs,
     p_ptrs, g_ptrs, buf_ptrs, out_ptrs, p_base, g_base, out_base, s_base, seed_ptrs,
     lr_ptr, lr: tl.float64, momentum: tl.float64, one_minus_dampening: tl.float64, weight_decay: tl.float64,
     grad_scale_ptr, clip_value: tl.float64, clip_coef_ptr, found_inf_ptr,
@@ -51,20 +58,15 @@ def _sgd_kernel(
     LR_IS_PTR: tl.constexpr, L2: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_COEF: tl.constexpr, HAS_FOUND_INF: tl.constexpr, S_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
-    STORE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    STORE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    if not skipped(found_inf_ptr, g_ptrs, tensor_of_chunk, HAS_FOUND_INF):
-        t, start, end = chunk_bounds(tensor_of_chunk, start_of_chunk, numels, CHUNK)
-        # the plan's own count (Note [SGD's first step]): 1 on the buffer's first step
-        step_ptr, step = read_step(step_ptrs, t)
-        sc = (neg_lr(lr_ptr, lr, LR_IS_PTR, COMPUTE), scalar(momentum, COMPUTE), scalar(one_minus_dampening, COMPUTE),
-              step == 1.0, scalar(weight_decay, COMPUTE))
-        walk_chunk(_sgd_block, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs, buf_ptrs, p_ptrs, p_ptrs,
-                   out_ptrs, seed_ptrs, t, step, start, end, sc, grad_scale_ptr, clip_value, clip_coef_ptr,
-                   (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF, S_DTYPE, STOCHASTIC,
-                    STORE),
-                   (L2, MOMENTUM, NESTEROV), (MOMENTUM, False, False), BLOCK)
-        finish_step(step_ptr, step, chunks_of_tensor, done, t)
+    update_chunk(_sgd_scalars, _sgd_block, (lr_ptr, lr, momentum, one_minus_dampening, weight_decay),
+                 chunks, per_tensor, numels, done, step_ptrs, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs,
+                 buf_ptrs, p_ptrs, p_ptrs, out_ptrs, seed_ptrs, grad_scale_ptr, clip_value, clip_coef_ptr,
+                 found_inf_ptr,
+                 (COMPUTE, P_DTYPE, OUT_DTYPE, MAXIMIZE, MASTER, HAS_SCALE, HAS_CLIP, HAS_COEF, S_DTYPE, STOCHASTIC,
+                  STORE, LR_IS_PTR),
+                 (L2, MOMENTUM, NESTEROV), (MOMENTUM, False, False), HAS_FOUND_INF, BLOCK)
 
 
 def sgd_step(plan, *, lr, momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
@@ -73,7 +75,7 @@ def sgd_step(plan, *, lr, momentum: float, dampening: float, weight_decay: float
     if len(plan) == 0:
         return
     args, meta = launch_args(plan, lr, grad_scale, clip_value, clip_coef, found_inf, maximize, "momentum_buffers")
-    _sgd_kernel[(plan.n_chunks,)](
+    _sgd_kernel[(plan.update_chunks,)](
         *args["tables"], plan.ptrs["params"], plan.ptrs["grads"], plan.ptrs["momentum_buffers"],
         plan.ptrs["params_out"], *args["bases"], *args["lr"], momentum,
         1.0 - dampening, weight_decay, *args["grad"],

@@ -2,6 +2,7 @@
 #include <algorithm>
 
 #include "bindings.h"
+#include "fastopt/range_table.h"
 
 namespace fastopt {
 namespace bindings {
@@ -57,6 +58,45 @@ class TableBinder {
   std::vector<int64_t> uploaded_;  // as the plan's table holds them
 };
 
+// The Triton plan's update chunks (Note [ranges on the GPU], fastopt/range_table.h): `fixed` the
+// fixed slots' addresses with their element sizes; update() takes a bind's grad table (as
+// TableBinder.bind returns it) and says whether the chunks changed; table() copies them into a
+// fresh CPU tensor, pinned if asked, for an asynchronous upload.
+class PyRangeTable {
+ public:
+  PyRangeTable(std::vector<int64_t> numels, const std::vector<std::pair<std::vector<int64_t>, int64_t>>& fixed,
+               int64_t grad_itemsize, bool joinable, int64_t chunk) {
+    std::vector<std::pair<const int64_t*, int64_t>> views;  // read by the constructor only
+    for (const auto& [row, itemsize] : fixed) {
+      TORCH_CHECK(row.size() == numels.size(), "RangeTable: one address per tensor in every fixed slot");
+      views.emplace_back(row.data(), itemsize);
+    }
+    ranges_ = fastopt::RangeTable(std::move(numels), views, grad_itemsize, joinable, chunk);
+  }
+
+  bool update(const at::Tensor& grads) {
+    TORCH_CHECK(grads.is_cpu() && grads.scalar_type() == at::kLong && grads.is_contiguous() &&
+                    grads.numel() == ranges_.size(),
+                "RangeTable.update: one int64 grad address per tensor, in a contiguous CPU tensor");
+    return ranges_.update(grads.data_ptr<int64_t>());
+  }
+
+  at::Tensor table(bool pinned) const {
+    const auto& values = ranges_.table();
+    at::Tensor t = at::empty({static_cast<int64_t>(values.size())},
+                             at::TensorOptions().dtype(at::kLong).pinned_memory(pinned));
+    std::copy(values.begin(), values.end(), t.data_ptr<int64_t>());
+    return t;
+  }
+
+  int64_t n_chunks() const { return ranges_.n_chunks(); }
+  int64_t capacity() const { return ranges_.capacity(); }
+  bool any_join() const { return ranges_.any_join(); }
+
+ private:
+  fastopt::RangeTable ranges_;
+};
+
 }  // namespace
 
 void bind_grad_binder(py::module& m) {
@@ -82,6 +122,15 @@ void bind_grad_binder(py::module& m) {
            py::arg("pinned") = false)
       .def("release_grads", &TableBinder::release_grads)
       .def("watch", &TableBinder::watch, py::arg("tensors"), py::arg("owners"));
+  py::class_<PyRangeTable, std::shared_ptr<PyRangeTable>>(m, "RangeTable")
+      .def(py::init<std::vector<int64_t>, std::vector<std::pair<std::vector<int64_t>, int64_t>>, int64_t, bool,
+                    int64_t>(),
+           py::arg("numels"), py::arg("fixed"), py::arg("grad_itemsize"), py::arg("joinable"), py::arg("chunk"))
+      .def("update", &PyRangeTable::update, py::arg("grads"))
+      .def("table", &PyRangeTable::table, py::arg("pinned") = false)
+      .def_property_readonly("n_chunks", &PyRangeTable::n_chunks)
+      .def_property_readonly("capacity", &PyRangeTable::capacity)
+      .def_property_readonly("any_join", &PyRangeTable::any_join);
 }
 
 }  // namespace bindings

@@ -155,7 +155,9 @@ void bind_cuda(py::module& m) {
       .def("grad_norm", [](const CudaPlan& p, double norm_type, OptTensor grad_scale, c10::optional<double> clip,
                            c10::optional<double> max_norm) {
         return cuda::grad_norm(*p.plan, norm_type, grad_scale, clip, max_norm);
-      });
+      })
+      // how many chunks the update launches walk (Note [ranges on the GPU]): the tests see a merge
+      .def_property_readonly("update_chunks", [](const CudaPlan& p) { return p.plan->update_chunks(); });
   // cuda_plan(rule, lists, steps, owners, seeds=[], stochastic_state=False, compensation=None)
   // (plan_of; how it stores: Rounding, fastopt/update_op.h), as cpu_plan
   m.def(

@@ -36,7 +36,9 @@ struct Tables {
   int64_t n_chunks;
   const uint8_t* aligned;
   float* const* steps;
-  const int32_t* chunks_of_tensor;
+  const int64_t* ranges;  // Note [ranges on the GPU] (fastopt/range_table.h): the update's chunks
+  const int64_t* per_tensor;  // offset in its range, chunks covering it
+  int64_t n_update_chunks;
   int32_t* done;
   const int64_t* seeds;  // one per tensor: the random streams of the stochastic stores (or unused)
 
@@ -50,9 +52,10 @@ struct Tables {
 };
 
 inline Tables tables(const CudaPlan& plan) {
-  return Tables{plan.chunk_tensor(), plan.chunk_start(),    plan.numels(),        plan.ptrs(),
-                plan.size(),         plan.n_chunks(),       plan.aligned(),       plan.steps(),
-                plan.chunks_of_tensor(), plan.done(),         plan.seeds()};
+  return Tables{plan.chunk_tensor(), plan.chunk_start(),  plan.numels(),           plan.ptrs(),
+                plan.size(),         plan.n_chunks(),     plan.aligned(),          plan.steps(),
+                plan.range_chunks(), plan.range_per_tensor(), plan.update_chunks(), plan.done(),
+                plan.seeds()};
 }
 
 // Blocks of a persistent grid: enough to fill the GPU, never more than there are chunks.
@@ -201,38 +204,56 @@ __device__ __forceinline__ void for_each_element(Op& op, int64_t start, int64_t 
 }
 
 // Note [one-launch step counts] (triton_kernels/multi_tensor.py): every block that works on a
-// chunk of tensor t has read its step count before it bumps done[t]; the block that completes the
-// count writes step + 1 and resets the counter for the next launch.
-__device__ __forceinline__ void finish_step(const Tables& tb, int32_t t, float step) {
-  __syncthreads();  // every thread of this block has used the step count
-  if (threadIdx.x == 0) {
-    const int32_t count = tb.chunks_of_tensor[t];
+// chunk covering tensor u has read its step count before it bumps done[u]; the block that
+// completes the count writes step + 1 and resets the counter for the next launch. For each tensor
+// a to b of the block's chunk, in turn (each count is read again before its own bump).
+__device__ __forceinline__ void finish_steps(const Tables& tb, int64_t a, int64_t b) {
+  __syncthreads();  // every thread of this block has used the step counts
+  if (threadIdx.x != 0) return;
+  for (int64_t u = a; u <= b; ++u) {
+    const float step = *tb.steps[u] + 1.0f;
+    const int64_t count = tb.per_tensor[2 * u + 1];
     if (count == 1) {
-      *tb.steps[t] = step;
+      *tb.steps[u] = step;
     } else {
       __threadfence();
-      if (atomicAdd(tb.done + t, 1) == count - 1) {
-        *tb.steps[t] = step;
-        tb.done[t] = 0;
+      if (atomicAdd(tb.done + u, 1) == count - 1) {
+        *tb.steps[u] = step;
+        tb.done[u] = 0;
       }
     }
   }
 }
 
-// The update kernel: a persistent grid over the chunk table. `Chunk` is constructed per chunk
-// from (tables, tensor, step, the chunk's first index) and provides apply<N>(i).
+// The update kernel: a persistent grid over the range table (Note [ranges on the GPU],
+// fastopt/range_table.h). A chunk [lo, hi) of a range is walked from the range's first tensor t0
+// (whose addresses are the range's) as one tensor when the tensors it covers, a to b, have the
+// same step count; else tensor by tensor, each its part with its own count (slower, the same
+// results). `Chunk` is constructed from (tables, tensor, step, the first index) and provides
+// apply<N>(i); every thread reads the same table entries, so the block never diverges.
 template <typename Chunk, typename Params>
 __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, Params prm) {
   if (prm.ga.found_inf != nullptr && *prm.ga.found_inf != 0.0f) return;  // GradScaler: skip the step
-  for (int64_t c = blockIdx.x; c < tb.n_chunks; c += gridDim.x) {
-    const int32_t t = tb.chunk_tensor[c];
-    if (!tb.has_grad(t)) continue;  // the whole block sees the same t: no divergence at the barrier
-    const int64_t start = tb.chunk_start[c];
-    const int64_t end = min(tb.numels[t], start + kChunk);
-    const float step = *tb.steps[t] + 1.0f;
-    Chunk op(tb, t, step, start, prm);
-    for_each_element(op, start, end, tb.aligned[t] != 0);
-    finish_step(tb, t, step);
+  for (int64_t c = blockIdx.x; c < tb.n_update_chunks; c += gridDim.x) {
+    const int64_t* row = tb.ranges + c * RangeTable::kRow;
+    const auto t0 = static_cast<int32_t>(row[0]);
+    if (!tb.has_grad(t0)) continue;  // a tensor without a grad is never joined
+    const int64_t a = row[1], b = row[2], lo = row[3], hi = row[4];
+    const float count = *tb.steps[a];
+    bool same = true;
+    for (int64_t u = a + 1; u <= b; ++u) same = same && *tb.steps[u] == count;
+    if (same) {
+      Chunk op(tb, t0, count + 1.0f, lo, prm);
+      for_each_element(op, lo, hi, tb.aligned[t0] != 0);
+    } else {
+      for (int64_t u = a; u <= b; ++u) {
+        const int64_t offset = tb.per_tensor[2 * u];
+        const int64_t start = max(lo, offset), end = min(hi, offset + tb.numels[u]);
+        Chunk op(tb, t0, *tb.steps[u] + 1.0f, start, prm);
+        for_each_element(op, start, end, tb.aligned[t0] != 0 && start % kVec == 0);
+      }
+    }
+    finish_steps(tb, a, b);
   }
 }
 
@@ -240,7 +261,7 @@ template <typename Chunk, typename Params>
 void launch_update(const CudaPlan& plan, const Params& prm) {
   if (plan.size() == 0) return;
   const c10::cuda::CUDAGuard guard(plan.device());
-  update_kernel<Chunk, Params><<<grid_size(plan.n_chunks()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  update_kernel<Chunk, Params><<<grid_size(plan.update_chunks()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       tables(plan), prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -83,7 +83,7 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
     TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == device_,
                 "fastopt (cuda): step counts must be 1-element float32 tensors on ", device_);
   }
-  std::vector<int32_t> chunk_tensor, chunks_of_tensor;
+  std::vector<int32_t> chunk_tensor;
   std::vector<int64_t> chunk_start;
   for (size_t i = 0; i < n; ++i) {
     const int64_t numel = first[i].numel();
@@ -93,7 +93,6 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
       chunk_tensor.push_back(static_cast<int32_t>(i));
       chunk_start.push_back(c * kChunk);
     }
-    chunks_of_tensor.push_back(static_cast<int32_t>(count));
   }
   n_chunks_ = static_cast<int64_t>(chunk_tensor.size());
   if (!owners.empty()) {
@@ -109,6 +108,14 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
     for (size_t i = 0; i < slots_[s].size(); ++i) ptr_host_[s * n + i] = reinterpret_cast<int64_t>(slots_[s][i].data_ptr());
   }
   aligned_host_ = alignment();
+  {  // Note [ranges on the GPU]: the fixed slots are every present one but the grads
+    std::vector<std::pair<const int64_t*, int64_t>> fixed;
+    for (size_t s = 0; s < slots_.size(); ++s) {
+      if (s != kGradSlot && present_[s]) fixed.emplace_back(ptr_host_.data() + s * n, c10::elementSize(dtypes_[s]));
+    }
+    ranges_ = RangeTable(numels_, fixed, c10::elementSize(dtypes_[kGradSlot]), rounding_.seeds.empty(), kChunk);
+    TORCH_CHECK(ranges_.capacity() == n_chunks_, "fastopt (cuda): the range table's capacity is not the chunk count");
+  }
   std::vector<int64_t> step_ptrs;
   for (const auto& s : steps_) step_ptrs.push_back(reinterpret_cast<int64_t>(s.data_ptr()));
   chunk_tensor_ = upload(chunk_tensor, at::kInt, device_);
@@ -117,7 +124,7 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
   ptrs_dev_ = upload(ptr_host_, at::kLong, device_);
   aligned_dev_ = upload(aligned_host_, at::kByte, device_);
   step_ptrs_dev_ = upload(step_ptrs, at::kLong, device_);
-  chunks_of_tensor_ = upload(chunks_of_tensor, at::kInt, device_);
+  range_dev_ = upload(ranges_.table(), at::kLong, device_);
   seeds_dev_ = upload(rounding_.seeds, at::kLong, device_);
   const auto on_device = at::TensorOptions().device(device_);
   done_ = at::zeros({static_cast<int64_t>(std::max<size_t>(n, 1))}, on_device.dtype(at::kInt));
@@ -138,7 +145,7 @@ void CudaPlan::upload_grads() {
     row[i] = address;
   }
   if (!changed) return;
-  // Only the grads row of the address table, and the alignment flags, change.
+  // Only the grads row of the address table, the alignment flags and the range table change.
   const std::vector<uint8_t> aligned = alignment();
   ptrs_dev_.narrow(0, static_cast<int64_t>(kGradSlot * n), static_cast<int64_t>(n))
       .copy_(upload(std::vector<int64_t>(row, row + n), at::kLong, device_), /*non_blocking=*/true);
@@ -146,6 +153,7 @@ void CudaPlan::upload_grads() {
     aligned_dev_.copy_(upload(aligned, at::kByte, device_), /*non_blocking=*/true);
     aligned_host_ = aligned;
   }
+  if (ranges_.update(row)) range_dev_.copy_(upload(ranges_.table(), at::kLong, device_), /*non_blocking=*/true);
 }
 
 BindResult CudaPlan::bind_grads(const GivenGrads* given) {

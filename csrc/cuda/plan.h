@@ -3,9 +3,11 @@
 // Note [CUDA tables in device memory]: torch's multi_tensor_apply packs tensor addresses into the
 // 4 KB kernel-argument buffer and so launches once every ~36 tensors. A CudaPlan keeps the
 // per-group metadata in device memory instead, built once: per-slot address tables, element
-// counts, the chunk table (tensor index, 64-bit start), per-tensor step-count addresses, and the
-// counters of Note [one-launch step counts] (triton_kernels/multi_tensor.py, the same protocol).
-// A step re-uploads only the grad addresses, and only when a grad was reallocated; the kernels
+// counts, the chunk table (tensor index, 64-bit start; the norm's), the update's range table (Note
+// [ranges on the GPU], fastopt/range_table.h), per-tensor step-count addresses, and the counters
+// of Note [one-launch step counts] (triton_kernels/multi_tensor.py, the same protocol). A step
+// re-uploads only the grad addresses, and only when a grad was reallocated (the range table too
+// when that changes which grads lie back to back); the kernels
 // run a persistent grid sized to the GPU that walks the chunk table, so one launch updates every
 // tensor of a group however many there are.
 #pragma once
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "fastopt/grad_binding.h"
+#include "fastopt/range_table.h"
 #include "fastopt/update_op.h"
 
 namespace fastopt {
@@ -41,7 +44,8 @@ class CudaPlan {
   void release_grads() { fastopt::release_grads(slots_[kGradSlot]); }
 
   int64_t size() const { return static_cast<int64_t>(numels_.size()); }
-  int64_t n_chunks() const { return n_chunks_; }
+  int64_t n_chunks() const { return n_chunks_; }  // per tensor: the norm's
+  int64_t update_chunks() const { return ranges_.n_chunks(); }  // Note [ranges on the GPU]: the update's
   at::ScalarType dtype(size_t slot) const { return dtypes_[slot]; }
   bool present(size_t slot) const { return present_[slot]; }
   const at::Device& device() const { return device_; }
@@ -56,7 +60,8 @@ class CudaPlan {
   void* const* ptrs() const { return static_cast<void* const*>(ptrs_dev_.data_ptr()); }  // [slot][tensor]
   const uint8_t* aligned() const { return aligned_dev_.data_ptr<uint8_t>(); }
   float* const* steps() const { return static_cast<float* const*>(step_ptrs_dev_.data_ptr()); }
-  const int32_t* chunks_of_tensor() const { return chunks_of_tensor_.data_ptr<int32_t>(); }
+  const int64_t* range_chunks() const { return range_dev_.data_ptr<int64_t>(); }  // RangeTable::kRow a chunk
+  const int64_t* range_per_tensor() const { return range_dev_.data_ptr<int64_t>() + RangeTable::kRow * n_chunks_; }
   int32_t* done() const { return done_.data_ptr<int32_t>(); }
   const int64_t* seeds() const { return seeds_dev_.data_ptr<int64_t>(); }
   double* partials() const { return partials_.data_ptr<double>(); }
@@ -78,8 +83,9 @@ class CudaPlan {
   std::vector<void*> bound_addresses_;  // this step's grad addresses, from bind_grads()
   std::vector<uint8_t> aligned_host_;
   int64_t n_chunks_ = 0;
-  at::Tensor chunk_tensor_, chunk_start_, numels_dev_, ptrs_dev_, aligned_dev_, step_ptrs_dev_,
-      chunks_of_tensor_, done_, partials_, norm_counter_, seeds_dev_;
+  RangeTable ranges_;  // the update's chunks (capacity n_chunks_), rebuilt when other grads join
+  at::Tensor chunk_tensor_, chunk_start_, numels_dev_, ptrs_dev_, aligned_dev_, step_ptrs_dev_, range_dev_, done_,
+      partials_, norm_counter_, seeds_dev_;
 };
 
 // The learning rate: a device tensor (read by the kernel: CUDA-graph safe) or a value.
