@@ -177,3 +177,29 @@ def test_range_table():
     _check_range_table(table, numels, [False, False, False, False, False, True, False, True], chunk)
     seeded = ext._C.RangeTable(numels, [(address, 4)], 4, False, chunk)  # seeds: never joined
     assert not seeded.any_join and not seeded.update(torch.tensor([a + 10**6 for a in address]))
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] == "triton"])
+def test_triton_plan_without_the_extension(backend, monkeypatch):
+    """Without fastopt._C the Triton plan binds in Python and keeps the per-tensor chunks (Note
+    [ranges on the GPU]: the ranges are the extension's): the same results, one chunk per tensor
+    apart (a chunk per 16,384 elements of each)."""
+    monkeypatch.setattr(fastopt._ext, "has_cpu_ops", lambda: False)
+    spec = SPEC_BY_NAME["Adam"]
+    device = backend_device(backend)
+    together = [torch.nn.Parameter(v) for v in torch.randn(sum(LONG_SIZES), device=device).split(LONG_SIZES)]
+    apart = clone_params(together)
+    make = lambda params: spec.fastopt_cls(params, backend=backend, lr=spec.lr, **spec.stateful)
+    opt_together, opt_apart = make(together), make(apart)
+    for step in (1, 2):
+        torch.manual_seed(step)
+        grads = list(torch.randn(sum(LONG_SIZES), device=device).split(LONG_SIZES))
+        for p, g in zip(together, grads):
+            p.grad = g
+        set_grads(apart, grads)
+        opt_together.step()
+        opt_apart.step()
+        assert opt_together.step_stats.reference == 0, opt_together.step_stats
+        assert _update_chunks(opt_together) == [sum(-(-k // 16_384) or 1 for k in LONG_SIZES)]
+        for i, (p, q) in enumerate(zip(together, apart)):
+            assert torch.equal(p, q), f"step {step}: param {i} differs from its twin apart"
