@@ -9,7 +9,10 @@
 # test` runs them: the whole matrix took 25 of the run's 60 minutes, and with `half` (about half of
 # them) the whole run took 72 minutes on an AMD EPYC machine of this workplace (2026-12-07:
 # environment 1 2052 s, environment 2 2273 s of which 1597 s of tests), 44 on an Intel Xeon one.
-# --durations: the slowest tests are in CI's log, for the next trim.
+# --durations: the slowest tests are in CI's log, for the next trim. With `sample` the run took
+# 3488 s there (2026-12-07: environment 1 1866 s, environment 2 1622 s), the longest test in each
+# environment the convergence check of tests/test_convergence.py (482 s and 497 s of one worker):
+# it trains with the CPU kernels, which environment 1 checks as well, so it is left out here.
 #
 # The venv and pip's download cache live under $FASTOPT_CI_CACHE (default ~/.cache/fastopt-ci),
 # outside the source tree, and are reused by later runs on the same machine.
@@ -41,4 +44,4 @@ import fastopt, fastopt.nn, fastopt.triton_kernels
 assert fastopt._ext.has_cuda_ops(), fastopt._ext.load_error
 print('fastopt installed at', fastopt.__file__, '| built with CUDA')"
 "${clean[@]}" FASTOPT_REQUIRE_EXT=1 FASTOPT_TRITON_MATRIX=sample "$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 --durations=30 --timeout=600 --timeout-method=thread --rootdir "$work/src" \
-  -c "$work/src/pyproject.toml" "$work/src/tests"
+  -c "$work/src/pyproject.toml" -k "not test_low_precision_modes_converge_like_master_weights" "$work/src/tests"
