@@ -90,30 +90,36 @@ def test_adjacent_tensors_are_one_range(backend, name, extras):
 # tensors larger and smaller than a chunk (16,384 elements on the GPU plans, 32,768 on the CPU),
 # so that chunks begin and end inside tensors and a tensor is covered by several chunks
 LONG_SIZES = [10_000, 20_000, 3, 16_381, 40_000, 7]
+# more tiny tensors than a GPU plan's chunk covers (RangeTable::kMaxTensors, 64): chunks cut early
+TINY_SIZES = [1] * 150 + [3, 20_000]
 
 
+@pytest.mark.parametrize("sizes", [LONG_SIZES, TINY_SIZES], ids=["long", "tiny"])
 @pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] != "reference"])
-def test_a_range_of_several_chunks(backend):
+def test_a_range_of_several_chunks(backend, sizes):
     """Adam over views of one buffer whose range spans several chunks: bit for bit the same tensors
     apart, each step; param 2's grad is absent in step 2, so in step 3 the chunks that cover it
     hold tensors of two step counts (walked tensor by tensor), and every count is stored once."""
     spec = SPEC_BY_NAME["Adam"]
     device = backend_device(backend)
-    together = [torch.nn.Parameter(v) for v in torch.randn(sum(LONG_SIZES), device=device).split(LONG_SIZES)]
+    together = [torch.nn.Parameter(v) for v in torch.randn(sum(sizes), device=device).split(sizes)]
     apart = clone_params(together)
+    theirs = clone_params(together)
     make = lambda params: spec.fastopt_cls(params, backend=backend, lr=spec.lr, **spec.stateful)
     opt_together, opt_apart = make(together), make(apart)
+    opt_t = spec.torch_cls(theirs, foreach=False, lr=spec.lr, **spec.stateful)
     for step in (1, 2, 3):
         torch.manual_seed(step)
-        buffer = torch.randn(sum(LONG_SIZES), device=device)
-        grads = list(buffer.split(LONG_SIZES))
+        buffer = torch.randn(sum(sizes), device=device)
+        grads = list(buffer.split(sizes))
         if step == 2:  # the other grads stay views of the buffer, apart from each other
             grads[2] = None
         for p, g in zip(together, grads):
             p.grad = g
         set_grads(apart, grads)
-        opt_together.step()
-        opt_apart.step()
+        set_grads(theirs, grads)
+        for opt in (opt_together, opt_apart, opt_t):
+            opt.step()
         assert opt_together.step_stats.reference == 0, opt_together.step_stats
         chunks = _update_chunks(opt_together)[0]
         assert chunks < _update_chunks(opt_apart)[0], f"step {step}: {chunks} chunks, not one range"
@@ -121,28 +127,34 @@ def test_a_range_of_several_chunks(backend):
             assert torch.equal(p, q), f"step {step}: param {i} differs from its twin apart"
             for key, value in opt_apart.state[q].items():
                 assert torch.equal(opt_together.state[p][key], value), f"step {step}: param {i}'s {key} differs"
+    assert_matches(opt_together, opt_t, together, theirs, torch.float32)  # the step counts too
 
 
 def _check_range_table(table, numels, joins, chunk):
     """The invariants of Note [ranges on the GPU]'s table for tensors of ``numels`` where tensor i
     joins i - 1 when ``joins[i]``."""
-    row, n = 5, len(numels)
+    row, n, most = table.row, len(numels), table.max_tensors
     values = table.table().tolist()
     capacity = table.capacity
     rows = [values[c * row:(c + 1) * row] for c in range(table.n_chunks)]
     offsets = values[row * capacity:][0::2]
     covers = values[row * capacity:][1::2]
-    assert capacity == sum(max(1, -(-k // chunk)) for k in numels)
+    assert capacity == sum(max(1, -(-k // chunk)) for k in numels) + n // most
     starts = [t for t in range(n) if t == 0 or not joins[t]]
     walked = []
     for first, last in zip(starts, starts[1:] + [n]):
         total = sum(numels[first:last])
         assert offsets[first:last] == [sum(numels[first:k]) for k in range(first, last)]
         mine = [r for r in rows if r[0] == first]
-        assert [(r[3], r[4]) for r in mine] == [(lo, min(total, lo + chunk)) for lo in range(0, max(total, 1), chunk)]
+        # back to back from 0 to the range's end, each chunk `chunk` elements unless it is the last
+        # or ends early at its `most`-th tensor
+        assert [r[3] for r in mine] == [0] + [r[4] for r in mine[:-1]] and mine[-1][4] == total
         for t0, a, b, lo, hi in mine:  # a to b: exactly the tensors with an element in [lo, hi)
             inside = [k for k in range(first, last) if offsets[k] < hi and lo < offsets[k] + numels[k]]
             assert [a, b] == ([min(inside), max(inside)] if inside else [first, first]), (t0, lo, hi)
+            assert b - a < most and (hi - lo == chunk or hi == total or (b - a == most - 1 and hi < lo + chunk))
+            if b - a == most - 1 and hi < lo + chunk:
+                assert hi == offsets[b] + numels[b]
         walked += mine
     assert len(walked) == len(rows) == table.n_chunks
     assert covers == [sum(r[1] <= t <= r[2] for r in rows) for t in range(n)]
@@ -177,6 +189,18 @@ def test_range_table():
     _check_range_table(table, numels, [False, False, False, False, False, True, False, True], chunk)
     seeded = ext._C.RangeTable(numels, [(address, 4)], 4, False, chunk)  # seeds: never joined
     assert not seeded.any_join and not seeded.update(torch.tensor([a + 10**6 for a in address]))
+    # more tiny tensors in one range than a chunk covers, around a long one
+    from fastopt.triton_kernels.multi_tensor import RANGE_ROW, RANGE_TENSORS
+    assert (table.row, table.max_tensors) == (RANGE_ROW, RANGE_TENSORS)
+    numels = [1] * 200 + [50] + [2] * 70
+    address = [0]
+    for k in numels[:-1]:
+        address.append(address[-1] + 8 * k)  # float64 params back to back
+    chunk = 128
+    table = ext._C.RangeTable(numels, [(address, 8)], 2, True, chunk)  # bfloat16 grads
+    assert table.update(torch.tensor([a // 4 + 64 for a in address]))
+    _check_range_table(table, numels, [False] + [True] * (len(numels) - 1), chunk)
+    assert table.n_chunks > -(-sum(numels) // chunk)  # some cut early
 
 
 @pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] == "triton"])

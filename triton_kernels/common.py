@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .._plan import NO_GRAD as _NO_GRAD
-from .multi_tensor import RANGE_ROW as _RANGE_ROW
+from .multi_tensor import RANGE_ROW as _RANGE_ROW, RANGE_TENSORS as _RANGE_TENSORS
 from ..reference.rounding import (
     INDEX_HI as _INDEX_HI, INDEX_LO as _INDEX_LO, MIX1 as _MIX1, MIX2 as _MIX2, PARAM_SLOT as _PARAM_SLOT,
     SEED_HI as _SEED_HI, SEED_LO as _SEED_LO, STEP as _STEP,
@@ -300,35 +300,22 @@ def walk_chunk(BLOCK_FN: tl.constexpr, p_base, g_base, out_base, s_base, p_ptrs,
 # range table (Note [ranges on the GPU], csrc/include/fastopt/range_table.h: RANGE_ROW values a
 # chunk, then two a tensor). A program walks its chunk [lo, hi) of the range from the range's
 # first tensor t0 (whose addresses are the range's) as one tensor when the tensors it covers, a
-# to b, all have the same step count, with that count's scalars; else tensor by tensor, each
-# its part of the chunk with its own count's (a step count written by hand, or a tensor skipped
-# in an earlier step: slower, the same results). Then it finishes the step count of each
-# (Note [one-launch step counts], multi_tensor.py): every read of a count comes before its own
-# bump of that tensor's counter. A rule gives its per-count scalars as
+# to b (at most RANGE_TENSORS: one lane each), all have the same step count, with that count's
+# scalars; else tensor by tensor, each its part of the chunk with its own count's (a step count
+# written by hand, or a tensor skipped in an earlier step: slower, the same results). Then it
+# finishes the step count of each (Note [one-launch step counts], multi_tensor.py): the counts
+# are read before its bumps of their counters. A rule gives its per-count scalars as
 #     SCALARS(step, H, G, F)
 # (``H``: its runtime hyperparameters; G[11] is LR_IS_PTR) and its block update (Note [one walk
 # per chunk]).
 RANGE_ROW: tl.constexpr = tl.constexpr(_RANGE_ROW)
+RANGE_TENSORS: tl.constexpr = tl.constexpr(_RANGE_TENSORS)
 
 
 @triton.jit
 def _step_count(step_ptrs, u):
     """Tensor ``u``'s step count as stored (before this step)."""
     return tl.load(tl.load(step_ptrs + u).to(tl.pointer_type(tl.float32)))
-
-
-@triton.jit
-def _finish_step(step_ptrs, per_tensor, done, u):
-    """Stores tensor ``u``'s new count if this program is the last of those covering it."""
-    step_ptr = tl.load(step_ptrs + u).to(tl.pointer_type(tl.float32))
-    step = tl.load(step_ptr) + 1.0
-    count = tl.load(per_tensor + 2 * u + 1)
-    if count == 1:
-        tl.store(step_ptr, step)
-    else:
-        if tl.atomic_add(done + u, 1) == count - 1:
-            tl.store(step_ptr, step)
-            tl.store(done + u, 0)
 
 
 @triton.jit
@@ -349,11 +336,12 @@ def update_chunk(SCALARS: tl.constexpr, BLOCK_FN: tl.constexpr, H, chunks, per_t
         b = tl.load(row + 2)
         lo = tl.load(row + 3)
         hi = tl.load(row + 4)
+        us = a + tl.arange(0, RANGE_TENSORS)  # the covered tensors, a lane each
+        covered = us <= b
+        count_ptrs = tl.load(step_ptrs + us, mask=covered, other=0).to(tl.pointer_type(tl.float32))
+        counts = tl.load(count_ptrs, mask=covered, other=0.0)
         count = _step_count(step_ptrs, a)
-        differ = tl.zeros([], tl.int32)
-        for u in tl.range(a + 1, b + 1):
-            differ += (_step_count(step_ptrs, u) != count).to(tl.int32)
-        if differ == 0:
+        if tl.sum((covered & (counts != count)).to(tl.int32), axis=0) == 0:
             step = count + 1.0
             walk_chunk(BLOCK_FN, p_base, g_base, out_base, s_base, p_ptrs, g_ptrs, s0_ptrs, s1_ptrs, s2_ptrs,
                        out_ptrs, seed_ptrs, t0, step, lo, hi, SCALARS(step, H, G, F), grad_scale_ptr, clip_value,
@@ -366,8 +354,13 @@ def update_chunk(SCALARS: tl.constexpr, BLOCK_FN: tl.constexpr, H, chunks, per_t
                            out_ptrs, seed_ptrs, t0, step, tl.maximum(lo, offset),
                            tl.minimum(hi, offset + tl.load(numels + u)), SCALARS(step, H, G, F), grad_scale_ptr,
                            clip_value, clip_coef_ptr, G, F, S, BLOCK)
-        for u in tl.range(a, b + 1):
-            _finish_step(step_ptrs, per_tensor, done, u)
+        # each covered tensor's new count, stored by the last program of those covering it
+        covers = tl.load(per_tensor + 2 * us + 1, mask=covered, other=1)
+        shared = covered & (covers > 1)
+        before = tl.atomic_add(done + us, 1, mask=shared)
+        last = shared & (before == covers - 1)
+        tl.store(count_ptrs, counts + 1.0, mask=covered & ((covers == 1) | last))
+        tl.store(done + us, 0, mask=last)
 
 
 @triton.jit

@@ -27,6 +27,7 @@ from .._plan import NO_GRAD, STALE, OwnerRecord, bind_grad, check_grads, plain_t
 CHUNK = 16384  # elements per program, as the CUDA engine's (Note [chunk size], csrc/cpu/kernels.h)
 BLOCK = 1024  # elements per iteration of a program's loop
 RANGE_ROW = 5  # int64 values per chunk in the range table (fastopt/range_table.h, RangeTable::kRow)
+RANGE_TENSORS = 64  # the most tensors a chunk of it covers (RangeTable::kMaxTensors)
 
 
 def _upload(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -117,15 +118,17 @@ class MultiTensorPlan:
             self._ranges = _ext._C.RangeTable(self.numel_list, fixed, self.templates[0].element_size(),
                                               seeds is None, CHUNK)
             table = self._ranges.table(pinned=dev.type == "cuda").to(dev, non_blocking=True)
+            capacity = self._ranges.capacity
         else:
             rows = [[t, t, t, start, min(self.numel_list[t], start + CHUNK)]
                     for t, start in zip(tensor_of_chunk, start_of_chunk)]
             table = _upload([v for row in rows for v in row] + [v for c in chunks_of_tensor for v in (0, c)],
                             torch.int64, dev)
+            capacity = self.n_chunks
         self.range_table = table
         self.update_chunks = self.n_chunks  # how many programs the update launches (its grid)
-        self.range_chunks = table[:RANGE_ROW * self.n_chunks]  # the capacity: one row per chunk apart
-        self.range_per_tensor = table[RANGE_ROW * self.n_chunks:]
+        self.range_chunks = table[:RANGE_ROW * capacity]
+        self.range_per_tensor = table[RANGE_ROW * capacity:]
         # the norm kernel's scratch: one partial per chunk, a counter, the norm and the coefficient
         acc = torch.float64 if self.dtypes[grad_slot] == torch.float64 else torch.float32
         self.partials = torch.empty(max(self.n_chunks, 1), dtype=acc, device=dev)

@@ -130,7 +130,9 @@ void bind_grad_binder(py::module& m) {
       .def("table", &PyRangeTable::table, py::arg("pinned") = false)
       .def_property_readonly("n_chunks", &PyRangeTable::n_chunks)
       .def_property_readonly("capacity", &PyRangeTable::capacity)
-      .def_property_readonly("any_join", &PyRangeTable::any_join);
+      .def_property_readonly("any_join", &PyRangeTable::any_join)
+      .def_property_readonly_static("row", [](py::object) { return fastopt::RangeTable::kRow; })
+      .def_property_readonly_static("max_tensors", [](py::object) { return fastopt::RangeTable::kMaxTensors; });
 }
 
 }  // namespace bindings

@@ -203,34 +203,36 @@ __device__ __forceinline__ void for_each_element(Op& op, int64_t start, int64_t 
   for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) op.template apply<1>(i);
 }
 
+static_assert(RangeTable::kMaxTensors <= kThreads, "a thread per tensor a chunk covers");
+
 // Note [one-launch step counts] (triton_kernels/multi_tensor.py): every block that works on a
 // chunk covering tensor u has read its step count before it bumps done[u]; the block that
-// completes the count writes step + 1 and resets the counter for the next launch. For each tensor
-// a to b of the block's chunk, in turn (each count is read again before its own bump).
+// completes the count writes step + 1 and resets the counter for the next launch. Thread i
+// finishes tensor a + i of the block's chunk (its count read again before its bump).
 __device__ __forceinline__ void finish_steps(const Tables& tb, int64_t a, int64_t b) {
   __syncthreads();  // every thread of this block has used the step counts
-  if (threadIdx.x != 0) return;
-  for (int64_t u = a; u <= b; ++u) {
-    const float step = *tb.steps[u] + 1.0f;
-    const int64_t count = tb.per_tensor[2 * u + 1];
-    if (count == 1) {
+  const int64_t u = a + static_cast<int64_t>(threadIdx.x);
+  if (u > b) return;
+  const float step = *tb.steps[u] + 1.0f;
+  const int64_t count = tb.per_tensor[2 * u + 1];
+  if (count == 1) {
+    *tb.steps[u] = step;
+  } else {
+    __threadfence();
+    if (atomicAdd(tb.done + u, 1) == count - 1) {
       *tb.steps[u] = step;
-    } else {
-      __threadfence();
-      if (atomicAdd(tb.done + u, 1) == count - 1) {
-        *tb.steps[u] = step;
-        tb.done[u] = 0;
-      }
+      tb.done[u] = 0;
     }
   }
 }
 
 // The update kernel: a persistent grid over the range table (Note [ranges on the GPU],
 // fastopt/range_table.h). A chunk [lo, hi) of a range is walked from the range's first tensor t0
-// (whose addresses are the range's) as one tensor when the tensors it covers, a to b, have the
-// same step count; else tensor by tensor, each its part with its own count (slower, the same
-// results). `Chunk` is constructed from (tables, tensor, step, the first index) and provides
-// apply<N>(i); every thread reads the same table entries, so the block never diverges.
+// (whose addresses are the range's) as one tensor when the tensors it covers, a to b (at most
+// kMaxTensors: a thread each checks one), have the same step count; else tensor by tensor, each
+// its part with its own count (slower, the same results). `Chunk` is constructed from (tables,
+// tensor, step, the first index) and provides apply<N>(i); every thread reads the same table
+// entries, so the block never diverges.
 template <typename Chunk, typename Params>
 __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, Params prm) {
   if (prm.ga.found_inf != nullptr && *prm.ga.found_inf != 0.0f) return;  // GradScaler: skip the step
@@ -240,9 +242,8 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, Params prm)
     if (!tb.has_grad(t0)) continue;  // a tensor without a grad is never joined
     const int64_t a = row[1], b = row[2], lo = row[3], hi = row[4];
     const float count = *tb.steps[a];
-    bool same = true;
-    for (int64_t u = a + 1; u <= b; ++u) same = same && *tb.steps[u] == count;
-    if (same) {
+    const int64_t mine = a + static_cast<int64_t>(threadIdx.x);
+    if (__syncthreads_or(mine <= b && *tb.steps[mine] != count) == 0) {
       Chunk op(tb, t0, count + 1.0f, lo, prm);
       for_each_element(op, lo, hi, tb.aligned[t0] != 0);
     } else {

@@ -114,7 +114,6 @@ CudaPlan::CudaPlan(const std::vector<std::pair<const char*, std::vector<at::Tens
       if (s != kGradSlot && present_[s]) fixed.emplace_back(ptr_host_.data() + s * n, c10::elementSize(dtypes_[s]));
     }
     ranges_ = RangeTable(numels_, fixed, c10::elementSize(dtypes_[kGradSlot]), rounding_.seeds.empty(), kChunk);
-    TORCH_CHECK(ranges_.capacity() == n_chunks_, "fastopt (cuda): the range table's capacity is not the chunk count");
   }
   std::vector<int64_t> step_ptrs;
   for (const auto& s : steps_) step_ptrs.push_back(reinterpret_cast<int64_t>(s.data_ptr()));

@@ -61,7 +61,9 @@ class CudaPlan {
   const uint8_t* aligned() const { return aligned_dev_.data_ptr<uint8_t>(); }
   float* const* steps() const { return static_cast<float* const*>(step_ptrs_dev_.data_ptr()); }
   const int64_t* range_chunks() const { return range_dev_.data_ptr<int64_t>(); }  // RangeTable::kRow a chunk
-  const int64_t* range_per_tensor() const { return range_dev_.data_ptr<int64_t>() + RangeTable::kRow * n_chunks_; }
+  const int64_t* range_per_tensor() const {
+    return range_dev_.data_ptr<int64_t>() + RangeTable::kRow * ranges_.capacity();
+  }
   int32_t* done() const { return done_.data_ptr<int32_t>(); }
   const int64_t* seeds() const { return seeds_dev_.data_ptr<int64_t>(); }
   double* partials() const { return partials_.data_ptr<double>(); }
@@ -83,7 +85,7 @@ class CudaPlan {
   std::vector<void*> bound_addresses_;  // this step's grad addresses, from bind_grads()
   std::vector<uint8_t> aligned_host_;
   int64_t n_chunks_ = 0;
-  RangeTable ranges_;  // the update's chunks (capacity n_chunks_), rebuilt when other grads join
+  RangeTable ranges_;  // the update's chunks, rebuilt when other grads join
   at::Tensor chunk_tensor_, chunk_start_, numels_dev_, ptrs_dev_, aligned_dev_, step_ptrs_dev_, range_dev_, done_,
       partials_, norm_counter_, seeds_dev_;
 };

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -27,11 +28,17 @@ namespace fastopt {
 // are the range's; the first and the last tensor the chunk covers; its elements [lo, hi) in the
 // range), `capacity()` rows, then two per tensor (its offset in its range; how many chunks cover
 // it: Note [one-launch step counts], triton_kernels/multi_tensor.py). Every tensor, empty ones
-// too, is covered by at least one chunk. The capacity, one chunk per kChunk elements of each
-// tensor apart, is the most chunks any ranges make; the rows past n_chunks() are unused.
+// too, is covered by at least one chunk. A chunk covers at most kMaxTensors tensors, so that a
+// program checks and finishes their counts at once (one lane or thread each), not in a loop as
+// long as the tensors are small (4,000 one-element tensors would be one chunk): it ends early, at
+// the end of its kMaxTensors-th tensor, where it would cover more. The capacity, one chunk per
+// kChunk elements of each tensor apart plus one per kMaxTensors tensors, is the most chunks any
+// ranges make (a range's chunks cut at kChunk elements are at most ceil(its elements / kChunk),
+// and each cut early holds kMaxTensors tensor ends); the rows past n_chunks() are unused.
 class RangeTable {
  public:
   static constexpr int64_t kRow = 5;
+  static constexpr int64_t kMaxTensors = 64;  // triton_kernels/multi_tensor.py: RANGE_TENSORS
 
   RangeTable() = default;
 
@@ -52,6 +59,7 @@ class RangeTable {
       any_fixed_ = any_fixed_ || next;
     }
     for (int64_t numel : numels_) capacity_ += std::max<int64_t>(1, (numel + chunk_ - 1) / chunk_);
+    capacity_ += static_cast<int64_t>(n) / kMaxTensors;
     table_.assign(static_cast<size_t>(kRow * capacity_) + 2 * n, 0);
     build();
   }
@@ -92,16 +100,22 @@ class RangeTable {
         ++u;
       } while (u < n && joins_[u]);
       const auto end_of = [&](int64_t k) { return per_tensor[2 * k] + numels_[k]; };
-      int64_t a = t;
-      for (int64_t lo = 0; lo == 0 || lo < total; lo += chunk_) {
-        const int64_t hi = std::min(total, lo + chunk_);
+      int64_t a = t, lo = 0;
+      do {  // once for an empty tensor
+        int64_t hi = std::min(total, lo + chunk_);
         while (a < u - 1 && end_of(a) <= lo) ++a;  // the first tensor with an element at or after lo
         int64_t b = a;
         while (b < u - 1 && end_of(b) < hi) ++b;  // the tensor of element hi - 1
+        if (b - a >= kMaxTensors) {
+          b = a + kMaxTensors - 1;
+          hi = end_of(b);
+        }
         for (int64_t k = a; k <= b; ++k) ++per_tensor[2 * k + 1];
+        if (row == table_.data() + kRow * capacity_) throw std::logic_error("fastopt: RangeTable over its capacity");
         row[0] = t, row[1] = a, row[2] = b, row[3] = lo, row[4] = hi;
         row += kRow;
-      }
+        lo = hi;
+      } while (lo < total);
       t = u;
     }
     n_chunks_ = (row - table_.data()) / kRow;
