@@ -97,17 +97,22 @@ TINY_SIZES = [1] * 150 + [3, 20_000]
 @pytest.mark.parametrize("sizes", [LONG_SIZES, TINY_SIZES], ids=["long", "tiny"])
 @pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] != "reference"])
 def test_a_range_of_several_chunks(backend, sizes):
-    """Adam over views of one buffer whose range spans several chunks: bit for bit the same tensors
-    apart, each step; param 2's grad is absent in step 2, so in step 3 the chunks that cover it
+    """Adam over views of one buffer in two param groups, whose ranges span several chunks: bit for
+    bit the same tensors apart, each step, and as torch; param 2's grad is absent in step 2, so in step 3 the chunks that cover it
     hold tensors of two step counts (walked tensor by tensor), and every count is stored once."""
     spec = SPEC_BY_NAME["Adam"]
     device = backend_device(backend)
     together = [torch.nn.Parameter(v) for v in torch.randn(sum(sizes), device=device).split(sizes)]
     apart = clone_params(together)
     theirs = clone_params(together)
-    make = lambda params: spec.fastopt_cls(params, backend=backend, lr=spec.lr, **spec.stateful)
+
+    def groups(params):  # two param groups over the one buffer: a range never crosses a group
+        cut = len(params) // 2
+        return [{"params": params[:cut]}, {"params": params[cut:], "lr": spec.lr / 2}]
+
+    make = lambda params: spec.fastopt_cls(groups(params), backend=backend, lr=spec.lr, **spec.stateful)
     opt_together, opt_apart = make(together), make(apart)
-    opt_t = spec.torch_cls(theirs, foreach=False, lr=spec.lr, **spec.stateful)
+    opt_t = spec.torch_cls(groups(theirs), foreach=False, lr=spec.lr, **spec.stateful)
     for step in (1, 2, 3):
         torch.manual_seed(step)
         buffer = torch.randn(sum(sizes), device=device)
@@ -121,8 +126,8 @@ def test_a_range_of_several_chunks(backend, sizes):
         for opt in (opt_together, opt_apart, opt_t):
             opt.step()
         assert opt_together.step_stats.reference == 0, opt_together.step_stats
-        chunks = _update_chunks(opt_together)[0]
-        assert chunks < _update_chunks(opt_apart)[0], f"step {step}: {chunks} chunks, not one range"
+        chunks, chunks_apart = sum(_update_chunks(opt_together)), sum(_update_chunks(opt_apart))
+        assert chunks < chunks_apart, f"step {step}: {chunks} chunks, not ranges"
         for i, (p, q) in enumerate(zip(together, apart)):
             assert torch.equal(p, q), f"step {step}: param {i} differs from its twin apart"
             for key, value in opt_apart.state[q].items():
