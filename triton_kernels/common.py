@@ -328,7 +328,7 @@ def update_chunk(SCALARS: tl.constexpr, BLOCK_FN: tl.constexpr, H, chunks, per_t
     count, as torch.optim skips it; a tensor without a grad is never joined)."""
     row = chunks + tl.program_id(0) * RANGE_ROW
     t0 = tl.load(row)
-    skip = tl.load(g_ptrs + t0) == NO_GRAD
+    skip = not has_grad(g_ptrs, t0)
     if HAS_FOUND_INF:
         skip = skip | (tl.load(found_inf_ptr) != 0)
     if not skip:

@@ -10,7 +10,8 @@ too, has at least one chunk, so that its step count is incremented like torch's.
 Note [one-launch step counts]: torch keeps one step tensor per param. The update kernel reads it,
 uses ``step + 1``, and the program that finishes a tensor's last chunk writes ``step + 1`` back:
 each program bumps ``done[t]`` with an atomic add (acquire-release, after its read of the step), and
-the one that sees ``chunks_of_tensor[t] - 1`` writes the step and resets the counter for the next
+the one that sees one less than the count of chunks covering t (the range table's, Note [ranges on
+the GPU], csrc/include/fastopt/range_table.h) writes the step and resets the counter for the next
 launch. No second launch, no host sync, and the same work when replayed in a CUDA graph.
 """
 
@@ -81,7 +82,6 @@ class MultiTensorPlan:
         self.tensor_of_chunk = _upload(tensor_of_chunk, torch.int32, dev)
         self.start_of_chunk = _upload(start_of_chunk, torch.int64, dev)
         self.numels = _upload(self.numel_list, torch.int64, dev)
-        self.chunks_of_tensor = _upload(chunks_of_tensor, torch.int32, dev)
         self.done = torch.zeros(max(n, 1), dtype=torch.int32, device=dev)
         for t in steps:
             if t.numel() != 1 or t.dtype != torch.float32 or t.device != dev:
